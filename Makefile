@@ -1,0 +1,29 @@
+# Two entry points on a fresh machine: `make demo` (the main job) and `make test`.
+# Both create .venv when absent and install the package into it.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+ITERS ?= 10
+
+.PHONY: demo test bench clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+
+$(STAMP): setup.py | $(PY)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+demo: $(STAMP)
+	$(PY) examples/cifar_wide_resnet_tl.py --iters $(ITERS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_train.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+# Tested on TensorFlow 2.21 / Keras 3.15; TensorLayer 2.2.5 is unmaintained, so the
+# TensorFlow range stays closed until a newer release has been tried.
+TF = "tensorflow>=2.21,<2.22"
+
+setup(
+    name="wrn3d_tl",
+    version="0.1.0",
+    description="3D (and 2D) Wide Residual Networks on TensorFlow 2 + TensorLayer 2",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["wrn3d_tl", "wrn3d_tl.*"]),
+    python_requires=">=3.10,<3.14",
+    install_requires=[
+        TF,
+        "tensorlayer==2.2.5",
+        "numpy>=1.26,<3",
+        "h5py>=3.10,<4",
+        # imported by `import tensorlayer` (tensorlayer.app) but not declared by it
+        "opencv-python-headless>=4.8",
+        "matplotlib>=3.7",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "gpu": [TF.replace("tensorflow", "tensorflow[and-cuda]")],
+        "test": ["pytest>=7", "psutil>=5.9", "hypothesis>=6.80"],
+    },
+    entry_points={"console_scripts": []},
+)

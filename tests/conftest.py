@@ -1,0 +1,30 @@
+"""Shared test set-up: quiet TensorFlow, two logical CPUs for tf.distribute tests."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+# Logical devices can only be configured before TensorFlow's runtime starts, so this
+# happens at import, once for the whole session; single-device code still runs on CPU:0.
+_cpus = tf.config.list_physical_devices("CPU")
+try:
+    tf.config.set_logical_device_configuration(_cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+except RuntimeError:  # runtime already initialised by another plugin
+    pass
+
+
+@pytest.fixture
+def two_cpu_strategy():
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    if len(devices) < 2:
+        pytest.skip("two logical CPU devices could not be configured")
+    return tf.distribute.MirroredStrategy(devices[:2])
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)

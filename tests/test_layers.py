@@ -1,0 +1,157 @@
+"""BatchNorm against a NumPy reference; wide basic blocks' shapes and shortcuts."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorlayer as tl
+
+from wrn3d_tl.layers import BatchNorm, Conv, wide_basic_block
+
+DECAY, EPS = 0.9, 1e-5
+
+
+def bn_model(shape, **kwargs):
+    ni = tl.layers.Input((None,) + shape)
+    bn = BatchNorm(decay=DECAY, epsilon=EPS, name="bn", **kwargs)
+    return tl.models.Model(inputs=ni, outputs=bn(ni)), bn
+
+
+def numpy_bn(x, gamma, beta, mean, var):
+    return gamma * (x - mean) / np.sqrt(var + EPS) + beta
+
+
+def randomise(bn, rng):
+    c = bn.gamma.shape[0]
+    bn.gamma.assign(rng.uniform(0.5, 2.0, c).astype("float32"))
+    bn.beta.assign(rng.normal(size=c).astype("float32"))
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 5, 4), (5, 5, 4)])
+def test_batchnorm_train_and_eval_match_numpy(shape, rng):
+    model, bn = bn_model(shape)
+    randomise(bn, rng)
+    # The wiring pass of a static model ran on a dummy batch: statistics untouched.
+    np.testing.assert_array_equal(bn.moving_mean.numpy(), 0.0)
+    np.testing.assert_array_equal(bn.moving_var.numpy(), 1.0)
+    x = (rng.normal(size=(4,) + shape) * 3 + 1).astype("float32")
+    flat = x.reshape(-1, shape[-1])
+    g, b = bn.gamma.numpy(), bn.beta.numpy()
+
+    y = model(x, is_train=True).numpy()
+    np.testing.assert_allclose(y, numpy_bn(x, g, b, flat.mean(0), flat.var(0)), atol=2e-5)
+    mm = (1 - DECAY) * flat.mean(0)
+    mv = DECAY + (1 - DECAY) * flat.var(0, ddof=1)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), mm, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn.moving_var.numpy(), mv, rtol=1e-5)
+
+    y_eval = model(x, is_train=False).numpy()
+    np.testing.assert_allclose(y_eval, numpy_bn(x, g, b, mm, mv), atol=2e-5)
+    # eval mode leaves the statistics alone
+    np.testing.assert_allclose(bn.moving_mean.numpy(), mm, rtol=1e-5, atol=1e-6)
+
+
+def test_batchnorm_moving_averages_move_by_decay_inside_tf_function(rng):
+    model, bn = bn_model((2, 4, 4, 3))
+    step = tf.function(lambda x: model(x, is_train=True))
+    mm, mv = np.zeros(3), np.ones(3)
+    for _ in range(3):
+        x = rng.normal(2.0, 1.5, size=(3, 2, 4, 4, 3)).astype("float32")
+        step(x)
+        flat = x.reshape(-1, 3).astype("float64")
+        mm = DECAY * mm + (1 - DECAY) * flat.mean(0)
+        mv = DECAY * mv + (1 - DECAY) * flat.var(0, ddof=1)
+    assert step.experimental_get_tracing_count() == 1
+    np.testing.assert_allclose(bn.moving_mean.numpy(), mm, rtol=1e-5)
+    np.testing.assert_allclose(bn.moving_var.numpy(), mv, rtol=1e-5)
+    evaluate = tf.function(lambda x: model(x, is_train=False))
+    np.testing.assert_allclose(evaluate(x).numpy(), numpy_bn(x, 1.0, 0.0, mm, mv), atol=2e-5)
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_batchnorm_under_mirrored_strategy(two_cpu_strategy, sync, rng):
+    strategy = two_cpu_strategy
+    with strategy.scope():
+        model, bn = bn_model((2, 3, 3, 2), sync=sync)
+    halves = [rng.normal(i * 4.0, 1.0 + i, size=(2, 2, 3, 3, 2)).astype("float32") for i in range(2)]
+    inputs = strategy.experimental_distribute_values_from_function(
+        lambda ctx: tf.constant(halves[ctx.replica_id_in_sync_group]))
+    out = strategy.run(tf.function(lambda x: model(x, is_train=True)), args=(inputs,))
+    outs = [t.numpy() for t in strategy.experimental_local_results(out)]
+
+    full = np.concatenate(halves).reshape(-1, 2)
+    for h, y in zip(halves, outs):
+        stats = full if sync else h.reshape(-1, 2)
+        np.testing.assert_allclose(y, numpy_bn(h, 1.0, 0.0, stats.mean(0), stats.var(0)), atol=1e-4)
+    if sync:
+        want_mean = (1 - DECAY) * full.mean(0)
+        want_var = DECAY + (1 - DECAY) * full.var(0, ddof=1)
+    else:  # each replica keeps its own statistics; a cross-replica read averages them
+        flats = [h.reshape(-1, 2) for h in halves]
+        want_mean = (1 - DECAY) * np.mean([f.mean(0) for f in flats], 0)
+        want_var = DECAY + (1 - DECAY) * np.mean([f.var(0, ddof=1) for f in flats], 0)
+    np.testing.assert_allclose(bn.moving_mean.numpy(), want_mean, rtol=1e-4)
+    np.testing.assert_allclose(bn.moving_var.numpy(), want_var, rtol=1e-4)
+
+
+def test_batchnorm_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="decay"):
+        BatchNorm(decay=1.0)
+    with pytest.raises(ValueError, match="epsilon"):
+        BatchNorm(epsilon=0.0)
+    ni = tl.layers.Input((None, 8))
+    with pytest.raises(ValueError, match="NDHWC"):
+        BatchNorm(name="flat_bn")(ni)
+
+
+def block_model(in_shape, out_channels, strides):
+    ni = tl.layers.Input((None,) + in_shape)
+    out = wide_basic_block(ni, out_channels, strides, name="blk")
+    return tl.models.Model(inputs=ni, outputs=out)
+
+
+@pytest.mark.parametrize("in_shape,out_c,strides,want", [
+    ((4, 8, 8, 16), 32, 2, (2, 4, 4, 32)),
+    ((4, 8, 8, 16), 32, (1, 2, 2), (4, 4, 4, 32)),
+    ((5, 7, 7, 8), 8, 2, (3, 4, 4, 8)),
+    ((8, 8, 16), 32, 2, (4, 4, 32)),
+    ((8, 8, 16), 16, 1, (8, 8, 16)),
+])
+def test_block_output_shapes(in_shape, out_c, strides, want):
+    model = block_model(in_shape, out_c, strides)
+    y = model(np.ones((2,) + in_shape, "float32"), is_train=False)
+    assert tuple(y.shape) == (2,) + want
+    names = {layer.name for layer in model.all_layers}
+    has_projection = in_shape[-1] != out_c or strides != 1
+    assert ("blk/shortcut" in names) == has_projection
+
+
+def test_identity_block_adds_input_unchanged(rng):
+    model = block_model((4, 4, 4, 8), 8, 1)
+    for layer in model.all_layers:
+        if isinstance(layer, Conv) and layer.name.endswith("conv2"):
+            layer.W.assign(tf.zeros_like(layer.W))
+    x = rng.normal(size=(2, 4, 4, 4, 8)).astype("float32")
+    np.testing.assert_allclose(model(x, is_train=False).numpy(), x, atol=1e-6)
+
+
+def test_projection_shortcut_reads_first_preactivation(rng):
+    """With conv2 zeroed, the block is exactly shortcut(relu(bn1(x)))."""
+    model = block_model((4, 4, 4, 8), 16, 2)
+    layers = {layer.name: layer for layer in model.all_layers}
+    layers["blk/conv2"].W.assign(tf.zeros_like(layer_w := layers["blk/conv2"].W))
+    assert layer_w.shape == (3, 3, 3, 16, 16)
+    x = rng.normal(size=(2, 4, 4, 4, 8)).astype("float32")
+    bn1 = layers["blk/bn1"]
+    pre = np.maximum(numpy_bn(x, 1.0, 0.0, bn1.moving_mean.numpy(), bn1.moving_var.numpy()), 0)
+    w = layers["blk/shortcut"].W.numpy()[0, 0, 0]  # (8, 16)
+    want = pre[:, ::2, ::2, ::2, :] @ w
+    np.testing.assert_allclose(model(x, is_train=False).numpy(), want, atol=1e-4)
+
+
+def test_conv_has_no_bias_and_he_normal_scale():
+    ni = tl.layers.Input((None, 4, 8, 8, 64))
+    conv = Conv(128, 3, name="he")
+    tl.models.Model(inputs=ni, outputs=conv(ni))
+    assert [w.name for w in conv.trainable_weights] == ["he/kernel:0"]
+    std = float(np.std(conv.W.numpy()))
+    assert abs(std - np.sqrt(2.0 / (27 * 64))) / np.sqrt(2.0 / (27 * 64)) < 0.05

@@ -1,0 +1,210 @@
+"""A plain Keras 3 twin of ``build_wrn`` and weight transfer in both directions.
+
+``build_keras_wrn(config)`` builds the same WRN-d-k as ``wrn3d_tl.model.build_wrn``
+from stock Keras layers, 2D (NHWC = batch, height, width, channels) or 3D
+(NDHWC = batch, depth, height, width, channels) from ``config.input_shape``.
+``tl_to_keras`` / ``keras_to_tl`` copy every weight, batch-norm moving statistics
+included, so both models give the same inference logits (to float32 round-off).
+
+Layer-name mapping. Keras 3 forbids "/" in layer names, so a TensorLayer layer
+``a/b/c`` becomes the Keras layer ``a_b_c``. TensorLayer's ``BatchNorm`` has the
+ReLU fused in; in Keras it is a ``BatchNormalization`` plus a separate ``ReLU``
+whose name gets a ``_relu`` suffix:
+
+    TensorLayer                 Keras
+    input                       input (keras.Input)
+    stem/conv                   stem_conv                    Conv{2,3}D
+    group2/block1/bn1           group2_block1_bn1            BatchNormalization
+                                group2_block1_bn1_relu       ReLU
+    group2/block1/conv1         group2_block1_conv1          Conv{2,3}D
+    group2/block1/bn2           group2_block1_bn2 (+ _relu)
+    group2/block1/dropout       group2_block1_dropout        Dropout (only if dropout > 0)
+    group2/block1/conv2         group2_block1_conv2          Conv{2,3}D
+    group2/block1/shortcut      group2_block1_shortcut       Conv{2,3}D 1-per-axis (if needed)
+    group2/block1/add           group2_block1_add            Add
+    head/bn                     head_bn (+ head_bn_relu)
+    head/pool                   head_pool                    GlobalAveragePooling{2,3}D
+    head/logits                 head_logits                  Dense
+
+Variable mapping within a layer (TensorLayer -> Keras): ``kernel -> kernel``,
+``gamma -> gamma``, ``beta -> beta``, ``moving_mean -> moving_mean``,
+``moving_var -> moving_variance``, ``weights -> kernel``, ``biases -> bias``.
+Kernel layouts are identical ((k..., C_in, C_out) and (C_in, C_out)), so no transpose.
+
+Known differences that do not affect inference: Keras' ``he_normal`` is a truncated
+normal (same variance) where ``layers.HeNormal`` is an untruncated one; and in training
+mode Keras updates ``moving_variance`` with the biased batch variance where the
+TensorLayer ``BatchNorm`` (fused kernel) uses the unbiased one.
+"""
+
+import math
+
+import keras
+import numpy as np
+
+from wrn3d_tl.model import WRNConfig, _STEM_WIDTH
+
+__all__ = ["build_keras_wrn", "keras_layer_name", "tl_to_keras", "keras_to_tl", "count_keras_params"]
+
+# TensorLayer variable suffix -> Keras variable name, per layer.
+_VAR_TL_TO_KERAS = {"weights": "kernel", "biases": "bias", "moving_var": "moving_variance"}
+
+
+def keras_layer_name(tl_name):
+    """Keras name of the TensorLayer layer ``tl_name``: "/" replaced by "_" (a str)."""
+    return tl_name.replace("/", "_")
+
+
+def build_keras_wrn(config, name=None):
+    """Build the WRN-d-k of ``config`` as a functional ``keras.Model``.
+
+    Input: float32 of shape (N,) + config.input_shape, i.e. NDHWC (batch, depth, height,
+    width, channels) for a 3D config or NHWC for a 2D one. Output: float32 logits
+    (N, config.num_classes). Call ``model(x, training=True|False)``.
+
+    Same architecture as ``build_wrn``: bias-free "same"-padded He-normal convolutions,
+    pre-activation wide basic blocks with ``config.group_strides`` (per group, per axis),
+    dropout between the two convolutions when ``config.dropout > 0``, a 1-per-axis
+    projection shortcut from the block's first BN-ReLU output when the shape changes,
+    ``BatchNormalization(momentum=config.bn_decay, epsilon=config.bn_epsilon,
+    synchronized=config.sync_bn)``, a BN-ReLU-pool head and a dense layer with bias.
+    Layer names follow the mapping in the module docstring; the config is kept as
+    ``model.wrn_config``. ``name`` defaults to e.g. ``"WRN-16-4-3d"``.
+    """
+    if not isinstance(config, WRNConfig):
+        raise TypeError(f"config must be a WRNConfig, got {type(config).__name__}")
+    L = keras.layers
+    rank = config.spatial_rank
+    conv_cls = L.Conv2D if rank == 2 else L.Conv3D
+    pool_cls = L.GlobalAveragePooling2D if rank == 2 else L.GlobalAveragePooling3D
+
+    def conv(x, filters, kernel_size, strides, tl_name):
+        return conv_cls(filters, kernel_size, strides=strides, padding="same", use_bias=False,
+                        kernel_initializer="he_normal", name=keras_layer_name(tl_name))(x)
+
+    def bn_relu(x, tl_name):
+        x = L.BatchNormalization(momentum=config.bn_decay, epsilon=config.bn_epsilon,
+                                 synchronized=config.sync_bn, name=keras_layer_name(tl_name))(x)
+        return L.ReLU(name=keras_layer_name(tl_name) + "_relu")(x)
+
+    inputs = keras.Input(shape=config.input_shape, name="input")
+    x = conv(inputs, _STEM_WIDTH, 3, 1, "stem/conv")
+    channels = _STEM_WIDTH
+    for g, (width, group_strides) in enumerate(zip(config.widths, config.group_strides), start=1):
+        for b in range(1, config.blocks_per_group + 1):
+            strides = group_strides if b == 1 else (1,) * rank
+            p = f"group{g}/block{b}"
+            preact = bn_relu(x, f"{p}/bn1")
+            y = conv(preact, width, 3, strides, f"{p}/conv1")
+            y = bn_relu(y, f"{p}/bn2")
+            if config.dropout > 0:
+                y = L.Dropout(config.dropout, name=keras_layer_name(f"{p}/dropout"))(y)
+            y = conv(y, width, 3, 1, f"{p}/conv2")
+            if channels != width or any(s != 1 for s in strides):
+                shortcut = conv(preact, width, 1, strides, f"{p}/shortcut")
+            else:
+                shortcut = x
+            x = L.Add(name=keras_layer_name(f"{p}/add"))([y, shortcut])
+            channels = width
+    x = bn_relu(x, "head/bn")
+    x = pool_cls(name="head_pool")(x)
+    logits = L.Dense(config.num_classes, kernel_initializer="he_normal", bias_initializer="zeros",
+                     name="head_logits")(x)
+    model = keras.Model(inputs, logits, name=name or f"{config.name}-{rank}d")
+    model.wrn_config = config
+    return model
+
+
+def count_keras_params(keras_model):
+    """Number of trainable scalars of a Keras model (an int); compare with ``model.count_params``."""
+    return int(sum(math.prod(w.shape) for w in keras_model.trainable_weights))
+
+
+def _tl_var_name(var):
+    """'group1/block1/bn1/moving_var:0' -> 'moving_var'."""
+    return var.name.split(":")[0].rsplit("/", 1)[-1]
+
+
+def _pairs(tl_model, keras_model):
+    """Validate the two models against each other; return [(tl_var, keras_var, where), ...].
+
+    Every check runs before anything is written, so a failed transfer changes nothing.
+    """
+    tl_layers = {}
+    for layer in tl_model.all_layers:
+        weights = list(layer.trainable_weights) + list(layer.nontrainable_weights)
+        if weights:
+            tl_layers[layer.name] = (layer, weights)
+    keras_layers = {layer.name: layer for layer in keras_model.layers if layer.weights}
+    expected_keras = {keras_layer_name(n): n for n in tl_layers}
+
+    for tl_name in tl_layers:
+        if keras_layer_name(tl_name) not in keras_layers:
+            raise ValueError(f"layer {tl_name!r}: the TensorLayer model has it but the Keras model has no "
+                             f"layer {keras_layer_name(tl_name)!r} with weights; the configs differ")
+    for k_name in keras_layers:
+        if k_name not in expected_keras:
+            raise ValueError(f"layer {k_name!r}: the Keras model has it but the TensorLayer model has no "
+                             f"matching layer with weights; the configs differ")
+
+    pairs = []
+    for tl_name, (tl_layer, tl_weights) in tl_layers.items():
+        k_layer = keras_layers[keras_layer_name(tl_name)]
+        where = f"layer {tl_name!r} (Keras {k_layer.name!r})"
+        # Structure that changes inference but not the weight shapes.
+        tl_strides = getattr(tl_layer, "_strides", None)
+        if tl_strides is not None and tuple(tl_strides) != tuple(k_layer.strides):
+            raise ValueError(f"{where}: strides differ, TensorLayer {tuple(tl_strides)} vs Keras "
+                             f"{tuple(k_layer.strides)}; the configs' group_strides differ")
+        tl_eps = getattr(tl_layer, "epsilon", None)
+        if tl_eps is not None and not math.isclose(tl_eps, k_layer.epsilon, rel_tol=1e-6):
+            raise ValueError(f"{where}: batch-norm epsilon differs, TensorLayer {tl_eps} vs Keras "
+                             f"{k_layer.epsilon}")
+        k_vars = {v.name.rsplit("/", 1)[-1]: v for v in k_layer.weights}
+        if len(k_vars) != len(tl_weights):
+            raise ValueError(f"{where}: {len(tl_weights)} TensorLayer weights "
+                             f"{[_tl_var_name(v) for v in tl_weights]} vs {len(k_vars)} Keras weights "
+                             f"{sorted(k_vars)}")
+        for tl_var in tl_weights:
+            short = _tl_var_name(tl_var)
+            k_short = _VAR_TL_TO_KERAS.get(short, short)
+            if k_short not in k_vars:
+                raise ValueError(f"{where}: no Keras weight {k_short!r} for TensorLayer weight {short!r}; "
+                                 f"Keras has {sorted(k_vars)}")
+            pairs.append((tl_var, k_vars[k_short], f"{where}, weight {short!r}"))
+    return pairs
+
+
+def _transfer(pairs, to_keras):
+    for tl_var, k_var, where in pairs:
+        src, dst = (tl_var, k_var) if to_keras else (k_var, tl_var)
+        given, expected = tuple(src.shape), tuple(dst.shape)
+        if given != expected:
+            raise ValueError(f"{where}: shape mismatch, expected {expected} "
+                             f"({'Keras' if to_keras else 'TensorLayer'} destination) but given {given} "
+                             f"({'TensorLayer' if to_keras else 'Keras'} source); the configs differ")
+    values = [np.array((t if to_keras else k).numpy(), dtype=np.float32) for t, k, _ in pairs]
+    for (tl_var, k_var, _), value in zip(pairs, values):
+        (k_var if to_keras else tl_var).assign(value)
+
+
+def tl_to_keras(tl_model, keras_model):
+    """Copy every weight of a ``build_wrn`` TensorLayer model into a ``build_keras_wrn`` model.
+
+    Matches layers by name ("/" -> "_"): conv kernels (k..., C_in, C_out) float32, batch-norm
+    gamma/beta/moving_mean/moving_var (C,) float32, dense weights (C, classes) and biases
+    (classes,). Raises ValueError naming the layer (and the expected and given shape) when
+    the models' configs differ; nothing is written then. Returns ``keras_model``.
+    """
+    _transfer(_pairs(tl_model, keras_model), to_keras=True)
+    return keras_model
+
+
+def keras_to_tl(keras_model, tl_model):
+    """Copy every weight of a ``build_keras_wrn`` Keras model into a ``build_wrn`` model.
+
+    The inverse of ``tl_to_keras`` (same matching, shapes, dtypes and errors; nothing is
+    written when a check fails). Returns ``tl_model``.
+    """
+    _transfer(_pairs(tl_model, keras_model), to_keras=False)
+    return tl_model

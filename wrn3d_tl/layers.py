@@ -1,0 +1,241 @@
+"""TensorLayer layers for wide residual networks, one code path for 2D and 3D.
+
+Tensors are channels-last: NHWC (batch, height, width, channels) for 2D and
+NDHWC (batch, depth, height, width, channels) for 3D. The spatial rank of a
+layer is read from its input at build time, so the same layer classes and the
+same block builder serve both.
+"""
+
+import math
+
+import tensorflow as tf
+import tensorlayer as tl
+
+__all__ = [
+    "HeNormal", "BatchNorm", "Conv", "GlobalAvgPool", "wide_basic_block", "wide_group",
+]
+
+
+class HeNormal(tl.initializers.Initializer):
+    """He (Kaiming) normal initialiser: N(0, sqrt(2 / fan_in)).
+
+    ``fan_in`` is the product of every dimension but the last, which is the
+    fan-in of a convolution kernel (k..., C_in, C_out) or a dense matrix
+    (C_in, C_out); this matches the paper's PyTorch reference code
+    (``kaiming_normal_`` on conv and linear weights).
+    """
+
+    def __init__(self, seed=None):
+        self.seed = seed
+
+    def __call__(self, shape, dtype=tf.float32):
+        fan_in = max(1, math.prod(shape[:-1]))
+        return tf.random.normal(shape, stddev=math.sqrt(2.0 / fan_in), dtype=dtype, seed=self.seed)
+
+    def get_config(self):
+        return {"seed": self.seed}
+
+
+def _spatial_rank(inputs_shape, layer_name):
+    rank = len(inputs_shape) - 2
+    if rank not in (2, 3):
+        raise ValueError(
+            f"layer {layer_name!r}: expected a 4D NHWC or 5D NDHWC input, got shape {list(inputs_shape)}"
+        )
+    return rank
+
+
+class BatchNorm(tl.layers.Layer):
+    """Batch normalisation on TensorFlow's fused kernel, safe inside ``tf.function``.
+
+    Input and output: float32, bfloat16 or float16 tensors of shape NHWC or NDHWC;
+    statistics, ``gamma``/``beta`` and moving averages are float32 of shape (C,).
+
+    Train mode (``is_train=True``) normalises with the batch statistics and updates
+    ``moving_mean``/``moving_var`` by ``m <- decay * m + (1 - decay) * batch_stat``
+    (the batch variance is the unbiased one, as in Torch and the paper's code).
+    Eval mode normalises with the moving statistics. With ``sync=True`` the batch
+    statistics are all-reduced over the replicas of a ``tf.distribute`` strategy.
+
+    Moving statistics are ON_READ/MEAN variables, so each replica updates its own
+    copy inside ``strategy.run`` and a cross-replica read gives their mean.
+    """
+
+    def __init__(self, decay=0.9, epsilon=1e-5, act=None, sync=False, name=None):
+        super().__init__(name, act=act)
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"BatchNorm decay must be in [0, 1), got {decay!r}")
+        if not epsilon > 0:
+            raise ValueError(f"BatchNorm epsilon must be > 0, got {epsilon!r}")
+        self.decay = float(decay)
+        self.epsilon = float(epsilon)
+        self.sync = bool(sync)
+
+    def __repr__(self):
+        return (f"BatchNorm(decay={self.decay}, epsilon={self.epsilon}, sync={self.sync}, "
+                f"name='{self.name}')")
+
+    def build(self, inputs_shape):
+        self.rank = _spatial_rank(inputs_shape, self.name)
+        channels = int(inputs_shape[-1])
+        self.data_format = "NHWC" if self.rank == 2 else "NDHWC"
+        self.gamma = self._get_weights("gamma", shape=(channels,), init=tl.initializers.ones())
+        self.beta = self._get_weights("beta", shape=(channels,), init=tl.initializers.zeros())
+        self.moving_mean = self._moving_variable("moving_mean", tf.zeros([channels]))
+        self.moving_var = self._moving_variable("moving_var", tf.ones([channels]))
+
+    def _moving_variable(self, var_name, initial_value):
+        var = tf.Variable(
+            initial_value, name=f"{self.name}/{var_name}", trainable=False,
+            synchronization=tf.VariableSynchronization.ON_READ,
+            aggregation=tf.VariableAggregation.MEAN,
+        )
+        self._nontrainable_weights.append(var)
+        return var
+
+    def forward(self, inputs):
+        if self.is_train:
+            if self.sync:
+                outputs, mean, var = self._sync_batch_norm(inputs)
+            else:
+                # FusedBatchNormV3 takes 5D NDHWC directly on CPU and GPU, forward and
+                # gradient, so no reshape to 4D is needed.
+                outputs, mean, var, *_ = tf.raw_ops.FusedBatchNormV3(
+                    x=inputs, scale=self.gamma, offset=self.beta,
+                    mean=tf.constant([], tf.float32), variance=tf.constant([], tf.float32),
+                    epsilon=self.epsilon, exponential_avg_factor=1.0,
+                    data_format=self.data_format, is_training=True)
+            # A static TensorLayer model runs every layer once while it is being wired
+            # (on a dummy batch of ones); that pass must not move the statistics.
+            if self._nodes_fixed:
+                self._update_moving(mean, var)
+        else:
+            outputs, *_ = tf.raw_ops.FusedBatchNormV3(
+                x=inputs, scale=self.gamma, offset=self.beta,
+                mean=self.moving_mean.read_value(), variance=self.moving_var.read_value(),
+                epsilon=self.epsilon, exponential_avg_factor=1.0,
+                data_format=self.data_format, is_training=False)
+        if self.act:
+            outputs = self.act(outputs)
+        return outputs
+
+    def _update_moving(self, mean, var):
+        mean = tf.stop_gradient(mean)
+        var = tf.stop_gradient(var)
+        self.moving_mean.assign(self.moving_mean * self.decay + mean * (1.0 - self.decay))
+        self.moving_var.assign(self.moving_var * self.decay + var * (1.0 - self.decay))
+
+    def _sync_batch_norm(self, inputs):
+        """Batch statistics summed over every replica; returns (y, mean, unbiased var)."""
+        x = tf.cast(inputs, tf.float32)
+        axes = list(range(self.rank + 1))
+        count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), tf.float32)
+        local = tf.concat([tf.reduce_sum(x, axes), tf.reduce_sum(tf.square(x), axes), count[None]], 0)
+        ctx = tf.distribute.get_replica_context()
+        total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, local) if ctx is not None else local
+        channels = self.gamma.shape[0]
+        n = total[-1]
+        mean = total[:channels] / n
+        var = tf.maximum(total[channels:2 * channels] / n - tf.square(mean), 0.0)
+        y = tf.nn.batch_normalization(x, mean, var, self.beta, self.gamma, self.epsilon)
+        return tf.cast(y, inputs.dtype), mean, var * n / tf.maximum(n - 1.0, 1.0)
+
+
+class Conv(tl.layers.Layer):
+    """Bias-free convolution with He-normal weights, 2D (NHWC) or 3D (NDHWC).
+
+    Input (N, [D,] H, W, C_in) -> output (N, [ceil(D/s_d),] ceil(H/s_h), ceil(W/s_w), n_filter),
+    "SAME" padding. The float32 kernel is cast to the input's dtype, so the layer
+    computes in bfloat16/float16 when fed low-precision activations.
+
+    Args:
+        n_filter: output channels.
+        kernel_size: int (same on every axis) or a tuple, one per spatial axis.
+        strides: int or tuple, one per spatial axis.
+    """
+
+    def __init__(self, n_filter, kernel_size=3, strides=1, name=None):
+        super().__init__(name)
+        self.n_filter = int(n_filter)
+        self.kernel_size = kernel_size
+        self.strides = strides
+
+    def __repr__(self):
+        return (f"Conv(n_filter={self.n_filter}, kernel_size={self.kernel_size}, "
+                f"strides={self.strides}, name='{self.name}')")
+
+    def build(self, inputs_shape):
+        rank = _spatial_rank(inputs_shape, self.name)
+        self._kernel = _per_axis(self.kernel_size, rank, f"{self.name}: kernel_size")
+        self._strides = _per_axis(self.strides, rank, f"{self.name}: strides")
+        shape = self._kernel + (int(inputs_shape[-1]), self.n_filter)
+        self.W = self._get_weights("kernel", shape=shape, init=HeNormal())
+        # Explicit: with data_format=None the eager Conv3D gradient fails on TF 2.21.
+        self.data_format = "NHWC" if rank == 2 else "NDHWC"
+
+    def forward(self, inputs):
+        return tf.nn.convolution(inputs, tf.cast(self.W, inputs.dtype), strides=self._strides, padding="SAME",
+                                 data_format=self.data_format)
+
+
+class GlobalAvgPool(tl.layers.Layer):
+    """Mean over every spatial axis: (N, [D,] H, W, C) -> (N, C) float32.
+
+    The cast to float32 is where a mixed-precision network returns to full precision,
+    so logits and the loss are always float32.
+    """
+
+    def build(self, inputs_shape):
+        self.rank = _spatial_rank(inputs_shape, self.name)
+
+    def forward(self, inputs):
+        return tf.reduce_mean(tf.cast(inputs, tf.float32), axis=list(range(1, self.rank + 1)))
+
+
+def _per_axis(value, rank, what):
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,) * rank
+    value = tuple(value)
+    if len(value) != rank or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
+        raise ValueError(f"{what}: expected a positive int or {rank} positive ints, got {value!r}")
+    return value
+
+
+def wide_basic_block(x, out_channels, strides=1, dropout=0.0, *, name, bn_decay=0.9, bn_epsilon=1e-5,
+                     sync_bn=False):
+    """Wire one pre-activation wide basic block into a static TensorLayer graph.
+
+    ``x``: the output tensor of a previous TensorLayer layer, (N, [D,] H, W, C_in).
+    Returns (N, [ceil(D/s),] ceil(H/s), ceil(W/s), out_channels) in x's dtype.
+
+    Residual branch: BN-ReLU -> conv 3 per axis (stride) -> BN-ReLU -> [dropout] -> conv 3.
+    Shortcut: identity when shapes match; otherwise a 1-per-axis conv with the block's
+    stride applied to the first BN-ReLU output, as in the paper's reference code.
+    Layers are named ``{name}/bn1``, ``{name}/conv1``, ... ``{name}/shortcut``.
+    """
+    bn = dict(decay=bn_decay, epsilon=bn_epsilon, sync=sync_bn, act=tf.nn.relu)
+    rank = len(x.shape) - 2
+    strides = _per_axis(strides, rank, f"{name}: strides")
+    preact = BatchNorm(name=f"{name}/bn1", **bn)(x)
+    y = Conv(out_channels, 3, strides, name=f"{name}/conv1")(preact)
+    y = BatchNorm(name=f"{name}/bn2", **bn)(y)
+    if dropout > 0:
+        y = tl.layers.Dropout(keep=1.0 - dropout, name=f"{name}/dropout")(y)
+    y = Conv(out_channels, 3, 1, name=f"{name}/conv2")(y)
+    if int(x.shape[-1]) != out_channels or any(s != 1 for s in strides):
+        shortcut = Conv(out_channels, 1, strides, name=f"{name}/shortcut")(preact)
+    else:
+        shortcut = x
+    return tl.layers.Elementwise(combine_fn=tf.add, name=f"{name}/add")([y, shortcut])
+
+
+def wide_group(x, n_blocks, out_channels, strides=1, dropout=0.0, *, name, **bn_kwargs):
+    """Wire ``n_blocks`` wide basic blocks named ``{name}/block1`` ... ``{name}/block{n}``.
+
+    The first block carries the group's stride and width change; the rest keep shape.
+    ``x``: (N, [D,] H, W, C_in) -> (N, [ceil(D/s),] ceil(H/s), ceil(W/s), out_channels).
+    """
+    for i in range(n_blocks):
+        x = wide_basic_block(x, out_channels, strides if i == 0 else 1, dropout,
+                             name=f"{name}/block{i + 1}", **bn_kwargs)
+    return x
