@@ -1,0 +1,75 @@
+"""Training logs: a CSV file and TensorBoard scalars under one folder, and a PNG plot."""
+
+import csv
+import os
+
+import tensorflow as tf
+
+__all__ = ["MetricsLogger", "plot_metrics"]
+
+FIELDS = ("step", "split", "loss", "accuracy", "top5_accuracy", "lr", "samples_per_sec", "wall_time")
+
+
+class MetricsLogger:
+    """Appends metric rows to ``{logdir}/metrics.csv`` and writes TensorBoard scalars.
+
+    Rows have the columns of ``FIELDS``; ``split`` is "train" or "eval". An existing
+    CSV is appended to (a resumed run continues the same file).
+    """
+
+    def __init__(self, logdir):
+        self.logdir = os.fspath(logdir)
+        os.makedirs(self.logdir, exist_ok=True)
+        self.csv_path = os.path.join(self.logdir, "metrics.csv")
+        new = not os.path.exists(self.csv_path) or os.path.getsize(self.csv_path) == 0
+        self._file = open(self.csv_path, "a", newline="")
+        self._csv = csv.DictWriter(self._file, fieldnames=FIELDS, extrasaction="ignore")
+        if new:
+            self._csv.writeheader()
+            self._file.flush()
+        self._tb = tf.summary.create_file_writer(os.path.join(self.logdir, "tensorboard"))
+
+    def log(self, step, split, metrics):
+        """Append one row (``metrics``: a dict with any of FIELDS) and its TensorBoard scalars."""
+        row = {"step": int(step), "split": split, **{k: metrics.get(k, "") for k in FIELDS[2:]}}
+        self._csv.writerow(row)
+        self._file.flush()
+        with self._tb.as_default(step=int(step)):
+            for key in ("loss", "accuracy", "top5_accuracy", "lr", "samples_per_sec"):
+                if key in metrics and metrics[key] != "":
+                    tf.summary.scalar(f"{split}/{key}", float(metrics[key]))
+        self._tb.flush()
+
+    def close(self):
+        self._file.close()
+        self._tb.close()
+
+
+def plot_metrics(csv_path, png_path):
+    """Draw loss and accuracy against step (train and eval) from a metrics CSV into a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {}
+    with open(csv_path, newline="") as f:
+        for row in csv.DictReader(f):
+            for key in ("loss", "accuracy"):
+                if row.get(key):
+                    series.setdefault((row["split"], key), []).append((int(row["step"]), float(row[key])))
+    if not series:
+        raise ValueError(f"{csv_path!r} holds no metric rows to plot")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key in zip(axes, ("loss", "accuracy")):
+        for split in ("train", "eval"):
+            pts = series.get((split, key))
+            if pts:
+                ax.plot(*zip(*pts), label=split, marker="o" if split == "eval" else None)
+        ax.set_xlabel("step")
+        ax.set_title(key)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return png_path

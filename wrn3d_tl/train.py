@@ -1,0 +1,473 @@
+"""`Trainer`: one compiled training iteration per `train_step()` call, plus evaluation,
+the paper's schedules, checkpoints, logs, mixed precision and tf.distribute.
+
+The seed's pattern — an outside controller (a tuner, an RL agent) calling one step at a
+time and changing the learning rate between steps — is the primary interface::
+
+    trainer = Trainer(build_wrn(cfg), train_data=dataset, lr=0.1)
+    for _ in range(10):
+        print(trainer.train_step())      # {'loss': ..., 'accuracy': ..., 'lr': ..., 'step': ...}
+        trainer.learning_rate *= 0.9     # takes effect at the next step, no retracing
+
+Inputs are batches ``x`` of shape (B,) + config.input_shape (NDHWC for 3D, NHWC for 2D),
+already normalised (``wrn3d_tl.data`` pipelines do it), and integer labels ``y`` (B,).
+"""
+
+import json
+import math
+import os
+import re
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from wrn3d_tl.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from wrn3d_tl.logs import MetricsLogger, plot_metrics
+from wrn3d_tl.model import WRNConfig, build_wrn
+
+__all__ = ["Trainer", "latest_checkpoint", "describe_devices"]
+
+SCHEDULES = ("constant", "step", "cosine")
+PRECISIONS = {None: tf.float32, "bf16": tf.bfloat16, "fp16": tf.float16}
+_DECAYED = re.compile(r"/(kernel|weights)(:\d+)?$")  # conv and dense kernels: the paper's L2
+_CKPT = re.compile(r"^ckpt-(\d{8})\.h5$")
+
+
+def describe_devices():
+    """A one-line description of where TensorFlow will compute (GPUs if visible, else CPU)."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        return f"GPU x{len(gpus)} ({', '.join(g.name for g in gpus)})"
+    return f"CPU ({os.cpu_count()} cores; no GPU visible to TensorFlow)"
+
+
+def latest_checkpoint(folder):
+    """Path of the newest ``ckpt-XXXXXXXX.h5`` in ``folder`` (by step), or None."""
+    if not folder or not os.path.isdir(folder):
+        return None
+    found = sorted((int(m.group(1)), name) for name in os.listdir(folder) if (m := _CKPT.match(name)))
+    return os.path.join(folder, found[-1][1]) if found else None
+
+
+def _is_chief(strategy):
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "task_type", None):
+        return True
+    if resolver.task_type == "chief":
+        return True
+    has_chief = "chief" in (resolver.cluster_spec().as_dict() or {})
+    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
+class Trainer:
+    """Trains a WRN built by ``build_wrn`` with SGD (Nesterov momentum) and L2 weight decay.
+
+    Args:
+        model: a ``tl.models.Model`` from ``build_wrn`` (its ``wrn_config`` is saved in
+            checkpoints). Under a strategy, build it inside ``strategy.scope()``.
+        train_data: what ``train_step()`` pulls from when called without arguments: a
+            ``tf.data.Dataset`` of (x, y) batches, or an ``(x, y)`` pair of arrays (then
+            ``batch_size`` is required; batches are shuffled with ``seed``).
+        lr, momentum, nesterov, weight_decay: SGD settings; the paper's are 0.1, 0.9, True,
+            5e-4. Weight decay is L2 on convolution and dense kernels only (not BN, not bias),
+            added to the gradient; the reported ``loss`` is the cross-entropy alone.
+        schedule: "constant"; "step" (x0.2 at 30%, 60% and 80% of ``total_steps``, the
+            paper's); "cosine" (to 0 at ``total_steps``). ``warmup_steps``: linear warm-up.
+        mixed_precision: None (float32), "bf16" (CPU with AVX512_BF16/AMX, or GPU) or "fp16"
+            (GPU, dynamic loss scaling). Weights, BN statistics, logits and loss stay float32.
+        normalization: the data's per-channel stats (a ``wrn3d_tl.data.Normalization`` or
+            its dict); stored in checkpoints so inference uses the same numbers.
+        strategy: a ``tf.distribute.Strategy`` or None. ``x``/``y`` given to ``train_step``
+            are the GLOBAL batch (the same on every worker); each replica trains on its own
+            slice, chosen by its global replica id.
+        logdir: when set, metrics go to ``{logdir}/metrics.csv`` and TensorBoard.
+        checkpoint_dir, checkpoint_every, keep_checkpoints: save ``ckpt-XXXXXXXX.h5`` every
+            N steps, keeping the newest K.
+    """
+
+    def __init__(self, model, train_data=None, *, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                 schedule="constant", total_steps=None, warmup_steps=0, mixed_precision=None, seed=0,
+                 batch_size=None, normalization=None, strategy=None, logdir=None, checkpoint_dir=None,
+                 checkpoint_every=None, keep_checkpoints=3, verbose=True):
+        config = getattr(model, "wrn_config", None)
+        if not isinstance(config, WRNConfig):
+            raise TypeError("model must be built by wrn3d_tl.model.build_wrn (it has no wrn_config), "
+                            f"got {type(model).__name__}")
+        _check(lr, "lr", "a number > 0", lambda v: v > 0)
+        _check(momentum, "momentum", "a number in [0, 1)", lambda v: 0 <= v < 1)
+        _check(weight_decay, "weight_decay", "a number >= 0", lambda v: v >= 0)
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if schedule != "constant" and (not isinstance(total_steps, int) or total_steps < 1):
+            raise ValueError(f"total_steps must be a positive int for schedule={schedule!r}, got {total_steps!r}")
+        if not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        if mixed_precision not in PRECISIONS:
+            raise ValueError(f"mixed_precision must be None, 'bf16' or 'fp16', got {mixed_precision!r}")
+        if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
+            raise ValueError(f"checkpoint_every must be a positive int or None, got {checkpoint_every!r}")
+        if checkpoint_every and not checkpoint_dir:
+            raise ValueError("checkpoint_every needs checkpoint_dir")
+
+        self.model = model
+        self.config = config
+        self.base_lr = float(lr)
+        self.momentum = float(momentum)
+        self.nesterov = bool(nesterov)
+        self.weight_decay = float(weight_decay)
+        self.schedule = schedule
+        self.total_steps = total_steps
+        self.warmup_steps = warmup_steps
+        self.mixed_precision = mixed_precision
+        self.compute_dtype = PRECISIONS[mixed_precision]
+        self.seed = int(seed)
+        self.batch_size = batch_size
+        self.normalization = _norm_dict(normalization)
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.is_chief = _is_chief(self.strategy)
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_every = checkpoint_every
+        self.keep_checkpoints = keep_checkpoints
+        self.verbose = verbose
+        self._lr_override = None
+        self._step = 0
+        self._iterator = None
+        self._train_data = None
+        self.train_data = train_data
+
+        self._weights = list(model.trainable_weights)
+        self._decay_mask = [bool(_DECAYED.search(w.name)) for w in self._weights]
+        with self.strategy.scope():
+            self._slots = [tf.Variable(tf.zeros_like(w), trainable=False, name=_var_name(w) + "/momentum")
+                           for w in self._weights]
+            self._lr_var = tf.Variable(self.base_lr, trainable=False, dtype=tf.float32, name="learning_rate")
+            self._loss_scale = tf.Variable(2.0 ** 15 if mixed_precision == "fp16" else 1.0, trainable=False,
+                                           name="loss_scale")
+            self._good_steps = tf.Variable(0, trainable=False, dtype=tf.int64, name="loss_scale_good_steps")
+        self._train_fn = tf.function(self._distributed_step)
+        self._eval_fn = tf.function(self._eval_batch)
+        self.logger = MetricsLogger(logdir) if logdir and self.is_chief else None
+        if verbose and self.is_chief:
+            print(f"[wrn3d_tl] {config.name} {config.spatial_rank}D on {describe_devices()}, "
+                  f"{self.strategy.num_replicas_in_sync} replica(s), precision {mixed_precision or 'fp32'}")
+
+    # ----------------------------------------------------------------- schedule
+    @property
+    def step(self):
+        """Number of training steps taken (an int)."""
+        return self._step
+
+    def scheduled_lr(self, step):
+        """The schedule's learning rate at ``step`` (ignores any override)."""
+        if step < self.warmup_steps:
+            return self.base_lr * (step + 1) / self.warmup_steps
+        if self.schedule == "step":
+            return self.base_lr * 0.2 ** sum(step >= f * self.total_steps for f in (0.3, 0.6, 0.8))
+        if self.schedule == "cosine":
+            span = max(1, self.total_steps - self.warmup_steps)
+            t = min(step - self.warmup_steps, span) / span
+            return self.base_lr * 0.5 * (1.0 + math.cos(math.pi * t))
+        return self.base_lr
+
+    @property
+    def learning_rate(self):
+        """The learning rate the next step uses; set a float to override the schedule,
+        ``None`` to return to it."""
+        return self._lr_override if self._lr_override is not None else self.scheduled_lr(self._step)
+
+    @learning_rate.setter
+    def learning_rate(self, value):
+        if value is not None:
+            _check(value, "learning_rate", "a number >= 0 or None", lambda v: v >= 0)
+            value = float(value)
+        self._lr_override = value
+
+    # -------------------------------------------------------------------- data
+    @property
+    def train_data(self):
+        return self._train_data
+
+    @train_data.setter
+    def train_data(self, data):
+        if isinstance(data, (tuple, list)):
+            if len(data) != 2:
+                raise ValueError(f"train_data must be a tf.data.Dataset or an (x, y) pair, got {len(data)} items")
+            if not isinstance(self.batch_size, int) or self.batch_size < 1:
+                raise ValueError(f"batch_size must be a positive int when train_data is arrays, got {self.batch_size!r}")
+            x, y = data
+            if len(x) != len(y):
+                raise ValueError(f"train_data: x has {len(x)} samples but y has {len(y)}")
+            data = (tf.data.Dataset.from_tensor_slices((x, y))
+                    .shuffle(len(x), seed=self.seed, reshuffle_each_iteration=True)
+                    .batch(self.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+        elif data is not None and not isinstance(data, tf.data.Dataset):
+            raise TypeError(f"train_data must be a tf.data.Dataset, an (x, y) pair or None, got {type(data).__name__}")
+        self._train_data = data
+        self._iterator = None
+
+    def _next_batch(self):
+        if self._train_data is None:
+            raise ValueError("train_step() without arguments needs train_data; pass x and y or set train_data")
+        for _ in range(2):
+            if self._iterator is None:
+                self._iterator = iter(self._train_data)
+            try:
+                return next(self._iterator)
+            except StopIteration:  # end of an epoch: start the next one
+                self._iterator = None
+        raise ValueError("train_data yields no batches")
+
+    def _check_batch(self, x, y, what="train_step"):
+        """Validate and convert one batch; returns (float32 x, int64 y)."""
+        shape = (None,) + self.config.input_shape
+        x = tf.convert_to_tensor(x)
+        if not (x.dtype.is_floating or x.dtype.is_integer):
+            raise ValueError(f"{what}: x must be numeric, got dtype {x.dtype.name}")
+        if x.shape.rank != len(shape) or tuple(x.shape[1:]) != shape[1:]:
+            raise ValueError(f"{what}: x must have shape (batch,) + {self.config.input_shape} "
+                             f"({'NDHWC' if len(shape) == 5 else 'NHWC'}), got {tuple(x.shape)}")
+        y = tf.convert_to_tensor(y)
+        if not y.dtype.is_integer:
+            raise ValueError(f"{what}: y must hold integer class labels, got dtype {y.dtype.name}")
+        if y.shape.rank != 1 or y.shape[0] != x.shape[0]:
+            raise ValueError(f"{what}: y must have shape ({x.shape[0]},) to match x, got {tuple(y.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError(f"{what}: the batch is empty (x has shape {tuple(x.shape)})")
+        y_np = y.numpy()
+        if y_np.min() < 0 or y_np.max() >= self.config.num_classes:
+            raise ValueError(f"{what}: labels must be in [0, {self.config.num_classes}), "
+                             f"got values from {y_np.min()} to {y_np.max()}")
+        x = tf.cast(x, tf.float32)
+        if not bool(tf.reduce_all(tf.math.is_finite(x))):
+            raise ValueError(f"{what}: x contains NaN or Inf")
+        return x, tf.cast(y, tf.int64)
+
+    # -------------------------------------------------------------------- step
+    def train_step(self, x=None, y=None):
+        """Run exactly one training iteration; returns Python numbers
+        ``{"loss", "accuracy", "lr", "step", "samples_per_sec"}`` (loss and accuracy of
+        this batch before the update, ``lr`` the rate used, ``step`` the count after it).
+
+        ``x``: (B,) + input_shape, any real dtype (converted to float32); ``y``: (B,)
+        integer labels in [0, num_classes). Without arguments the batch comes from
+        ``train_data``. Raises FloatingPointError, leaving the weights unchanged, when
+        the loss or a gradient is NaN/Inf.
+        """
+        start = time.perf_counter()
+        if x is None and y is None:
+            x, y = self._next_batch()
+        elif x is None or y is None:
+            raise ValueError("train_step takes both x and y, or neither (then it reads train_data)")
+        x, y = self._check_batch(x, y)
+        replicas = self.strategy.num_replicas_in_sync
+        if x.shape[0] % replicas:
+            raise ValueError(f"train_step: the global batch of {x.shape[0]} does not divide evenly over "
+                             f"{replicas} replicas")
+        lr = self.learning_rate
+        self._lr_var.assign(lr)
+        loss, accuracy, ok = (t.numpy() for t in self._train_fn(x, y))
+        if not ok and self.mixed_precision != "fp16":
+            raise FloatingPointError(f"non-finite loss or gradient at step {self._step + 1} (loss={loss}); "
+                                     "the weights were not updated and checkpoints on disk are untouched")
+        self._step += 1
+        elapsed = time.perf_counter() - start
+        metrics = {"loss": float(loss), "accuracy": float(accuracy), "lr": float(lr), "step": self._step,
+                   "samples_per_sec": x.shape[0] / elapsed}
+        if self.logger:
+            self.logger.log(self._step, "train", {**metrics, "wall_time": time.time()})
+        if self.checkpoint_every and self._step % self.checkpoint_every == 0:
+            self._periodic_save()
+        return metrics
+
+    def _distributed_step(self, x, y):
+        loss_sum, correct, ok = self.strategy.run(self._replica_step, args=(x, y))
+        first = self.strategy.experimental_local_results
+        batch = tf.cast(tf.shape(x)[0], tf.float32)
+        return first(loss_sum)[0] / batch, first(correct)[0] / batch, first(ok)[0]
+
+    def _replica_step(self, x, y):
+        ctx = tf.distribute.get_replica_context()
+        n, i = ctx.num_replicas_in_sync, ctx.replica_id_in_sync_group
+        per = tf.shape(x)[0] // n
+        x, y = x[i * per:(i + 1) * per], y[i * per:(i + 1) * per]
+        global_batch = tf.cast(per * n, tf.float32)
+        with tf.GradientTape() as tape:
+            logits = self.model(tf.cast(x, self.compute_dtype), is_train=True)
+            ce = tf.nn.sparse_softmax_cross_entropy_with_logits(y, tf.cast(logits, tf.float32))
+            loss = tf.reduce_sum(ce) / global_batch
+            scaled = loss * self._loss_scale
+        grads = tape.gradient(scaled, self._weights)
+        grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+        grads = [g / self._loss_scale for g in grads]
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), y), tf.float32))
+        loss_sum, correct = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [tf.reduce_sum(ce), correct])
+        ok = tf.reduce_all([tf.math.is_finite(loss_sum)] + [tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+        ctx.merge_call(self._apply, args=(grads, ok))
+        return loss_sum, correct, ok
+
+    def _apply(self, strategy, grads, ok):
+        """Cross-replica: one SGD-Nesterov update per weight, skipped entirely when not ``ok``."""
+        ok_value = strategy.experimental_local_results(ok)[0]
+        for w, g, slot, decay in zip(self._weights, grads, self._slots, self._decay_mask):
+            strategy.extended.update(w, self._update_weight, args=(g, slot, ok, decay), group=False)
+        if self.mixed_precision == "fp16":
+            self._update_loss_scale(ok_value)
+
+    def _update_weight(self, w, g, slot, ok, decay):
+        if decay and self.weight_decay:
+            g = g + self.weight_decay * w
+        velocity = self.momentum * slot + g
+        update = g + self.momentum * velocity if self.nesterov else velocity
+        slot.assign(tf.where(ok, velocity, slot))
+        w.assign_sub(tf.where(ok, self._lr_var * update, tf.zeros_like(update)))
+
+    def _update_loss_scale(self, ok):
+        grow = tf.logical_and(ok, self._good_steps >= 1999)
+        self._loss_scale.assign(tf.where(ok, tf.where(grow, self._loss_scale * 2.0, self._loss_scale),
+                                         tf.maximum(self._loss_scale / 2.0, 1.0)))
+        self._good_steps.assign(tf.where(tf.logical_and(ok, tf.logical_not(grow)), self._good_steps + 1,
+                                         tf.zeros_like(self._good_steps)))
+
+    # --------------------------------------------------------------- evaluate
+    def _eval_batch(self, x, y):
+        logits = tf.cast(self.model(tf.cast(x, self.compute_dtype), is_train=False), tf.float32)
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)
+        top1 = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), y), tf.float32))
+        k = min(5, self.config.num_classes)
+        top5 = tf.reduce_sum(tf.cast(tf.math.in_top_k(y, logits, k), tf.float32))
+        return tf.reduce_sum(ce), top1, top5
+
+    def evaluate(self, data, batch_size=100, log=True):
+        """Inference-mode metrics (moving BN statistics, no dropout) over ``data``.
+
+        ``data``: an ``(x, y)`` pair of arrays (x: (N,) + input_shape, normalised) or a
+        ``tf.data.Dataset`` of such batches. Returns ``{"loss", "accuracy",
+        "top5_accuracy", "samples"}`` as Python numbers. Deterministic.
+        """
+        if isinstance(data, (tuple, list)):
+            x_all, y_all = data
+            if len(x_all) != len(y_all):
+                raise ValueError(f"evaluate: x has {len(x_all)} samples but y has {len(y_all)}")
+            batches = ((x_all[i:i + batch_size], y_all[i:i + batch_size]) for i in range(0, len(x_all), batch_size))
+        elif isinstance(data, tf.data.Dataset):
+            batches = data
+        else:
+            raise TypeError(f"evaluate: data must be an (x, y) pair or a tf.data.Dataset, got {type(data).__name__}")
+        loss = top1 = top5 = 0.0
+        n = 0
+        for x, y in batches:
+            x, y = self._check_batch(x, y, "evaluate")
+            s, c1, c5 = self._eval_fn(x, y)
+            loss, top1, top5, n = loss + float(s), top1 + float(c1), top5 + float(c5), n + int(x.shape[0])
+        if n == 0:
+            raise ValueError("evaluate: data holds no samples")
+        result = {"loss": loss / n, "accuracy": top1 / n, "top5_accuracy": top5 / n, "samples": n}
+        if log and self.logger:
+            self.logger.log(self._step, "eval", {**result, "wall_time": time.time()})
+        return result
+
+    # ------------------------------------------------------------ checkpoints
+    def hyperparameters(self):
+        """The settings ``Trainer.restore`` needs to rebuild this trainer (a JSON-able dict)."""
+        return {"lr": self.base_lr, "momentum": self.momentum, "nesterov": self.nesterov,
+                "weight_decay": self.weight_decay, "schedule": self.schedule, "total_steps": self.total_steps,
+                "warmup_steps": self.warmup_steps, "mixed_precision": self.mixed_precision, "seed": self.seed,
+                "batch_size": self.batch_size, "lr_override": self._lr_override}
+
+    def _state_arrays(self):
+        # Every worker reads (cross-replica reads of ON_READ variables are collectives).
+        weights = {_var_name(v): v.numpy() for v in self.model.all_weights}
+        slots = {_var_name(w): s.numpy() for w, s in zip(self._weights, self._slots)}
+        state = {"loss_scale": self._loss_scale.numpy(), "loss_scale_good_steps": self._good_steps.numpy()}
+        return weights, slots, state
+
+    def save(self, path):
+        """Write the whole training state to one HDF5 file at ``path``, atomically.
+
+        Returns the path (None on a non-chief worker, which writes nothing)."""
+        weights, slots, state = self._state_arrays()
+        if not self.is_chief:
+            return None
+        return write_checkpoint(path, config=self.config.to_dict(), trainer=self.hyperparameters(),
+                                step=self._step, normalization=self.normalization, weights=weights,
+                                optimizer=slots, state=state)
+
+    def _periodic_save(self):
+        path = self.save(os.path.join(self.checkpoint_dir, f"ckpt-{self._step:08d}.h5"))
+        if path is None:
+            return
+        old = sorted(n for n in os.listdir(self.checkpoint_dir) if _CKPT.match(n))
+        for name in old[:-self.keep_checkpoints] if self.keep_checkpoints else []:
+            os.remove(os.path.join(self.checkpoint_dir, name))
+
+    def load(self, path):
+        """Load a checkpoint of the SAME config into this trainer (weights, momentum,
+        step, loss scale, normalisation). Everything is checked before anything is
+        assigned: on any error the trainer is unchanged."""
+        ck = read_checkpoint(path)
+        config = WRNConfig.from_dict(ck["config"])
+        if config != self.config:
+            raise CheckpointError(f"checkpoint {os.fspath(path)!r} holds {config}, but this trainer's model is "
+                                  f"{self.config}")
+        pairs = [(v, ck["weights"], _var_name(v)) for v in self.model.all_weights]
+        pairs += [(s, ck["optimizer"], _var_name(w)) for w, s in zip(self._weights, self._slots)]
+        for var, table, name in pairs:
+            if name not in table:
+                raise CheckpointError(f"checkpoint {os.fspath(path)!r} lacks {name!r}")
+            if tuple(table[name].shape) != tuple(var.shape):
+                raise CheckpointError(f"checkpoint {os.fspath(path)!r}: {name!r} has shape "
+                                      f"{table[name].shape}, the model expects {tuple(var.shape)}")
+        for var, table, name in pairs:
+            var.assign(table[name])
+        self._loss_scale.assign(ck["state"].get("loss_scale", self._loss_scale.numpy()))
+        self._good_steps.assign(ck["state"].get("loss_scale_good_steps", 0))
+        self._step = ck["step"]
+        self._lr_override = ck["trainer"].get("lr_override")
+        if ck["normalization"] is not None:
+            self.normalization = ck["normalization"]
+        return self
+
+    @classmethod
+    def restore(cls, path, train_data=None, *, strategy=None, **overrides):
+        """Rebuild a trainer from one checkpoint file alone: model (from the stored
+        WRNConfig), weights, optimizer state, step, hyperparameters, normalisation.
+        ``overrides`` replace stored trainer settings (e.g. ``logdir``, ``verbose``)."""
+        ck = read_checkpoint(path)
+        config = WRNConfig.from_dict(ck["config"])
+        hp = dict(ck["trainer"])
+        hp.pop("lr_override", None)
+        hp.update(overrides)
+        with (strategy or tf.distribute.get_strategy()).scope():
+            model = build_wrn(config)
+        trainer = cls(model, train_data, strategy=strategy, normalization=ck["normalization"], **hp)
+        return trainer.load(path)
+
+    def plot(self, png_path):
+        """Plot this run's logged loss/accuracy to ``png_path`` (needs ``logdir``)."""
+        if self.logger is None:
+            raise ValueError("plot needs a Trainer created with logdir=")
+        return plot_metrics(self.logger.csv_path, png_path)
+
+    def close(self):
+        """Flush and close the log files."""
+        if self.logger:
+            self.logger.close()
+            self.logger = None
+
+
+def _var_name(v):
+    return v.name.split(":")[0]
+
+
+def _norm_dict(normalization):
+    if normalization is None or isinstance(normalization, dict):
+        return json.loads(json.dumps(normalization)) if normalization else None
+    if hasattr(normalization, "to_dict"):
+        return json.loads(json.dumps(normalization.to_dict()))
+    raise TypeError(f"normalization must be a Normalization, a dict or None, got {type(normalization).__name__}")
+
+
+def _check(value, name, rule, ok):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
