@@ -21,6 +21,7 @@ setup(
         "opencv-python-headless>=4.8",
         "matplotlib>=3.7",
         "tqdm>=4.60",
+        "tensorboard>=2.20",  # tf.summary needs it; TensorFlow 2.21 no longer pulls it in
     ],
     extras_require={
         "gpu": [TF.replace("tensorflow", "tensorflow[and-cuda]")],

@@ -14,7 +14,6 @@ NHWC for ``--dims 2``; labels are int64. Without the real CIFAR files under
 """
 
 import argparse
-import sys
 import time
 
 import keras
@@ -37,7 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--width", type=int, default=2, help="widen factor k")
     p.add_argument("--dims", type=int, choices=[2, 3], default=3, help="2: NHWC images, 3: NDHWC volumes")
     p.add_argument("--volume-depth", type=int, default=4, help="D of the tiled volumes (--dims 3)")
-    p.add_argument("--tile-mode", default="repeat", help="how images are tiled into volumes")
+    p.add_argument("--tile-mode", default="repeat", choices=getattr(data, "TILE_MODES", None),
+                   help="how images are tiled into volumes (--dims 3)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 on kernels, as in the paper")
@@ -54,8 +54,9 @@ def load_data(args):
     if args.dataset != "synthetic":
         try:
             return (*data.load_cifar(args.dataset, data_dir=args.data_dir), num_classes)
-        except FileNotFoundError as e:
-            print(f"!!! {args.dataset} not found ({e}); USING SYNTHETIC DATA INSTEAD !!!", flush=True)
+        except FileNotFoundError:
+            print(f"!!! {args.dataset.upper()} NOT FOUND (see --data-dir / $WRN3D_DATA_DIR): "
+                  f"USING SYNTHETIC DATA INSTEAD !!!", flush=True)
     n_train, n_test = _SYNTHETIC_SIZES
     return (*data.synthetic_cifar(n_train, n_test, num_classes=num_classes, seed=args.seed), num_classes)
 
@@ -129,4 +130,3 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)

@@ -116,7 +116,11 @@ def build_keras_wrn(config, name=None):
 
 
 def count_keras_params(keras_model):
-    """Number of trainable scalars of a Keras model (an int); compare with ``model.count_params``."""
+    """Number of trainable scalars of a Keras model (an int).
+
+    Equal to ``wrn3d_tl.model.count_params(build_wrn(config))`` for ``build_keras_wrn(config)``;
+    unlike ``keras.Model.count_params`` it leaves out the BN moving statistics.
+    """
     return int(sum(math.prod(w.shape) for w in keras_model.trainable_weights))
 
 
@@ -125,67 +129,68 @@ def _tl_var_name(var):
     return var.name.split(":")[0].rsplit("/", 1)[-1]
 
 
-def _pairs(tl_model, keras_model):
-    """Validate the two models against each other; return [(tl_var, keras_var, where), ...].
+def _transfer(tl_model, keras_model, to_keras):
+    """Validate the two models against each other, then copy source -> destination.
 
-    Every check runs before anything is written, so a failed transfer changes nothing.
+    Common layers are checked first in network order (strides, epsilon, weight names and
+    shapes), then layers present on one side only; every check runs before anything is
+    written, so a failed transfer changes nothing.
     """
+    if not isinstance(keras_model, keras.Model) or not hasattr(tl_model, "all_layers"):
+        raise TypeError(f"expected a TensorLayer model and a keras.Model, got {type(tl_model).__name__} and "
+                        f"{type(keras_model).__name__} (tl_to_keras(tl, keras) / keras_to_tl(keras, tl))")
+    src_side, dst_side = ("TensorLayer", "Keras") if to_keras else ("Keras", "TensorLayer")
     tl_layers = {}
     for layer in tl_model.all_layers:
         weights = list(layer.trainable_weights) + list(layer.nontrainable_weights)
         if weights:
             tl_layers[layer.name] = (layer, weights)
     keras_layers = {layer.name: layer for layer in keras_model.layers if layer.weights}
-    expected_keras = {keras_layer_name(n): n for n in tl_layers}
-
-    for tl_name in tl_layers:
-        if keras_layer_name(tl_name) not in keras_layers:
-            raise ValueError(f"layer {tl_name!r}: the TensorLayer model has it but the Keras model has no "
-                             f"layer {keras_layer_name(tl_name)!r} with weights; the configs differ")
-    for k_name in keras_layers:
-        if k_name not in expected_keras:
-            raise ValueError(f"layer {k_name!r}: the Keras model has it but the TensorLayer model has no "
-                             f"matching layer with weights; the configs differ")
 
     pairs = []
     for tl_name, (tl_layer, tl_weights) in tl_layers.items():
-        k_layer = keras_layers[keras_layer_name(tl_name)]
+        k_layer = keras_layers.get(keras_layer_name(tl_name))
+        if k_layer is None:
+            continue
         where = f"layer {tl_name!r} (Keras {k_layer.name!r})"
         # Structure that changes inference but not the weight shapes.
         tl_strides = getattr(tl_layer, "_strides", None)
         if tl_strides is not None and tuple(tl_strides) != tuple(k_layer.strides):
             raise ValueError(f"{where}: strides differ, TensorLayer {tuple(tl_strides)} vs Keras "
-                             f"{tuple(k_layer.strides)}; the configs' group_strides differ")
+                             f"{tuple(k_layer.strides)}; the configs' group_strides or ranks differ")
         tl_eps = getattr(tl_layer, "epsilon", None)
         if tl_eps is not None and not math.isclose(tl_eps, k_layer.epsilon, rel_tol=1e-6):
             raise ValueError(f"{where}: batch-norm epsilon differs, TensorLayer {tl_eps} vs Keras "
                              f"{k_layer.epsilon}")
         k_vars = {v.name.rsplit("/", 1)[-1]: v for v in k_layer.weights}
-        if len(k_vars) != len(tl_weights):
-            raise ValueError(f"{where}: {len(tl_weights)} TensorLayer weights "
-                             f"{[_tl_var_name(v) for v in tl_weights]} vs {len(k_vars)} Keras weights "
-                             f"{sorted(k_vars)}")
+        wanted = {_VAR_TL_TO_KERAS.get(_tl_var_name(v), _tl_var_name(v)) for v in tl_weights}
+        if wanted != set(k_vars):
+            raise ValueError(f"{where}: TensorLayer weights {[_tl_var_name(v) for v in tl_weights]} do not "
+                             f"match Keras weights {sorted(k_vars)}")
         for tl_var in tl_weights:
             short = _tl_var_name(tl_var)
-            k_short = _VAR_TL_TO_KERAS.get(short, short)
-            if k_short not in k_vars:
-                raise ValueError(f"{where}: no Keras weight {k_short!r} for TensorLayer weight {short!r}; "
-                                 f"Keras has {sorted(k_vars)}")
-            pairs.append((tl_var, k_vars[k_short], f"{where}, weight {short!r}"))
-    return pairs
+            k_var = k_vars[_VAR_TL_TO_KERAS.get(short, short)]
+            src, dst = (tl_var, k_var) if to_keras else (k_var, tl_var)
+            expected, given = tuple(dst.shape), tuple(src.shape)
+            if expected != given:
+                raise ValueError(f"{where}, weight {short!r}: shape mismatch, expected {expected} "
+                                 f"({dst_side} destination) but given {given} ({src_side} source); "
+                                 f"the configs differ")
+            pairs.append((src, dst))
 
+    missing = [n for n in tl_layers if keras_layer_name(n) not in keras_layers]
+    extra = [n for n in keras_layers if n not in {keras_layer_name(t) for t in tl_layers}]
+    if missing:
+        raise ValueError(f"layer {missing[0]!r}: in the TensorLayer model but the Keras model has no layer "
+                         f"{keras_layer_name(missing[0])!r} with weights (TensorLayer-only layers: {missing}); "
+                         f"the configs differ")
+    if extra:
+        raise ValueError(f"layer {extra[0]!r}: in the Keras model but not in the TensorLayer model "
+                         f"(Keras-only layers: {extra}); the configs differ")
 
-def _transfer(pairs, to_keras):
-    for tl_var, k_var, where in pairs:
-        src, dst = (tl_var, k_var) if to_keras else (k_var, tl_var)
-        given, expected = tuple(src.shape), tuple(dst.shape)
-        if given != expected:
-            raise ValueError(f"{where}: shape mismatch, expected {expected} "
-                             f"({'Keras' if to_keras else 'TensorLayer'} destination) but given {given} "
-                             f"({'TensorLayer' if to_keras else 'Keras'} source); the configs differ")
-    values = [np.array((t if to_keras else k).numpy(), dtype=np.float32) for t, k, _ in pairs]
-    for (tl_var, k_var, _), value in zip(pairs, values):
-        (k_var if to_keras else tl_var).assign(value)
+    values = [np.array(src.numpy(), dtype=np.float32) for src, _ in pairs]
+    for (_, dst), value in zip(pairs, values):
+        dst.assign(value)
 
 
 def tl_to_keras(tl_model, keras_model):
@@ -196,7 +201,7 @@ def tl_to_keras(tl_model, keras_model):
     (classes,). Raises ValueError naming the layer (and the expected and given shape) when
     the models' configs differ; nothing is written then. Returns ``keras_model``.
     """
-    _transfer(_pairs(tl_model, keras_model), to_keras=True)
+    _transfer(tl_model, keras_model, to_keras=True)
     return keras_model
 
 
@@ -206,5 +211,5 @@ def keras_to_tl(keras_model, tl_model):
     The inverse of ``tl_to_keras`` (same matching, shapes, dtypes and errors; nothing is
     written when a check fails). Returns ``tl_model``.
     """
-    _transfer(_pairs(tl_model, keras_model), to_keras=False)
+    _transfer(tl_model, keras_model, to_keras=False)
     return tl_model

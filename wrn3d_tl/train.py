@@ -137,6 +137,7 @@ class Trainer:
         self.train_data = train_data
 
         self._weights = list(model.trainable_weights)
+        self._stats = list(model.nontrainable_weights)  # BN moving statistics
         self._decay_mask = [bool(_DECAYED.search(w.name)) for w in self._weights]
         with self.strategy.scope():
             self._slots = [tf.Variable(tf.zeros_like(w), trainable=False, name=_var_name(w) + "/momentum")
@@ -292,6 +293,9 @@ class Trainer:
         per = tf.shape(x)[0] // n
         x, y = x[i * per:(i + 1) * per], y[i * per:(i + 1) * per]
         global_batch = tf.cast(per * n, tf.float32)
+        # The forward pass moves the BN statistics; keep their old values so a step that
+        # turns out non-finite can be undone completely.
+        stats_before = [tf.identity(v.read_value()) for v in self._stats]
         with tf.GradientTape() as tape:
             logits = self.model(tf.cast(x, self.compute_dtype), is_train=True)
             ce = tf.nn.sparse_softmax_cross_entropy_with_logits(y, tf.cast(logits, tf.float32))
@@ -303,6 +307,8 @@ class Trainer:
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), y), tf.float32))
         loss_sum, correct = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [tf.reduce_sum(ce), correct])
         ok = tf.reduce_all([tf.math.is_finite(loss_sum)] + [tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+        for v, old in zip(self._stats, stats_before):
+            v.assign(tf.where(ok, v.read_value(), old))
         ctx.merge_call(self._apply, args=(grads, ok))
         return loss_sum, correct, ok
 
@@ -348,7 +354,7 @@ class Trainer:
         if isinstance(data, (tuple, list)):
             x_all, y_all = data
             if len(x_all) != len(y_all):
-                raise ValueError(f"evaluate: x has {len(x_all)} samples but y has {len(y_all)}")
+                raise ValueError(f"evaluate: y must have shape ({len(x_all)},) to match x, got {np.shape(y_all)}")
             batches = ((x_all[i:i + batch_size], y_all[i:i + batch_size]) for i in range(0, len(x_all), batch_size))
         elif isinstance(data, tf.data.Dataset):
             batches = data
@@ -361,7 +367,7 @@ class Trainer:
             s, c1, c5 = self._eval_fn(x, y)
             loss, top1, top5, n = loss + float(s), top1 + float(c1), top5 + float(c5), n + int(x.shape[0])
         if n == 0:
-            raise ValueError("evaluate: data holds no samples")
+            raise ValueError("evaluate: data is empty (no samples)")
         result = {"loss": loss / n, "accuracy": top1 / n, "top5_accuracy": top5 / n, "samples": n}
         if log and self.logger:
             self.logger.log(self._step, "eval", {**result, "wall_time": time.time()})

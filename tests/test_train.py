@@ -1,0 +1,312 @@
+"""Trainer: one compiled step per call, schedules, evaluation, checkpoints, guards, logs."""
+
+import csv
+import os
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from wrn3d_tl.checkpoint import CheckpointError
+from wrn3d_tl.model import WRNConfig, build_wrn
+from wrn3d_tl.train import Trainer, latest_checkpoint
+
+CFG = WRNConfig(depth=10, widen_factor=1, input_shape=(4, 16, 16, 3))
+
+
+def batch(seed, n=8, cfg=CFG):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n,) + cfg.input_shape).astype("float32"), rng.integers(0, cfg.num_classes, n)
+
+
+def weights_of(trainer):
+    return {v.name: v.numpy().copy() for v in trainer.model.all_weights}
+
+
+def assert_same(a, b, atol=0.0):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=atol, rtol=0, err_msg=k)
+
+
+def make(cfg=CFG, seed=0, **kw):
+    tf.random.set_seed(seed)
+    kw.setdefault("verbose", False)
+    return Trainer(build_wrn(cfg), **kw)
+
+
+def twin(trainer, **kw):
+    """A second trainer whose model starts from the same weights."""
+    other = make(trainer.config, **kw)
+    for a, b in zip(trainer.model.all_weights, other.model.all_weights):
+        b.assign(a)
+    return other
+
+
+def test_step_returns_numbers_and_never_retraces():
+    t = make(lr=0.05)
+    for i in range(5):
+        out = t.train_step(*batch(i))
+        if i == 2:
+            t.learning_rate = 0.01
+    assert t._train_fn.experimental_get_tracing_count() == 1
+    assert set(out) >= {"loss", "accuracy", "lr", "step"}
+    assert all(isinstance(out[k], float) for k in ("loss", "accuracy", "lr"))
+    assert out["step"] == t.step == 5 and out["lr"] == 0.01
+    assert 0.0 <= out["accuracy"] <= 1.0 and np.isfinite(out["loss"])
+
+
+def test_learning_rate_set_between_steps_takes_effect():
+    x, y = batch(0)
+    a = make(lr=0.1, weight_decay=0.0)
+    b = twin(a, lr=0.1, weight_decay=0.0)
+    b.learning_rate = 0.2
+    w0 = weights_of(a)
+    a.train_step(x, y)
+    b.train_step(x, y)
+    for v_a, v_b in zip(a.model.trainable_weights, b.model.trainable_weights):
+        d_a, d_b = v_a.numpy() - w0[v_a.name], v_b.numpy() - w0[v_a.name]
+        np.testing.assert_allclose(d_b, 2 * d_a, rtol=1e-3, atol=1e-6, err_msg=v_a.name)
+    assert b.train_step(x, y)["lr"] == 0.2
+    b.learning_rate = None  # back to the schedule
+    assert b.learning_rate == 0.1
+
+
+def test_weight_decay_applies_to_kernels_only():
+    x, y = batch(1)
+    lr, m, wd = 0.1, 0.9, 1e-2
+    a = make(lr=lr, momentum=m, weight_decay=0.0)
+    b = twin(a, lr=lr, momentum=m, weight_decay=wd)
+    w0 = weights_of(a)
+    a.train_step(x, y)
+    b.train_step(x, y)
+    for v_a, v_b in zip(a.model.trainable_weights, b.model.trainable_weights):
+        diff = v_b.numpy() - v_a.numpy()
+        if v_a.name.endswith(("/kernel:0", "/weights:0")):
+            # first Nesterov step: update = (1 + m) * (g + wd * w)
+            np.testing.assert_allclose(diff, -lr * (1 + m) * wd * w0[v_a.name], atol=1e-6, err_msg=v_a.name)
+        else:
+            np.testing.assert_array_equal(diff, 0.0, err_msg=v_a.name)
+
+
+def test_schedules():
+    step = make(lr=0.1, schedule="step", total_steps=100)
+    assert [round(step.scheduled_lr(s), 8) for s in (0, 29, 30, 59, 60, 79, 80, 99)] == \
+        [0.1, 0.1, 0.02, 0.02, 0.004, 0.004, 0.0008, 0.0008]
+    cos = make(lr=0.1, schedule="cosine", total_steps=10, warmup_steps=2)
+    assert cos.scheduled_lr(0) == pytest.approx(0.05) and cos.scheduled_lr(1) == pytest.approx(0.1)
+    assert cos.scheduled_lr(2) == pytest.approx(0.1) and cos.scheduled_lr(6) == pytest.approx(0.05)
+    assert cos.scheduled_lr(10) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="total_steps"):
+        make(schedule="cosine")
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        make(schedule="linear")
+    with pytest.raises(ValueError, match="mixed_precision"):
+        make(mixed_precision="int8")
+
+
+def test_evaluate_is_deterministic_and_uses_moving_statistics():
+    t = make()
+    x, y = batch(2, n=10)
+    t.train_step(*batch(3))
+    r1, r2 = t.evaluate((x, y), batch_size=4), t.evaluate((x, y), batch_size=4)
+    assert r1 == r2 and r1["samples"] == 10
+    logits = t.model(x, is_train=False).numpy()
+    ce = -np.log(np.exp(logits - logits.max(1, keepdims=True)) /
+                 np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True))[np.arange(10), y]
+    assert r1["loss"] == pytest.approx(ce.mean(), rel=1e-4)
+    assert r1["accuracy"] == pytest.approx(np.mean(logits.argmax(1) == y))
+    top5 = np.argsort(-logits, 1)[:, :5]
+    assert r1["top5_accuracy"] == pytest.approx(np.mean([yy in row for yy, row in zip(y, top5)]))
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(3)
+    assert t.evaluate(ds)["loss"] == pytest.approx(r1["loss"], rel=1e-5)
+
+
+def test_resume_continues_exactly(tmp_path):
+    batches = [batch(10 + i) for i in range(6)]
+    kw = dict(lr=0.1, schedule="cosine", total_steps=6)
+    straight = make(**kw)
+    split = twin(straight, **kw)
+    for xb, yb in batches:
+        straight.train_step(xb, yb)
+    for xb, yb in batches[:3]:
+        split.train_step(xb, yb)
+    path = split.save(tmp_path / "ck.h5")
+    restored = Trainer.restore(path, verbose=False)
+    assert restored.step == 3 and restored.schedule == "cosine" and restored.total_steps == 6
+    for xb, yb in batches[3:]:
+        restored.train_step(xb, yb)
+    assert restored.step == 6
+    assert_same({k: v for k, v in weights_of(straight).items()},
+                {k.replace(restored.model.name, straight.model.name): v for k, v in weights_of(restored).items()},
+                atol=1e-6)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    t = make()
+    path = tmp_path / "ck.h5"
+    t.train_step(*batch(0))
+    t.save(path)
+    before = open(path, "rb").read()
+    t.train_step(*batch(1))
+    real = h5py.Group.create_dataset
+    calls = {"n": 0}
+
+    def dying(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] > 20:
+            raise OSError("disk died half-way")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", dying)
+    with pytest.raises(OSError, match="half-way"):
+        t.save(path)
+    monkeypatch.undo()
+    assert open(path, "rb").read() == before
+    assert os.listdir(tmp_path) == ["ck.h5"]  # no temporary file left behind
+    assert Trainer.restore(path, verbose=False).step == 1
+
+
+def test_restore_rejects_foreign_truncated_altered_and_mismatched_files(tmp_path):
+    t = make()
+    t.train_step(*batch(0))
+    good = t.save(tmp_path / "good.h5")
+    with h5py.File(tmp_path / "foreign.h5", "w") as f:
+        f["x"] = np.arange(3)
+    data = open(good, "rb").read()
+    (tmp_path / "truncated.h5").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.h5").write_text("not hdf5")
+    shutil.copy(good, tmp_path / "altered.h5")
+    with h5py.File(tmp_path / "altered.h5", "r+") as f:
+        f["weights/stem/conv/kernel"][0, 0, 0, 0, 0] += 1.0
+    for name, msg in [("foreign.h5", "not a wrn3d_tl checkpoint"), ("truncated.h5", "not a readable HDF5"),
+                      ("text.h5", "not a readable HDF5"), ("altered.h5", "checksum")]:
+        with pytest.raises(CheckpointError, match=msg) as err:
+            Trainer.restore(tmp_path / name, verbose=False)
+        assert name in str(err.value)
+    with pytest.raises(FileNotFoundError):
+        Trainer.restore(tmp_path / "missing.h5")
+    other = make(WRNConfig(depth=10, widen_factor=2, input_shape=(4, 16, 16, 3)))
+    w_before = weights_of(other)
+    with pytest.raises(CheckpointError, match="WRN|widen_factor"):
+        other.load(good)
+    assert_same(w_before, weights_of(other))
+    assert other.step == 0
+
+
+def test_non_finite_loss_stops_with_step_and_leaves_state(tmp_path):
+    t = make()
+    t.train_step(*batch(0))
+    path = t.save(tmp_path / "ck.h5")
+    saved = open(path, "rb").read()
+    before = weights_of(t)
+    x, y = batch(1)
+    x[:] = 3e38  # finite input whose convolutions overflow to inf
+    with pytest.raises(FloatingPointError, match="step 2"):
+        t.train_step(x, y)
+    assert t.step == 1
+    assert_same(before, weights_of(t))
+    assert open(path, "rb").read() == saved
+
+
+@pytest.mark.parametrize("x,y,msg", [
+    (np.zeros((2, 4, 16, 16)), np.zeros(2, int), r"shape \(batch,\) \+ \(4, 16, 16, 3\)"),
+    (np.zeros((2, 4, 16, 8, 3)), np.zeros(2, int), "shape"),
+    (np.zeros((2, 4, 16, 16, 1)), np.zeros(2, int), "shape"),
+    (np.zeros((2, 4, 16, 16, 3)), np.array([0, 10]), r"labels must be in \[0, 10\)"),
+    (np.zeros((2, 4, 16, 16, 3)), np.array([-1, 0]), "labels must be in"),
+    (np.zeros((2, 4, 16, 16, 3)), np.array([0.0, 1.0]), "integer class labels"),
+    (np.zeros((2, 4, 16, 16, 3)), np.zeros(3, int), r"y must have shape \(2,\)"),
+    (np.zeros((0, 4, 16, 16, 3)), np.zeros(0, int), "empty"),
+    (np.full((2, 4, 16, 16, 3), np.nan), np.zeros(2, int), "NaN"),
+    (np.full((2, 4, 16, 16, 3), "a"), np.zeros(2, int), "numeric"),
+])
+def test_bad_batches_raise_and_change_nothing(x, y, msg):
+    t = make()
+    before = weights_of(t)
+    with pytest.raises(ValueError, match=msg):
+        t.train_step(x, y)
+    with pytest.raises(ValueError, match=msg.replace("train_step", "evaluate")):
+        t.evaluate((x, y))
+    assert t.step == 0
+    assert_same(before, weights_of(t))
+
+
+def test_float64_and_integer_inputs_are_converted():
+    t = make()
+    x, y = batch(0)
+    t.train_step(x.astype("float64"), y.astype("int32"))
+    t.train_step(np.round(x).astype("int16"), y)
+    assert t.step == 2 and t._train_fn.experimental_get_tracing_count() == 1
+
+
+def test_periodic_checkpoints_keep_the_newest(tmp_path):
+    t = make(checkpoint_dir=str(tmp_path), checkpoint_every=2, keep_checkpoints=2)
+    x, y = batch(0)
+    for _ in range(7):
+        t.train_step(x, y)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt-00000004.h5", "ckpt-00000006.h5"]
+    assert latest_checkpoint(str(tmp_path)).endswith("ckpt-00000006.h5")
+    assert Trainer.restore(latest_checkpoint(str(tmp_path)), verbose=False).step == 6
+
+
+def test_logs_csv_tensorboard_and_plot(tmp_path):
+    t = make(logdir=str(tmp_path / "logs"))
+    x, y = batch(0)
+    for _ in range(3):
+        t.train_step(x, y)
+    t.evaluate((x, y))
+    png = t.plot(str(tmp_path / "curves.png"))
+    t.close()
+    rows = list(csv.DictReader(open(tmp_path / "logs" / "metrics.csv")))
+    assert [(r["step"], r["split"]) for r in rows] == [("1", "train"), ("2", "train"), ("3", "train"), ("3", "eval")]
+    assert all(float(r["loss"]) > 0 for r in rows) and rows[-1]["top5_accuracy"] != ""
+    events = os.listdir(tmp_path / "logs" / "tensorboard")
+    assert any(e.startswith("events.out.tfevents") for e in events)
+    size = sum(os.path.getsize(tmp_path / "logs" / "tensorboard" / e) for e in events)
+    assert size > 200
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_data_arrays_and_dataset_pull_batches():
+    x, y = batch(0, n=12)
+    t = make(train_data=(x, y), batch_size=4)
+    for _ in range(4):  # crosses an epoch boundary (3 batches per epoch)
+        assert t.train_step()["step"] <= 4
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(6)
+    t.train_data = ds
+    t.train_step()
+    assert t.step == 5
+    with pytest.raises(ValueError, match="batch_size"):
+        make(train_data=(x, y))
+    with pytest.raises(ValueError, match="needs train_data"):
+        make().train_step()
+
+
+def test_tiny_3d_wrn_learns_the_synthetic_set():
+    from wrn3d_tl.data import compute_normalization, make_dataset, synthetic_cifar
+
+    (xtr, ytr), _ = synthetic_cifar(512, 8, num_classes=10, seed=0)
+    norm = compute_normalization(xtr)
+    cfg = WRNConfig(depth=10, widen_factor=1, input_shape=(2, 32, 32, 3))
+    ds = make_dataset(xtr, ytr, batch_size=32, volume_depth=2, training=True, augment=False, seed=0,
+                      normalization=norm, drop_remainder=True, repeat=True)
+    t = make(cfg, train_data=ds, lr=0.05, schedule="cosine", total_steps=80)
+    for _ in range(80):
+        t.train_step()
+    ev = make_dataset(xtr, ytr, batch_size=128, volume_depth=2, training=False, normalization=norm)
+    assert t.evaluate(ev)["accuracy"] >= 0.9
+
+
+def test_bf16_keeps_float32_master_weights_and_logits():
+    t = make(mixed_precision="bf16")
+    x, y = batch(0)
+    out = t.train_step(x, y)
+    assert np.isfinite(out["loss"])
+    assert all(v.dtype == tf.float32 for v in t.model.all_weights)
+    assert t._eval_fn.get_concrete_function(tf.constant(x), tf.constant(y, tf.int64)).structured_outputs[0].dtype \
+        == tf.float32
+    logits = t.model(tf.cast(x, tf.bfloat16), is_train=False)
+    assert logits.dtype == tf.float32
