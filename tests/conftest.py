@@ -17,8 +17,10 @@ except RuntimeError:  # runtime already initialised by another plugin
     pass
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def two_cpu_strategy():
+    """ONE MirroredStrategy for the session: two strategies in one process reuse the same
+    collective instance keys, and TensorFlow then mixes up their all-reduces."""
     devices = [d.name for d in tf.config.list_logical_devices("CPU")]
     if len(devices) < 2:
         pytest.skip("two logical CPU devices could not be configured")

@@ -300,27 +300,34 @@ class Trainer:
             logits = self.model(tf.cast(x, self.compute_dtype), is_train=True)
             ce = tf.nn.sparse_softmax_cross_entropy_with_logits(y, tf.cast(logits, tf.float32))
             loss = tf.reduce_sum(ce) / global_batch
-            scaled = loss * self._loss_scale
+            scaled = loss * self._loss_scale if self.mixed_precision == "fp16" else loss
         grads = tape.gradient(scaled, self._weights)
-        grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
-        grads = [g / self._loss_scale for g in grads]
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), y), tf.float32))
-        loss_sum, correct = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [tf.reduce_sum(ce), correct])
-        ok = tf.reduce_all([tf.math.is_finite(loss_sum)] + [tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+        # All-reduces of gradients and metrics are created in one cross-replica call so
+        # that every replica launches its collectives in the same order (sync BN adds
+        # replica-side collectives to the forward and backward passes).
+        loss_sum, correct, ok = ctx.merge_call(self._apply, args=(grads, tf.reduce_sum(ce), correct))
         for v, old in zip(self._stats, stats_before):
             v.assign(tf.where(ok, v.read_value(), old))
-        ctx.merge_call(self._apply, args=(grads, ok))
         return loss_sum, correct, ok
 
-    def _apply(self, strategy, grads, ok):
-        """Cross-replica: one SGD-Nesterov update per weight, skipped entirely when not ``ok``."""
-        ok_value = strategy.experimental_local_results(ok)[0]
+    def _apply(self, strategy, grads, loss_sum, correct):
+        """Cross-replica: sum gradients and metrics over replicas, then one SGD-Nesterov
+        update per weight, skipped entirely when the loss or a gradient is not finite."""
+        sum_ = tf.distribute.ReduceOp.SUM
+        grads = strategy.extended.batch_reduce_to(sum_, list(zip(grads, self._weights)))
+        loss_sum, correct = (strategy.reduce(sum_, v, axis=None) for v in (loss_sum, correct))
+        first = [strategy.experimental_local_results(g)[0] for g in grads]
+        ok = tf.reduce_all([tf.math.is_finite(loss_sum)] + [tf.reduce_all(tf.math.is_finite(g)) for g in first])
         for w, g, slot, decay in zip(self._weights, grads, self._slots, self._decay_mask):
             strategy.extended.update(w, self._update_weight, args=(g, slot, ok, decay), group=False)
         if self.mixed_precision == "fp16":
-            self._update_loss_scale(ok_value)
+            self._update_loss_scale(ok)
+        return loss_sum, correct, ok
 
     def _update_weight(self, w, g, slot, ok, decay):
+        if self.mixed_precision == "fp16":
+            g = g / self._loss_scale
         if decay and self.weight_decay:
             g = g + self.weight_decay * w
         velocity = self.momentum * slot + g
