@@ -84,12 +84,13 @@ class Trainer:
         logdir: when set, metrics go to ``{logdir}/metrics.csv`` and TensorBoard.
         checkpoint_dir, checkpoint_every, keep_checkpoints: save ``ckpt-XXXXXXXX.h5`` every
             N steps, keeping the newest K.
+        jit_compile: compile the step with XLA (off by default; slower for 3D convs on CPU).
     """
 
     def __init__(self, model, train_data=None, *, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
                  schedule="constant", total_steps=None, warmup_steps=0, mixed_precision=None, seed=0,
                  batch_size=None, normalization=None, strategy=None, logdir=None, checkpoint_dir=None,
-                 checkpoint_every=None, keep_checkpoints=3, verbose=True):
+                 checkpoint_every=None, keep_checkpoints=3, jit_compile=False, verbose=True):
         config = getattr(model, "wrn_config", None)
         if not isinstance(config, WRNConfig):
             raise TypeError("model must be built by wrn3d_tl.model.build_wrn (it has no wrn_config), "
@@ -146,7 +147,9 @@ class Trainer:
             self._loss_scale = tf.Variable(2.0 ** 15 if mixed_precision == "fp16" else 1.0, trainable=False,
                                            name="loss_scale")
             self._good_steps = tf.Variable(0, trainable=False, dtype=tf.int64, name="loss_scale_good_steps")
-        self._train_fn = tf.function(self._distributed_step)
+        # XLA stays off by default: it ran 3D convolutions 7-8x slower on the CPUs we measured.
+        self.jit_compile = bool(jit_compile)
+        self._train_fn = tf.function(self._distributed_step, jit_compile=self.jit_compile or None)
         self._eval_fn = tf.function(self._eval_batch)
         self.logger = MetricsLogger(logdir) if logdir and self.is_chief else None
         if verbose and self.is_chief:
