@@ -21,11 +21,14 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from wrn3d_tl.distribute import WORKER_LOST_ERRORS  # noqa: E402
+
 DEFAULTS = dict(dataset="cifar10", data_dir=None, download=False, depth=16, width=4, dims=3, volume_depth=8,
                 tile_mode="repeat", batch_size=32, lr=0.1, schedule="step", iters=None, epochs=None,
                 warmup_steps=0, weight_decay=5e-4, dropout=0.0, mixed_precision="none", seed=0,
                 eval_every=0, eval_samples=500, checkpoint=None, checkpoint_every=0, resume=False,
-                logdir=None, plot=None, synthetic_train=10000, synthetic_test=2000)
+                logdir=None, plot=None, synthetic_train=10000, synthetic_test=2000, distribute="none",
+                cpu_replicas=None, collective_timeout=None)
 
 
 def parse_args(argv=None):
@@ -58,12 +61,18 @@ def parse_args(argv=None):
     a("--plot", help="PNG of loss/accuracy curves written at the end (needs --logdir)")
     a("--mixed-precision", choices=["none", "bf16", "fp16"])
     a("--seed", type=int)
+    a("--distribute", choices=["none", "mirrored", "multiworker"],
+      help="mirrored: every local GPU (or --cpu-replicas N CPUs); multiworker: the cluster in TF_CONFIG")
+    a("--cpu-replicas", type=int, help="with --distribute mirrored: N logical CPU devices (testing)")
+    a("--collective-timeout", type=float, help="multiworker: seconds before a stalled all-reduce aborts")
     p.set_defaults(**DEFAULTS)
     args = p.parse_args(argv)
     if args.plot and not args.logdir:
         p.error("--plot needs --logdir")
     if args.resume and not args.checkpoint:
         p.error("--resume needs --checkpoint")
+    if args.cpu_replicas is not None and args.distribute != "mirrored":
+        p.error("--cpu-replicas needs --distribute mirrored")
     return args
 
 
@@ -84,6 +93,27 @@ def load_data(opts):
     return train, test, 10, "synthetic"
 
 
+def newest_checkpoint(path):
+    """The newest intact checkpoint among ``path`` and the ``ckpt-XXXXXXXX.h5`` files beside
+    it (by stored step), or None. A damaged candidate is reported and skipped."""
+    from wrn3d_tl.checkpoint import CheckpointError, checkpoint_contents
+    from wrn3d_tl.train import latest_checkpoint
+
+    if not path:
+        return None
+    best = None
+    for cand in (path, latest_checkpoint(os.path.dirname(os.path.abspath(path)))):
+        if cand and os.path.exists(cand):
+            try:
+                step = checkpoint_contents(cand)["step"]
+            except CheckpointError as e:
+                print(f"skipping damaged checkpoint: {e}", flush=True)
+                continue
+            if best is None or step > best[0]:
+                best = (step, cand)
+    return best[1] if best else None
+
+
 def make_trainer(**options):
     """Build the data pipelines, the WRN and its ``Trainer`` from the script's options.
 
@@ -91,16 +121,21 @@ def make_trainer(**options):
     pipeline is attached as ``trainer.test_data`` (a tf.data.Dataset) and the total number
     of iterations as ``trainer.planned_steps``.
     """
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"make_trainer: unknown options {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    o = {**DEFAULTS, **options}
+    from wrn3d_tl.distribute import make_strategy
+
+    # First: multi-worker and logical-device set-up must precede any TensorFlow work.
+    strategy = make_strategy(o["distribute"], o["cpu_replicas"], o["collective_timeout"])
+
     import tensorflow as tf
 
     from wrn3d_tl.data import compute_normalization, make_dataset
     from wrn3d_tl.model import WRNConfig, build_wrn
     from wrn3d_tl.train import Trainer
 
-    unknown = set(options) - set(DEFAULTS)
-    if unknown:
-        raise TypeError(f"make_trainer: unknown options {sorted(unknown)}; known: {sorted(DEFAULTS)}")
-    o = {**DEFAULTS, **options}
     tf.random.set_seed(o["seed"])
     (xtr, ytr), (xte, yte), num_classes, source = load_data(o)
     if o["eval_samples"]:
@@ -125,16 +160,25 @@ def make_trainer(**options):
                           weight_decay=o["weight_decay"], mixed_precision=mp, seed=o["seed"], normalization=norm,
                           logdir=o["logdir"], checkpoint_dir=ckpt_dir if o["checkpoint_every"] else None,
                           checkpoint_every=o["checkpoint_every"] or None)
-    if o["resume"] and o["checkpoint"] and os.path.exists(o["checkpoint"]):
-        trainer = Trainer.restore(o["checkpoint"], train_ds, logdir=o["logdir"],
+    resume_from = newest_checkpoint(o["checkpoint"]) if o["resume"] else None
+    if resume_from:
+        trainer = Trainer.restore(resume_from, train_ds, strategy=strategy, logdir=o["logdir"],
                                   checkpoint_dir=trainer_kwargs["checkpoint_dir"],
                                   checkpoint_every=trainer_kwargs["checkpoint_every"])
         if trainer.config != config:
-            raise SystemExit(f"--resume: {o['checkpoint']} holds {trainer.config.name} {trainer.config.input_shape}, "
+            raise SystemExit(f"--resume: {resume_from} holds {trainer.config.name} {trainer.config.input_shape}, "
                              f"but the flags ask for {config.name} {config.input_shape}")
-        print(f"resumed from {o['checkpoint']} at step {trainer.step}")
+        # The pipeline is deterministic for its seed: skipping the batches already used
+        # makes the resumed run see exactly the batches an uninterrupted run would.
+        trainer.train_data = train_ds.skip(trainer.step)
+        print(f"resumed from {resume_from} at step {trainer.step}", flush=True)
     else:
-        trainer = Trainer(build_wrn(config), train_ds, **trainer_kwargs)
+        if strategy is not None:
+            with strategy.scope():
+                model = build_wrn(config)
+        else:
+            model = build_wrn(config)
+        trainer = Trainer(model, train_ds, strategy=strategy, **trainer_kwargs)
     trainer.test_data = test_ds
     trainer.planned_steps = steps
     trainer.data_source = source
@@ -151,7 +195,36 @@ def main(argv=None):
     print(f"{cfg.name} {cfg.spatial_rank}D, input {cfg.input_shape}, {trainer.data_source}, "
           f"batch {opts['batch_size']}, {trainer.planned_steps} iterations, schedule {trainer.schedule}", flush=True)
     ckpt = opts["checkpoint"]
-    result = None
+    try:
+        m = run(trainer, opts, ckpt)
+    except WORKER_LOST_ERRORS as e:
+        if opts["distribute"] != "multiworker":
+            raise
+        print(f"[wrn3d_tl] ERROR: lost contact with another worker at step {trainer.step + 1} "
+              f"({type(e).__name__}: {str(e).splitlines()[0][:200]}). Restart every worker with --resume "
+              "to continue from the last checkpoint.", file=sys.stderr, flush=True)
+        sys.exit(3)
+    t_train = time.perf_counter() - t0
+    result = trainer.evaluate(trainer.test_data)
+    print(f"test  loss {result['loss']:.4f}  accuracy {result['accuracy']:.4f}  top5 {result['top5_accuracy']:.4f}  "
+          f"({result['samples']} samples)", flush=True)
+    if ckpt:
+        path = trainer.save(ckpt)
+        if path:
+            print(f"checkpoint: {path}")
+    if opts["plot"] and trainer.is_chief:
+        print(f"plot: {trainer.plot(opts['plot'])}")
+    trainer.close()
+    final_loss = m["loss"] if m else float("nan")
+    print(f"summary: {trainer.step} iterations, final train loss {final_loss:.4f}, "
+          f"test accuracy {result['accuracy']:.4f}, {time.perf_counter() - t0:.1f} s total "
+          f"({t_train:.1f} s to the end of training, start-up included)", flush=True)
+    return result
+
+
+def run(trainer, opts, ckpt):
+    """The training loop: one printed line per iteration, periodic evaluation."""
+    m = None
     while trainer.step < trainer.planned_steps:
         m = trainer.train_step()
         print(f"iter {m['step']:>5}/{trainer.planned_steps}  loss {m['loss']:.4f}  acc {m['accuracy']:.3f}  "
@@ -162,19 +235,7 @@ def main(argv=None):
                   f"top5 {result['top5_accuracy']:.4f}", flush=True)
             if ckpt:
                 trainer.save(ckpt)
-    t_train = time.perf_counter() - t0
-    result = trainer.evaluate(trainer.test_data)
-    print(f"test  loss {result['loss']:.4f}  accuracy {result['accuracy']:.4f}  top5 {result['top5_accuracy']:.4f}  "
-          f"({result['samples']} samples)", flush=True)
-    if ckpt:
-        print(f"checkpoint: {trainer.save(ckpt)}")
-    if opts["plot"]:
-        print(f"plot: {trainer.plot(opts['plot'])}")
-    trainer.close()
-    print(f"summary: {trainer.step} iterations, final train loss {m['loss'] if trainer.step else float('nan'):.4f}, "
-          f"test accuracy {result['accuracy']:.4f}, {time.perf_counter() - t0:.1f} s total "
-          f"({t_train:.1f} s to the end of training, start-up included)", flush=True)
-    return result
+    return m
 
 
 if __name__ == "__main__":

@@ -1,0 +1,36 @@
+"""Data loading and ``tf.data`` input pipelines for 3D Wide ResNets.
+
+Layouts: images ``NHWC``, volumes ``NDHWC`` (batch, depth, height, width,
+channels). This package imports only TensorFlow, NumPy, h5py and the
+standard library.
+
+Public API:
+  load_cifar, synthetic_cifar                  -- CIFAR-10/100 as uint8 NHWC
+  tile_to_volume                               -- 2D images -> 3D volumes
+  Normalization, compute_normalization         -- per-channel mean/std
+  augment_image, augment_volume                -- WRN crop + flip (stateless)
+  make_dataset                                 -- in-memory tf.data pipeline
+  write_hdf5_volumes, hdf5_info, hdf5_dataset  -- HDF5 volume files
+"""
+
+from .cifar import load_cifar, synthetic_cifar
+from .hdf5 import HDF5Info, hdf5_dataset, hdf5_info, write_hdf5_volumes
+from .pipeline import make_dataset
+from .transforms import (TILE_MODES, Normalization, augment_image,
+                         augment_volume, compute_normalization, tile_to_volume)
+
+__all__ = [
+    "load_cifar",
+    "synthetic_cifar",
+    "tile_to_volume",
+    "TILE_MODES",
+    "Normalization",
+    "compute_normalization",
+    "augment_image",
+    "augment_volume",
+    "make_dataset",
+    "write_hdf5_volumes",
+    "hdf5_info",
+    "hdf5_dataset",
+    "HDF5Info",
+]
