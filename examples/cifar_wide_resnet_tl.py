@@ -14,6 +14,7 @@ pattern — outside code stepping the trainer one iteration at a time — is ``m
 """
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -28,7 +29,30 @@ DEFAULTS = dict(dataset="cifar10", data_dir=None, download=False, depth=16, widt
                 warmup_steps=0, weight_decay=5e-4, dropout=0.0, mixed_precision="none", seed=0,
                 eval_every=0, eval_samples=500, checkpoint=None, checkpoint_every=0, resume=False,
                 logdir=None, plot=None, synthetic_train=10000, synthetic_test=2000, distribute="none",
-                cpu_replicas=None, collective_timeout=None)
+                cpu_replicas=None, collective_timeout=None, recompute=False, memory_budget=None)
+
+
+def _batch_size(text):
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive int or 'auto', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int or 'auto', got {text!r}")
+    return value
+
+
+def auto_batch_size(config, o, replicas):
+    """The largest batch (a multiple of the replica count) that fits the memory budget."""
+    from wrn3d_tl.model import largest_batch
+
+    budget = o["memory_budget"] * 2 ** 30 if o["memory_budget"] else \
+        os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2
+    mp = None if o["mixed_precision"] in (None, "none") else o["mixed_precision"]
+    batch = largest_batch(config, budget, mixed_precision=mp, recompute=o["recompute"], multiple_of=replicas)
+    return min(batch, 4096)
 
 
 def parse_args(argv=None):
@@ -43,7 +67,9 @@ def parse_args(argv=None):
     a("--dims", type=int, choices=[2, 3], help="3: tile images into volumes; 2: plain images")
     a("--volume-depth", type=int, help="slices per volume (3D)")
     a("--tile-mode", choices=["repeat", "shift"])
-    a("--batch-size", type=int, help="global batch size")
+    a("--batch-size", type=_batch_size, help="global batch size, or 'auto': the largest that fits --memory-budget")
+    a("--memory-budget", type=float, help="GiB for --batch-size auto (default: half of this machine's RAM)")
+    a("--recompute", action="store_true", help="recompute block activations in the backward pass (less memory)")
     a("--lr", type=float)
     a("--schedule", choices=["constant", "step", "cosine"])
     a("--warmup-steps", type=int)
@@ -140,29 +166,35 @@ def make_trainer(**options):
     (xtr, ytr), (xte, yte), num_classes, source = load_data(o)
     if o["eval_samples"]:
         xte, yte = xte[:o["eval_samples"]], yte[:o["eval_samples"]]
-    steps_per_epoch = len(xtr) // o["batch_size"]
+    depth = o["volume_depth"] if o["dims"] == 3 else None
+    shape = ((depth,) if depth else ()) + tuple(xtr.shape[1:])
+    config = WRNConfig(depth=o["depth"], widen_factor=o["width"], num_classes=num_classes, input_shape=shape,
+                       dropout=o["dropout"])
+    batch_size = o["batch_size"]
+    if batch_size == "auto":
+        batch_size = auto_batch_size(config, o, strategy.num_replicas_in_sync if strategy else 1)
+        print(f"--batch-size auto: {batch_size}", flush=True)
+    steps_per_epoch = max(1, len(xtr) // batch_size)
     if o["epochs"] is not None:
         steps = max(1, int(o["epochs"] * steps_per_epoch))
     else:
         steps = o["iters"] if o["iters"] is not None else 10
     norm = compute_normalization(xtr)
-    depth = o["volume_depth"] if o["dims"] == 3 else None
     common = dict(volume_depth=depth, tile_mode=o["tile_mode"], normalization=norm, seed=o["seed"])
-    train_ds = make_dataset(xtr, ytr, batch_size=o["batch_size"], training=True, drop_remainder=True,
+    train_ds = make_dataset(xtr, ytr, batch_size=batch_size, training=True, drop_remainder=True,
                             repeat=True, **common)
     test_ds = make_dataset(xte, yte, batch_size=100, training=False, **common)
-    shape = ((depth,) if depth else ()) + tuple(xtr.shape[1:])
-    config = WRNConfig(depth=o["depth"], widen_factor=o["width"], num_classes=num_classes, input_shape=shape,
-                       dropout=o["dropout"])
     mp = None if o["mixed_precision"] in (None, "none") else o["mixed_precision"]
     ckpt_dir = os.path.dirname(os.path.abspath(o["checkpoint"])) if o["checkpoint"] else None
     trainer_kwargs = dict(lr=o["lr"], schedule=o["schedule"], total_steps=steps, warmup_steps=o["warmup_steps"],
                           weight_decay=o["weight_decay"], mixed_precision=mp, seed=o["seed"], normalization=norm,
+                          batch_size=batch_size,
                           logdir=o["logdir"], checkpoint_dir=ckpt_dir if o["checkpoint_every"] else None,
                           checkpoint_every=o["checkpoint_every"] or None)
     resume_from = newest_checkpoint(o["checkpoint"]) if o["resume"] else None
     if resume_from:
-        trainer = Trainer.restore(resume_from, train_ds, strategy=strategy, logdir=o["logdir"],
+        trainer = Trainer.restore(resume_from, train_ds, strategy=strategy, recompute=o["recompute"],
+                                  logdir=o["logdir"],
                                   checkpoint_dir=trainer_kwargs["checkpoint_dir"],
                                   checkpoint_every=trainer_kwargs["checkpoint_every"])
         if trainer.config != config:
@@ -173,11 +205,8 @@ def make_trainer(**options):
         trainer.train_data = train_ds.skip(trainer.step)
         print(f"resumed from {resume_from} at step {trainer.step}", flush=True)
     else:
-        if strategy is not None:
-            with strategy.scope():
-                model = build_wrn(config)
-        else:
-            model = build_wrn(config)
+        with strategy.scope() if strategy else contextlib.nullcontext():
+            model = build_wrn(config, recompute=o["recompute"])
         trainer = Trainer(model, train_ds, strategy=strategy, **trainer_kwargs)
     trainer.test_data = test_ds
     trainer.planned_steps = steps
@@ -193,7 +222,7 @@ def main(argv=None):
     trainer = make_trainer(**opts)
     cfg = trainer.config
     print(f"{cfg.name} {cfg.spatial_rank}D, input {cfg.input_shape}, {trainer.data_source}, "
-          f"batch {opts['batch_size']}, {trainer.planned_steps} iterations, schedule {trainer.schedule}", flush=True)
+          f"batch {trainer.batch_size}, {trainer.planned_steps} iterations, schedule {trainer.schedule}", flush=True)
     ckpt = opts["checkpoint"]
     try:
         m = run(trainer, opts, ckpt)

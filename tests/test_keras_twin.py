@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 
+from wrn3d_tl.layers import leaf_layers
 from wrn3d_tl.keras_twin import build_keras_wrn, count_keras_params, keras_layer_name, keras_to_tl, tl_to_keras
 from wrn3d_tl.model import WRNConfig, build_wrn, count_params, group_shapes
 
@@ -63,7 +64,7 @@ def test_param_counts_and_output_shapes_match(key, rng):
 def test_layer_names_follow_the_mapping():
     cfg = WRNConfig(**CONFIGS["3d-10-2-aniso-dropout"])
     k_names = {layer.name for layer in build_keras_wrn(cfg).layers}
-    tl_names = [layer.name for layer in build_wrn(cfg).all_layers]
+    tl_names = [layer.name for layer in leaf_layers(build_wrn(cfg))]
     assert "group2/block1/conv1" in tl_names and keras_layer_name("group2/block1/conv1") == "group2_block1_conv1"
     assert {keras_layer_name(n) for n in tl_names} <= k_names
     assert {"group1_block1_bn1_relu", "head_bn_relu", "group3_block1_dropout"} <= k_names
@@ -89,8 +90,12 @@ def test_tl_to_keras_gives_equal_logits(key, rng):
     # Every variable was copied, moving statistics included.
     k_vars = {v.path: v.numpy() for v in k_model.weights}
     np.testing.assert_array_equal(k_vars["group2_block1_bn1/moving_variance"],
-                                  tl_model.get_layer("group2/block1/bn1").moving_var.numpy())
-    np.testing.assert_array_equal(k_vars["head_logits/bias"], tl_model.get_layer("head/logits").b.numpy())
+                                  _tl_layer(tl_model, "group2/block1/bn1").moving_var.numpy())
+    np.testing.assert_array_equal(k_vars["head_logits/bias"], _tl_layer(tl_model, "head/logits").b.numpy())
+
+
+def _tl_layer(model, name):
+    return {layer.name: layer for layer in leaf_layers(model)}[name]
 
 
 @pytest.mark.parametrize("key", ["3d-10-1", "2d-16-1-stride2-first"])

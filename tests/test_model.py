@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from wrn3d_tl.layers import leaf_layers
 from wrn3d_tl.model import WRNConfig, build_wrn, count_flops, count_params, group_shapes, summary
 
 TINY3D = dict(depth=10, widen_factor=1, input_shape=(4, 16, 16, 3))
@@ -61,7 +62,7 @@ def test_anisotropic_strides_keep_depth():
     cfg = WRNConfig(depth=10, widen_factor=1, input_shape=(4, 16, 16, 3), group_strides=(1, (1, 2, 2), (1, 2, 2)))
     assert [r[1] for r in group_shapes(cfg)[:4]] == [(4, 16, 16), (4, 16, 16), (4, 8, 8), (4, 4, 4)]
     model = build_wrn(cfg)
-    conv = {layer.name: layer for layer in model.all_layers}["group3/block1/conv1"]
+    conv = {layer.name: layer for layer in leaf_layers(model)}["group3/block1/conv1"]
     assert conv._strides == (1, 2, 2)
 
 

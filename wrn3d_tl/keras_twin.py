@@ -42,6 +42,7 @@ import math
 import keras
 import numpy as np
 
+from wrn3d_tl.layers import leaf_layers
 from wrn3d_tl.model import WRNConfig, _STEM_WIDTH
 
 __all__ = ["build_keras_wrn", "keras_layer_name", "tl_to_keras", "keras_to_tl", "count_keras_params"]
@@ -141,7 +142,7 @@ def _transfer(tl_model, keras_model, to_keras):
                         f"{type(keras_model).__name__} (tl_to_keras(tl, keras) / keras_to_tl(keras, tl))")
     src_side, dst_side = ("TensorLayer", "Keras") if to_keras else ("Keras", "TensorLayer")
     tl_layers = {}
-    for layer in tl_model.all_layers:
+    for layer in leaf_layers(tl_model):
         weights = list(layer.trainable_weights) + list(layer.nontrainable_weights)
         if weights:
             tl_layers[layer.name] = (layer, weights)

@@ -12,7 +12,8 @@ import tensorflow as tf
 import tensorlayer as tl
 
 __all__ = [
-    "HeNormal", "BatchNorm", "Conv", "GlobalAvgPool", "wide_basic_block", "wide_group",
+    "HeNormal", "BatchNorm", "Conv", "GlobalAvgPool", "WideBasicBlock", "wide_basic_block", "wide_group",
+    "leaf_layers",
 ]
 
 
@@ -70,6 +71,7 @@ class BatchNorm(tl.layers.Layer):
         self.decay = float(decay)
         self.epsilon = float(epsilon)
         self.sync = bool(sync)
+        self.update_stats = True  # a recomputing block turns this off for its second pass
 
     def __repr__(self):
         return (f"BatchNorm(decay={self.decay}, epsilon={self.epsilon}, sync={self.sync}, "
@@ -107,7 +109,7 @@ class BatchNorm(tl.layers.Layer):
                     data_format=self.data_format, is_training=True)
             # A static TensorLayer model runs every layer once while it is being wired
             # (on a dummy batch of ones); that pass must not move the statistics.
-            if self._nodes_fixed:
+            if self._nodes_fixed and self.update_stats:
                 self._update_moving(mean, var)
         else:
             outputs, *_ = tf.raw_ops.FusedBatchNormV3(
@@ -211,41 +213,118 @@ def _per_axis(value, rank, what):
     return value
 
 
+class WideBasicBlock(tl.layers.Layer):
+    """The pre-activation wide basic block, 2D or 3D, as one TensorLayer layer.
+
+    Input (N, [D,] H, W, C_in) -> output (N, [ceil(D/s),] ceil(H/s), ceil(W/s), out_channels),
+    in the input's dtype. Residual branch: BN-ReLU -> conv 3 per axis (stride) -> BN-ReLU
+    -> [dropout] -> conv 3. Shortcut: identity when shapes match; otherwise a 1-per-axis
+    conv with the block's stride applied to the first BN-ReLU output, as in the paper's
+    reference code. Sub-layers are named ``{name}/bn1``, ``{name}/conv1``, ``{name}/bn2``,
+    ``{name}/dropout``, ``{name}/conv2``, ``{name}/shortcut`` (see ``leaf_layers``).
+
+    With ``recompute=True`` the block keeps only its input for the backward pass and
+    recomputes its activations there (``tf.recompute_grad``): less memory, more compute.
+    """
+
+    def __init__(self, out_channels, strides=1, dropout=0.0, *, name, bn_decay=0.9, bn_epsilon=1e-5,
+                 sync_bn=False, recompute=False):
+        super().__init__(name)
+        if recompute and dropout > 0:
+            raise ValueError(f"block {name!r}: recompute=True needs dropout == 0 (a recomputed dropout mask "
+                             f"would differ from the forward one), got dropout={dropout}")
+        self.out_channels = int(out_channels)
+        self.strides = strides
+        self.dropout = float(dropout)
+        self.recompute = bool(recompute)
+        bn = dict(decay=bn_decay, epsilon=bn_epsilon, sync=sync_bn, act=tf.nn.relu)
+        self.bn1 = BatchNorm(name=f"{name}/bn1", **bn)
+        self.conv1 = Conv(out_channels, 3, strides, name=f"{name}/conv1")
+        self.bn2 = BatchNorm(name=f"{name}/bn2", **bn)
+        self.drop = tl.layers.Dropout(keep=1.0 - dropout, name=f"{name}/dropout") if dropout > 0 else None
+        self.conv2 = Conv(out_channels, 3, 1, name=f"{name}/conv2")
+        self.shortcut = None
+        self._forward_calls = 0
+
+    def __repr__(self):
+        return (f"WideBasicBlock(out_channels={self.out_channels}, strides={self.strides}, "
+                f"dropout={self.dropout}, recompute={self.recompute}, name='{self.name}')")
+
+    def build(self, inputs_shape):
+        rank = _spatial_rank(inputs_shape, self.name)
+        strides = _per_axis(self.strides, rank, f"{self.name}: strides")
+        if int(inputs_shape[-1]) != self.out_channels or any(s != 1 for s in strides):
+            self.shortcut = Conv(self.out_channels, 1, strides, name=f"{self.name}/shortcut")
+        inner = [inputs_shape[0]] + [-(-int(d) // s) for d, s in zip(inputs_shape[1:-1], strides)] + \
+            [self.out_channels]
+        plan = [(self.bn1, inputs_shape), (self.conv1, inputs_shape), (self.bn2, inner), (self.conv2, inner)]
+        if self.shortcut is not None:
+            plan.append((self.shortcut, inputs_shape))
+        for layer, shape in plan:
+            layer.build(shape)
+            layer._built = True
+        self._layers = [layer for layer, _ in plan] + ([self.drop] if self.drop else [])
+
+    def _set_mode_for_layers(self, is_train):
+        self.is_train = is_train
+        for layer in self._layers or []:
+            layer._set_mode_for_layers(is_train)
+
+    def _fix_nodes_for_layers(self):
+        self._nodes_fixed = True
+        for layer in self._layers or []:
+            layer._fix_nodes_for_layers()
+
+    def _body(self, x):
+        # Under recompute the body runs again in the backward pass; only the first run
+        # of a step may move the BN statistics.
+        first = self._forward_calls == 0
+        self._forward_calls += 1
+        for bn in (self.bn1, self.bn2):
+            bn.update_stats = first
+        pre = self.bn1.forward(x)
+        y = self.bn2.forward(self.conv1.forward(pre))
+        if self.drop is not None:
+            y = self.drop.forward(y)
+        y = self.conv2.forward(y)
+        return y + (self.shortcut.forward(pre) if self.shortcut is not None else x)
+
+    def forward(self, inputs):
+        self._forward_calls = 0
+        if self.recompute and self.is_train:
+            return tf.recompute_grad(self._body)(inputs)
+        return self._body(inputs)
+
+
 def wide_basic_block(x, out_channels, strides=1, dropout=0.0, *, name, bn_decay=0.9, bn_epsilon=1e-5,
-                     sync_bn=False):
-    """Wire one pre-activation wide basic block into a static TensorLayer graph.
+                     sync_bn=False, recompute=False):
+    """Wire one ``WideBasicBlock`` named ``name`` into a static TensorLayer graph.
 
     ``x``: the output tensor of a previous TensorLayer layer, (N, [D,] H, W, C_in).
     Returns (N, [ceil(D/s),] ceil(H/s), ceil(W/s), out_channels) in x's dtype.
-
-    Residual branch: BN-ReLU -> conv 3 per axis (stride) -> BN-ReLU -> [dropout] -> conv 3.
-    Shortcut: identity when shapes match; otherwise a 1-per-axis conv with the block's
-    stride applied to the first BN-ReLU output, as in the paper's reference code.
-    Layers are named ``{name}/bn1``, ``{name}/conv1``, ... ``{name}/shortcut``.
     """
-    bn = dict(decay=bn_decay, epsilon=bn_epsilon, sync=sync_bn, act=tf.nn.relu)
-    rank = len(x.shape) - 2
-    strides = _per_axis(strides, rank, f"{name}: strides")
-    preact = BatchNorm(name=f"{name}/bn1", **bn)(x)
-    y = Conv(out_channels, 3, strides, name=f"{name}/conv1")(preact)
-    y = BatchNorm(name=f"{name}/bn2", **bn)(y)
-    if dropout > 0:
-        y = tl.layers.Dropout(keep=1.0 - dropout, name=f"{name}/dropout")(y)
-    y = Conv(out_channels, 3, 1, name=f"{name}/conv2")(y)
-    if int(x.shape[-1]) != out_channels or any(s != 1 for s in strides):
-        shortcut = Conv(out_channels, 1, strides, name=f"{name}/shortcut")(preact)
-    else:
-        shortcut = x
-    return tl.layers.Elementwise(combine_fn=tf.add, name=f"{name}/add")([y, shortcut])
+    return WideBasicBlock(out_channels, strides, dropout, name=name, bn_decay=bn_decay, bn_epsilon=bn_epsilon,
+                          sync_bn=sync_bn, recompute=recompute)(x)
 
 
-def wide_group(x, n_blocks, out_channels, strides=1, dropout=0.0, *, name, **bn_kwargs):
+def leaf_layers(model_or_layer):
+    """Every non-composite layer of a TensorLayer model or layer, in order (blocks are
+    expanded into their sub-layers): what to search by name, e.g. ``group2/block1/conv1``."""
+    layers = model_or_layer.all_layers if hasattr(model_or_layer, "all_layers") else [model_or_layer]
+    out = []
+    for layer in layers:
+        out.extend(layer._layers if isinstance(layer, WideBasicBlock) else [layer])
+    return out
+
+
+def wide_group(x, n_blocks, out_channels, strides=1, dropout=0.0, *, name, **block_kwargs):
     """Wire ``n_blocks`` wide basic blocks named ``{name}/block1`` ... ``{name}/block{n}``.
 
     The first block carries the group's stride and width change; the rest keep shape.
+    ``block_kwargs``: bn_decay, bn_epsilon, sync_bn, recompute (see ``WideBasicBlock``).
     ``x``: (N, [D,] H, W, C_in) -> (N, [ceil(D/s),] ceil(H/s), ceil(W/s), out_channels).
     """
     for i in range(n_blocks):
         x = wide_basic_block(x, out_channels, strides if i == 0 else 1, dropout,
-                             name=f"{name}/block{i + 1}", **bn_kwargs)
+                             name=f"{name}/block{i + 1}", **block_kwargs)
     return x

@@ -25,7 +25,8 @@ import tensorlayer as tl
 
 from wrn3d_tl.layers import BatchNorm, Conv, GlobalAvgPool, HeNormal, wide_group
 
-__all__ = ["WRNConfig", "build_wrn", "count_params", "count_flops", "group_shapes", "summary"]
+__all__ = ["WRNConfig", "build_wrn", "count_params", "count_flops", "group_shapes", "summary", "estimate_memory",
+           "largest_batch"]
 
 _STEM_WIDTH = 16
 _GROUP_WIDTHS = (16, 32, 64)
@@ -152,7 +153,7 @@ class WRNConfig:
         return cls(**d)
 
 
-def build_wrn(config, name=None):
+def build_wrn(config, name=None, recompute=False):
     """Build a WRN-d-k as a static ``tl.models.Model``.
 
     Input: float32 (or bfloat16/float16 for mixed precision) of shape
@@ -160,11 +161,16 @@ def build_wrn(config, name=None):
     Output: float32 logits (N, num_classes). Call ``model(x, is_train=True|False)``.
     Layers are named hierarchically: ``stem/conv``, ``group2/block1/conv1``,
     ``group3/block4/shortcut``, ``head/bn``, ``head/logits``; the config is kept
-    as ``model.wrn_config``.
+    as ``model.wrn_config``. Each block is one ``WideBasicBlock`` layer; use
+    ``wrn3d_tl.layers.leaf_layers(model)`` to reach the individual convolutions and norms.
+
+    ``recompute=True`` recomputes each block's activations in the backward pass
+    (``tf.recompute_grad``) instead of keeping them: activation memory drops to about the
+    blocks' inputs, at the cost of a second forward pass per block. Needs dropout 0.
     """
     if not isinstance(config, WRNConfig):
         raise TypeError(f"config must be a WRNConfig, got {type(config).__name__}")
-    bn = dict(bn_decay=config.bn_decay, bn_epsilon=config.bn_epsilon, sync_bn=config.sync_bn)
+    bn = dict(bn_decay=config.bn_decay, bn_epsilon=config.bn_epsilon, sync_bn=config.sync_bn, recompute=recompute)
     inputs = tl.layers.Input((None,) + config.input_shape, name="input")
     x = Conv(_STEM_WIDTH, 3, 1, name="stem/conv")(inputs)
     for g, (width, strides) in enumerate(zip(config.widths, config.group_strides), start=1):
@@ -175,6 +181,7 @@ def build_wrn(config, name=None):
                         name="head/logits")(x)
     model = tl.models.Model(inputs=inputs, outputs=x, name=name)
     model.wrn_config = config
+    model.recompute = bool(recompute)
     return model
 
 
@@ -187,6 +194,18 @@ def _conv_out(shape, strides):
     return tuple(math.ceil(d / s) for d, s in zip(shape, strides))
 
 
+def _blocks(config):
+    """Yield ``(group, in_spatial, out_spatial, c_in, c_out, strides)`` for every block."""
+    rank = config.spatial_rank
+    spatial, c = config.input_shape[:-1], _STEM_WIDTH
+    for g, (width, strides) in enumerate(zip(config.widths, config.group_strides), start=1):
+        for i in range(config.blocks_per_group):
+            s = strides if i == 0 else (1,) * rank
+            out = _conv_out(spatial, s)
+            yield g, spatial, out, c, width, s
+            spatial, c = out, width
+
+
 def group_shapes(config):
     """Per-stage rows ``(stage, output spatial shape, channels, trainable params, forward FLOPs)``.
 
@@ -194,36 +213,88 @@ def group_shapes(config):
     convolutions and the dense layer (batch norm, ReLU, additions and pooling are
     elementwise and add well under 1%).
     """
-    rank = config.spatial_rank
+    k3 = 3 ** config.spatial_rank
     spatial = config.input_shape[:-1]
-    cin = config.input_shape[-1]
-    k3 = 3 ** rank
 
     def conv(spatial_out, k, ci, co):
         return k * ci * co, 2 * math.prod(spatial_out) * k * ci * co
 
-    params, flops = conv(spatial, k3, cin, _STEM_WIDTH)
+    params, flops = conv(spatial, k3, config.input_shape[-1], _STEM_WIDTH)
     rows = [("stem", spatial, _STEM_WIDTH, params, flops)]
-    c = _STEM_WIDTH
-    for g, (width, strides) in enumerate(zip(config.widths, config.group_strides), start=1):
-        p = f = 0
-        for i in range(config.blocks_per_group):
-            s = strides if i == 0 else (1,) * rank
-            out = _conv_out(spatial, s)
-            p += 2 * c  # bn1
-            cp, cf = conv(out, k3, c, width)
+    for g, _, out, c, width, s in _blocks(config):
+        if rows[-1][0] != f"group{g}":
+            rows.append((f"group{g}", out, width, 0, 0))
+        p = 2 * c + 2 * width  # bn1, bn2
+        f = 0
+        for k, ci in ((k3, c), (k3, width)) + (((1, c),) if c != width or any(v != 1 for v in s) else ()):
+            cp, cf = conv(out, k, ci, width)
             p, f = p + cp, f + cf
-            p += 2 * width  # bn2
-            cp, cf = conv(out, k3, width, width)
-            p, f = p + cp, f + cf
-            if c != width or any(v != 1 for v in s):
-                cp, cf = conv(out, 1, c, width)
-                p, f = p + cp, f + cf
-            spatial, c = out, width
-        rows.append((f"group{g}", spatial, c, p, f))
+        stage, _, _, p0, f0 = rows[-1]
+        rows[-1] = (stage, out, width, p0 + p, f0 + f)
+    c = config.widths[-1]
     head_p = 2 * c + c * config.num_classes + config.num_classes
     rows.append(("head", (), config.num_classes, head_p, 2 * c * config.num_classes))
     return rows
+
+
+# TensorFlow's own working memory for a compiled train step (graph, kernels' scratch
+# space), measured on TF 2.21 / oneDNN CPU as the batch-independent part of a step's
+# peak RSS growth for WRN-10..28 in 3D.
+RUNTIME_OVERHEAD_BYTES = 128 * 2 ** 20
+
+
+def estimate_memory(config, batch_size, *, mixed_precision=None, recompute=False):
+    """Estimated bytes for training ``config`` at ``batch_size``; a dict of ints.
+
+    Keys: ``parameters`` (float32 weights), ``optimizer`` (momentum buffers),
+    ``gradients``, ``activations`` (tensors kept for the backward pass: each block's
+    input, its two ReLU outputs and its first convolution's output, plus the gradient
+    buffers in flight; with ``recompute`` only the blocks' inputs plus one block's
+    internals), ``runtime`` (TensorFlow's working memory, ``RUNTIME_OVERHEAD_BYTES``),
+    ``step_growth`` (what a train step adds on top of a built model and trainer:
+    gradients + activations + runtime) and ``total``.
+    """
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if mixed_precision not in (None, "bf16", "fp16"):
+        raise ValueError(f"mixed_precision must be None, 'bf16' or 'fp16', got {mixed_precision!r}")
+    act_bytes = 4 if mixed_precision is None else 2
+    stem = math.prod(config.input_shape[:-1]) * _STEM_WIDTH
+    kept, inputs, biggest_block, biggest = stem, stem, 0, stem
+    for _, sp_in, sp_out, c_in, c_out, _ in _blocks(config):
+        n_in, n_out = math.prod(sp_in) * c_in, math.prod(sp_out) * c_out
+        block = 2 * n_in + 2 * n_out  # input, ReLU(BN1), conv1 output, ReLU(BN2)
+        kept += block
+        inputs += n_out
+        biggest_block = max(biggest_block, block)
+        biggest = max(biggest, n_in, n_out)
+    head = 2 * math.prod(sp_out) * c_out
+    per_sample = (inputs + biggest_block if recompute else kept) + head + 2 * biggest
+    params = sum(r[3] for r in group_shapes(config)) * 4
+    activations = per_sample * act_bytes * batch_size
+    out = {"parameters": params, "optimizer": params, "gradients": params, "activations": activations,
+           "runtime": RUNTIME_OVERHEAD_BYTES}
+    out["step_growth"] = out["gradients"] + activations + RUNTIME_OVERHEAD_BYTES
+    out["total"] = params * 3 + activations + RUNTIME_OVERHEAD_BYTES
+    return out
+
+
+def largest_batch(config, budget_bytes, *, mixed_precision=None, recompute=False, multiple_of=1):
+    """The largest batch (a multiple of ``multiple_of``) whose ``estimate_memory`` total fits
+    ``budget_bytes``; raises ValueError when not even one batch fits."""
+    fits = lambda b: estimate_memory(config, b, mixed_precision=mixed_precision,  # noqa: E731
+                                     recompute=recompute)["total"] <= budget_bytes
+    if not fits(multiple_of):
+        need = estimate_memory(config, multiple_of, mixed_precision=mixed_precision, recompute=recompute)["total"]
+        raise ValueError(f"budget_bytes: {budget_bytes} bytes cannot hold {config.name} at batch {multiple_of} "
+                         f"(needs about {need})")
+    lo, hi = 1, 2
+    while fits(hi * multiple_of):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid * multiple_of) else (lo, mid)
+    return lo * multiple_of
 
 
 def count_flops(config):

@@ -445,17 +445,18 @@ class Trainer:
         return self
 
     @classmethod
-    def restore(cls, path, train_data=None, *, strategy=None, **overrides):
+    def restore(cls, path, train_data=None, *, strategy=None, recompute=False, **overrides):
         """Rebuild a trainer from one checkpoint file alone: model (from the stored
         WRNConfig), weights, optimizer state, step, hyperparameters, normalisation.
-        ``overrides`` replace stored trainer settings (e.g. ``logdir``, ``verbose``)."""
+        ``overrides`` replace stored trainer settings (e.g. ``logdir``, ``verbose``);
+        ``recompute`` is passed to ``build_wrn`` (it changes memory use, not results)."""
         ck = read_checkpoint(path)
         config = WRNConfig.from_dict(ck["config"])
         hp = dict(ck["trainer"])
         hp.pop("lr_override", None)
         hp.update(overrides)
         with (strategy or tf.distribute.get_strategy()).scope():
-            model = build_wrn(config)
+            model = build_wrn(config, recompute=recompute)
         trainer = cls(model, train_data, strategy=strategy, normalization=ck["normalization"], **hp)
         return trainer.load(path)
 

@@ -1,0 +1,82 @@
+"""The main job (examples/cifar_wide_resnet_tl.py): iteration lines, evaluation, the
+synthetic fallback line, checkpoints and --resume, the outside-controller pattern."""
+
+import importlib.util
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--depth", "10", "--width", "1", "--volume-depth", "2", "--batch-size", "8", "--eval-samples", "20"]
+
+
+@pytest.fixture(scope="module")
+def example():
+    spec = importlib.util.spec_from_file_location("cifar_wide_resnet_tl",
+                                                  os.path.join(ROOT, "examples", "cifar_wide_resnet_tl.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def iteration_lines(text):
+    return [line for line in text.splitlines() if line.startswith("iter ")]
+
+
+def test_main_job_falls_back_loudly_trains_evaluates_and_resumes(example, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.keras/datasets here
+    monkeypatch.delenv("WRN3D_DATA_DIR", raising=False)
+    ckpt = tmp_path / "run" / "last.h5"
+    result = example.main([*TINY, "--iters", "3", "--checkpoint", str(ckpt), "--logdir", str(tmp_path / "logs"),
+                           "--plot", str(tmp_path / "curves.png")])
+    out = capsys.readouterr().out
+    loud = [line for line in out.splitlines() if "SYNTHETIC" in line]
+    assert len(loud) == 1 and loud[0].startswith("!!!")
+    lines = iteration_lines(out)
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]
+    assert all(" loss " in line and " acc " in line and " lr " in line and "vol/s" in line for line in lines)
+    assert "test  loss" in out and "(20 samples)" in out and out.rstrip().splitlines()[-1].startswith("summary: 3")
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["samples"] == 20
+    assert ckpt.exists() and (tmp_path / "curves.png").exists()
+
+    example.main([*TINY, "--iters", "5", "--checkpoint", str(ckpt), "--resume"])
+    out = capsys.readouterr().out
+    assert f"resumed from {ckpt} at step 3" in out
+    assert [line.split()[1] for line in iteration_lines(out)] == ["4/5", "5/5"]
+
+
+def test_resumed_run_sees_the_same_batches_as_an_uninterrupted_one(example, tmp_path, capsys):
+    from wrn3d_tl.checkpoint import read_checkpoint
+
+    common = [*TINY, "--dataset", "synthetic", "--schedule", "constant"]
+    example.main([*common, "--iters", "4", "--checkpoint", str(tmp_path / "straight.h5")])
+    example.main([*common, "--iters", "2", "--checkpoint", str(tmp_path / "split.h5")])
+    example.main([*common, "--iters", "4", "--checkpoint", str(tmp_path / "split.h5"), "--resume"])
+    capsys.readouterr()
+    a, b = read_checkpoint(tmp_path / "straight.h5"), read_checkpoint(tmp_path / "split.h5")
+    assert a["step"] == b["step"] == 4
+    for k in a["weights"]:
+        assert abs(a["weights"][k] - b["weights"][k]).max() < 1e-5, k
+
+
+def test_outside_code_steps_the_trainer(example):
+    trainer = example.make_trainer(dataset="synthetic", depth=10, width=1, volume_depth=2, batch_size=8,
+                                   synthetic_train=64, synthetic_test=16)
+    steps = [trainer.train_step() for _ in range(3)]
+    trainer.learning_rate = 0.01
+    assert trainer.train_step()["lr"] == 0.01
+    assert [s["step"] for s in steps] == [1, 2, 3]
+    assert trainer.evaluate(trainer.test_data)["samples"] == 16
+    with pytest.raises(TypeError, match="unknown options"):
+        example.make_trainer(colour="red")
+
+
+def test_batch_size_auto_fits_the_budget(example, capsys):
+    from wrn3d_tl.model import estimate_memory
+
+    trainer = example.make_trainer(dataset="synthetic", depth=10, width=1, volume_depth=2, batch_size="auto",
+                                   memory_budget=0.5, synthetic_train=64, synthetic_test=16)
+    b = trainer.batch_size
+    assert "--batch-size auto: " in capsys.readouterr().out
+    assert estimate_memory(trainer.config, b)["total"] <= 0.5 * 2 ** 30 < estimate_memory(trainer.config, b + 1)["total"]
+    assert trainer.train_step()["step"] == 1
