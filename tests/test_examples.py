@@ -80,3 +80,32 @@ def test_batch_size_auto_fits_the_budget(example, capsys):
     assert "--batch-size auto: " in capsys.readouterr().out
     assert estimate_memory(trainer.config, b)["total"] <= 0.5 * 2 ** 30 < estimate_memory(trainer.config, b + 1)["total"]
     assert trainer.train_step()["step"] == 1
+
+
+def test_train_hdf5_volumes_cli(tmp_path, capsys):
+    import numpy as np
+
+    from wrn3d_tl.checkpoint import read_checkpoint
+    from wrn3d_tl.data import write_hdf5_volumes
+
+    spec = importlib.util.spec_from_file_location("train_hdf5_volumes",
+                                                  os.path.join(ROOT, "examples", "train_hdf5_volumes.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 24)
+    volumes = (rng.normal(size=(24, 4, 12, 12, 2)) * 10 + 50 + labels[:, None, None, None, None] * 20)
+    write_hdf5_volumes(tmp_path / "train.h5", volumes.astype("float32"), labels, normalization="compute",
+                       num_classes=3)
+    write_hdf5_volumes(tmp_path / "val.h5", volumes[:8].astype("float32"), labels[:8], num_classes=3)
+    result = cli.main(["--train", str(tmp_path / "train.h5"), "--val", str(tmp_path / "val.h5"), "--depth", "10",
+                       "--width", "1", "--batch-size", "8", "--iters", "4", "--keep-depth",
+                       "--checkpoint", str(tmp_path / "wrn.h5")])
+    out = capsys.readouterr().out
+    assert "24 volumes of (4, 12, 12, 2)" in out and "3 classes" in out and "from the file" in out
+    assert len(iteration_lines(out)) == 4 and "val   step 4" in out
+    assert result["samples"] == 8
+    ck = read_checkpoint(tmp_path / "wrn.h5")
+    assert ck["step"] == 4 and ck["config"]["input_shape"] == [4, 12, 12, 2]
+    assert ck["config"]["group_strides"] == [[1, 1, 1], [1, 2, 2], [1, 2, 2]]
+    np.testing.assert_allclose(ck["normalization"]["mean"], volumes.reshape(-1, 2).mean(0), rtol=1e-4)

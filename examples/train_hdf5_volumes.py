@@ -1,0 +1,110 @@
+#!/usr/bin/env python
+"""Train a 3D Wide ResNet on your own volumes stored in HDF5.
+
+    python examples/train_hdf5_volumes.py --train my_volumes.h5 --val my_val.h5 \\
+        --depth 16 --width 4 --batch-size 16 --epochs 30 --checkpoint runs/wrn.h5
+
+The file holds ``volumes`` (N x D x H x W x C, any numeric dtype) and ``labels`` (N,
+integers); see the README's Data section and ``wrn3d_tl.data.write_hdf5_volumes``.
+Normalisation stats stored in the file are applied; otherwise ``--normalize`` computes
+them from the training file (streamed) and the checkpoint keeps them for inference.
+"""
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--train", required=True, help="HDF5 file with the training volumes")
+    p.add_argument("--val", help="HDF5 file evaluated at --eval-every and at the end")
+    p.add_argument("--x-key", default="volumes")
+    p.add_argument("--y-key", default="labels")
+    p.add_argument("--num-classes", type=int, help="default: the file's num_classes attribute or max label + 1")
+    p.add_argument("--normalize", action="store_true", help="compute per-channel stats when the file has none")
+    p.add_argument("--depth", type=int, default=16)
+    p.add_argument("--width", type=int, default=4)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--keep-depth", action="store_true", help="stride 1 along depth (anisotropic volumes)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--schedule", choices=["constant", "step", "cosine"], default="cosine")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--iters", type=int)
+    g.add_argument("--epochs", type=float)
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--depth-flip", action="store_true", help="also flip volumes along depth when augmenting")
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--checkpoint", help="written at every evaluation and at the end")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--logdir")
+    p.add_argument("--mixed-precision", choices=["none", "bf16", "fp16"], default="none")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.resume and not args.checkpoint:
+        p.error("--resume needs --checkpoint")
+    return args
+
+
+def main(argv=None):
+    """Train; returns the last validation metrics (or None without --val)."""
+    args = parse_args(argv)
+    import h5py
+
+    from wrn3d_tl.data import compute_normalization, hdf5_dataset, hdf5_info
+    from wrn3d_tl.model import WRNConfig, build_wrn
+    from wrn3d_tl.train import Trainer
+
+    info = hdf5_info(args.train, args.x_key, args.y_key)
+    num_classes = args.num_classes or info.num_classes
+    norm = info.normalization
+    if norm is None and args.normalize:
+        with h5py.File(args.train, "r") as f:
+            norm = compute_normalization(f[args.x_key])
+    print(f"{args.train}: {info.n} volumes of {info.volume_shape} {info.dtype}, {num_classes} classes, "
+          f"normalisation {'from the file' if info.normalization else 'computed' if norm else 'none'}", flush=True)
+    data = dict(x_key=args.x_key, y_key=args.y_key, num_classes=num_classes, normalization=norm)
+    train = hdf5_dataset(args.train, batch_size=args.batch_size, training=True, seed=args.seed, repeat=True,
+                         drop_remainder=True, augment=not args.no_augment, depth_flip=args.depth_flip, **data)
+    val = hdf5_dataset(args.val, batch_size=args.batch_size, **data) if args.val else None
+    steps = args.iters or max(1, int((args.epochs or 1) * (info.n // args.batch_size)))
+    strides = (1, (1, 2, 2), (1, 2, 2)) if args.keep_depth else (1, 2, 2)
+    config = WRNConfig(depth=args.depth, widen_factor=args.width, num_classes=num_classes,
+                       input_shape=tuple(info.volume_shape), dropout=args.dropout, group_strides=strides)
+    mp = None if args.mixed_precision == "none" else args.mixed_precision
+    if args.resume and os.path.exists(args.checkpoint):
+        trainer = Trainer.restore(args.checkpoint, train, logdir=args.logdir)
+        trainer.train_data = train.skip(trainer.step)
+        print(f"resumed from {args.checkpoint} at step {trainer.step}", flush=True)
+    else:
+        trainer = Trainer(build_wrn(config), train, lr=args.lr, schedule=args.schedule, total_steps=steps,
+                          mixed_precision=mp, seed=args.seed, batch_size=args.batch_size, normalization=norm,
+                          logdir=args.logdir)
+    result = None
+    t0 = time.perf_counter()
+    while trainer.step < steps:
+        m = trainer.train_step()
+        print(f"iter {m['step']:>5}/{steps}  loss {m['loss']:.4f}  acc {m['accuracy']:.3f}  lr {m['lr']:.4g}  "
+              f"{m['samples_per_sec']:.1f} vol/s", flush=True)
+        last = m["step"] == steps
+        if val is not None and (last or (args.eval_every and m["step"] % args.eval_every == 0)):
+            result = trainer.evaluate(val)
+            print(f"val   step {m['step']}  loss {result['loss']:.4f}  acc {result['accuracy']:.4f}  "
+                  f"top5 {result['top5_accuracy']:.4f}", flush=True)
+        if args.checkpoint and (last or (args.eval_every and m["step"] % args.eval_every == 0)):
+            trainer.save(args.checkpoint)
+    with contextlib.suppress(Exception):
+        trainer.close()
+    print(f"done: {trainer.step} iterations in {time.perf_counter() - t0:.1f} s"
+          + (f", checkpoint {args.checkpoint}" if args.checkpoint else ""), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
