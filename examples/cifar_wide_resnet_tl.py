@@ -252,19 +252,23 @@ def main(argv=None):
 
 
 def run(trainer, opts, ckpt):
-    """The training loop: one printed line per iteration, periodic evaluation."""
-    m = None
-    while trainer.step < trainer.planned_steps:
-        m = trainer.train_step()
-        print(f"iter {m['step']:>5}/{trainer.planned_steps}  loss {m['loss']:.4f}  acc {m['accuracy']:.3f}  "
-              f"lr {m['lr']:.4g}  {m['samples_per_sec']:.1f} vol/s", flush=True)
-        if opts["eval_every"] and m["step"] % opts["eval_every"] == 0 and m["step"] < trainer.planned_steps:
-            result = trainer.evaluate(trainer.test_data)
-            print(f"eval  step {m['step']}  loss {result['loss']:.4f}  acc {result['accuracy']:.4f}  "
-                  f"top5 {result['top5_accuracy']:.4f}", flush=True)
-            if ckpt:
-                trainer.save(ckpt)
-    return m
+    """The training loop: one printed line per iteration (under a progress bar when the
+    terminal shows one), periodic evaluation and checkpoints."""
+    from tqdm.auto import tqdm
+
+    def on_step(m):
+        tqdm.write(f"iter {m['step']:>5}/{trainer.planned_steps}  loss {m['loss']:.4f}  acc {m['accuracy']:.3f}  "
+                   f"lr {m['lr']:.4g}  {m['samples_per_sec']:.1f} vol/s", file=sys.stdout)
+        sys.stdout.flush()
+
+    def on_eval(step, result):
+        tqdm.write(f"eval  step {step}  loss {result['loss']:.4f}  acc {result['accuracy']:.4f}  "
+                   f"top5 {result['top5_accuracy']:.4f}", file=sys.stdout)
+        if ckpt:
+            trainer.save(ckpt)
+
+    return trainer.fit(trainer.planned_steps, eval_data=trainer.test_data, eval_every=opts["eval_every"],
+                       on_step=on_step, on_eval=on_eval, progress=None)
 
 
 if __name__ == "__main__":

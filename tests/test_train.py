@@ -310,3 +310,16 @@ def test_bf16_keeps_float32_master_weights_and_logits():
         == tf.float32
     logits = t.model(tf.cast(x, tf.bfloat16), is_train=False)
     assert logits.dtype == tf.float32
+
+
+def test_fit_runs_to_the_target_step_with_a_progress_bar(capsys):
+    x, y = batch(0, n=16)
+    t = make(train_data=(x, y), batch_size=8)
+    seen, evals = [], []
+    last = t.fit(5, eval_data=(x, y), eval_every=2, on_step=seen.append,
+                 on_eval=lambda step, r: evals.append((step, r["samples"])), progress=True)
+    err = capsys.readouterr().err
+    assert [m["step"] for m in seen] == [1, 2, 3, 4, 5] and last["step"] == t.step == 5
+    assert evals == [(2, 16), (4, 16)]
+    assert "5/5" in err and "loss=" in err and "vol_s=" in err
+    assert t.fit(5) is None  # already there

@@ -345,6 +345,38 @@ class Trainer:
         self._good_steps.assign(tf.where(tf.logical_and(ok, tf.logical_not(grow)), self._good_steps + 1,
                                          tf.zeros_like(self._good_steps)))
 
+    def fit(self, steps, *, eval_data=None, eval_every=0, on_step=None, on_eval=None, progress=None):
+        """Train until ``self.step == steps``; returns the last step's metrics (or None).
+
+        Shows a tqdm progress bar (loss, accuracy, volumes/s) on stderr when ``progress``
+        is True (None: only when stderr is a terminal). ``on_step(metrics)`` is called
+        after every step; with ``eval_data`` and ``eval_every``, ``evaluate`` runs every
+        ``eval_every`` steps before the last and ``on_eval(step, result)`` is called.
+        """
+        import sys
+
+        from tqdm.auto import tqdm
+
+        progress = sys.stderr.isatty() if progress is None else progress
+        bar = tqdm(total=steps, initial=min(self._step, steps), disable=not progress, unit="step",
+                   dynamic_ncols=True, file=sys.stderr)
+        metrics = None
+        try:
+            while self._step < steps:
+                metrics = self.train_step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.3f}",
+                                vol_s=f"{metrics['samples_per_sec']:.1f}")
+                if on_step:
+                    on_step(metrics)
+                if eval_data is not None and eval_every and self._step % eval_every == 0 and self._step < steps:
+                    result = self.evaluate(eval_data)
+                    if on_eval:
+                        on_eval(self._step, result)
+        finally:
+            bar.close()
+        return metrics
+
     # --------------------------------------------------------------- evaluate
     def _eval_batch(self, x, y):
         logits = tf.cast(self.model(tf.cast(x, self.compute_dtype), is_train=False), tf.float32)
