@@ -18,7 +18,7 @@ import dataclasses
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import tensorflow as tf
 import tensorlayer as tl

@@ -18,11 +18,9 @@ import h5py
 import numpy as np
 import tensorflow as tf
 
-from .pipeline import (AUTOTUNE, _EpochCounter, _batch_transform, _check_bool,
-                       _check_labels, _check_normalization, _check_seed,
-                       _element_seed, _finish)
-from .transforms import (Normalization, _check_non_negative_int,
-                         _check_positive_int, _crop_flip, _is_int,
+from .pipeline import (AUTOTUNE, _EpochCounter, _batch_transform, _check_pipeline_flags,
+                       _check_labels, _check_normalization, _element_seed, _finish)
+from .transforms import (Normalization, _check_positive_int, _crop_flip, _is_int,
                          compute_normalization)
 
 __all__ = ["HDF5Info", "hdf5_info", "hdf5_dataset", "write_hdf5_volumes"]
@@ -290,14 +288,8 @@ def hdf5_dataset(path, *, x_key: str = "volumes", y_key: str = "labels",
       ``tf.data.Dataset`` of ``(float32 (B, D, H, W, C), int64 (B,))``.
     """
     batch_size = _check_positive_int("batch_size", batch_size)
-    training = _check_bool("training", training)
-    augment = training if augment is None else _check_bool("augment", augment)
-    shuffle = training if shuffle is None else _check_bool("shuffle", shuffle)
-    depth_flip = _check_bool("depth_flip", depth_flip)
-    drop_remainder = _check_bool("drop_remainder", drop_remainder)
-    repeat = _check_bool("repeat", repeat)
-    seed = _check_seed(seed)
-    crop_padding = _check_non_negative_int("crop_padding", crop_padding)
+    training, augment, shuffle, depth_flip, drop_remainder, repeat, seed, crop_padding = _check_pipeline_flags(
+        training, augment, shuffle, depth_flip, drop_remainder, repeat, seed, crop_padding)
     if num_classes is not None:
         num_classes = _check_positive_int("num_classes", num_classes)
 

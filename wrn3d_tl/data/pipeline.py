@@ -44,6 +44,16 @@ def _check_bool(name, value) -> bool:
     return bool(value)
 
 
+def _check_pipeline_flags(training, augment, shuffle, depth_flip, drop_remainder, repeat, seed, crop_padding):
+    """Validate the options both pipelines share; ``augment``/``shuffle`` default to ``training``."""
+    training = _check_bool("training", training)
+    augment = training if augment is None else _check_bool("augment", augment)
+    shuffle = training if shuffle is None else _check_bool("shuffle", shuffle)
+    return (training, augment, shuffle, _check_bool("depth_flip", depth_flip),
+            _check_bool("drop_remainder", drop_remainder), _check_bool("repeat", repeat), _check_seed(seed),
+            _check_non_negative_int("crop_padding", crop_padding))
+
+
 def _check_normalization(normalization, channels: int, what: str):
     if normalization is None:
         return None
@@ -223,14 +233,8 @@ def make_dataset(x, y, *, batch_size: int, volume_depth=8,
                 f"{volume_depth}"
             )
     _check_tile_mode(tile_mode)
-    training = _check_bool("training", training)
-    augment = training if augment is None else _check_bool("augment", augment)
-    shuffle = training if shuffle is None else _check_bool("shuffle", shuffle)
-    depth_flip = _check_bool("depth_flip", depth_flip)
-    drop_remainder = _check_bool("drop_remainder", drop_remainder)
-    repeat = _check_bool("repeat", repeat)
-    seed = _check_seed(seed)
-    crop_padding = _check_non_negative_int("crop_padding", crop_padding)
+    training, augment, shuffle, depth_flip, drop_remainder, repeat, seed, crop_padding = _check_pipeline_flags(
+        training, augment, shuffle, depth_flip, drop_remainder, repeat, seed, crop_padding)
     normalization = _check_normalization(normalization, x.shape[-1], "x")
     if augment and min(x.shape[-3], x.shape[-2]) <= crop_padding:
         raise ValueError(
