@@ -27,5 +27,5 @@ setup(
         "gpu": [TF.replace("tensorflow", "tensorflow[and-cuda]")],
         "test": ["pytest>=7", "psutil>=5.9", "hypothesis>=6.80"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["wrn3d-predict = wrn3d_tl.predict:main"]},
 )

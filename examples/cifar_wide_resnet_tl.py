@@ -16,6 +16,7 @@ pattern — outside code stepping the trainer one iteration at a time — is ``m
 import argparse
 import contextlib
 import os
+import re
 import sys
 import time
 
@@ -121,22 +122,25 @@ def load_data(opts):
 
 def newest_checkpoint(path):
     """The newest intact checkpoint among ``path`` and the ``ckpt-XXXXXXXX.h5`` files beside
-    it (by stored step), or None. A damaged candidate is reported and skipped."""
+    it (by stored step), or None. Damaged candidates are reported and skipped."""
     from wrn3d_tl.checkpoint import CheckpointError, checkpoint_contents
-    from wrn3d_tl.train import latest_checkpoint
 
     if not path:
         return None
+    folder = os.path.dirname(os.path.abspath(path))
+    periodic = sorted((n for n in os.listdir(folder) if re.fullmatch(r"ckpt-\d{8}\.h5", n)), reverse=True) \
+        if os.path.isdir(folder) else []
     best = None
-    for cand in (path, latest_checkpoint(os.path.dirname(os.path.abspath(path)))):
-        if cand and os.path.exists(cand):
-            try:
-                step = checkpoint_contents(cand)["step"]
-            except CheckpointError as e:
-                print(f"skipping damaged checkpoint: {e}", flush=True)
-                continue
-            if best is None or step > best[0]:
-                best = (step, cand)
+    for cand in [path] + [os.path.join(folder, n) for n in periodic]:
+        if not os.path.exists(cand) or (best and cand != path and int(cand[-11:-3]) <= best[0]):
+            continue
+        try:
+            step = checkpoint_contents(cand)["step"]
+        except CheckpointError as e:
+            print(f"skipping damaged checkpoint: {e}", flush=True)
+            continue
+        if best is None or step > best[0]:
+            best = (step, cand)
     return best[1] if best else None
 
 

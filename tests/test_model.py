@@ -138,3 +138,13 @@ def test_layer_and_weight_names_are_hierarchical():
     assert "group1/block1/shortcut/kernel:0" not in names  # 16 -> 16, stride 1: identity
     assert "head/logits/weights:0" in names and "head/bn/moving_var:0" in names
     assert len(set(names)) == len(names)
+
+
+def test_numpy_integers_are_accepted_and_stored_as_ints():
+    cfg = WRNConfig(depth=np.int64(16), widen_factor=np.int32(2), input_shape=tuple(np.array([4, 8, 8, 3])),
+                    group_strides=(1, np.array([1, 2, 2]), 2))
+    assert (cfg.depth, cfg.widen_factor, cfg.input_shape) == (16, 2, (4, 8, 8, 3))
+    assert all(type(v) is int for v in (cfg.depth, cfg.widen_factor, *cfg.input_shape, *cfg.group_strides[1]))
+    assert WRNConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="WRNConfig.depth"):
+        WRNConfig(depth=np.bool_(True), widen_factor=1)

@@ -9,18 +9,25 @@ Layout::
     /optimizer/<name>   the optimizer's slot variable for that weight (momentum buffer)
     /state/<name>       other trainer state (e.g. the fp16 loss scale)
 
+The first 512 bytes are an HDF5 user block holding ``MAGIC`` and the SHA-256 of every
+byte after the block, zero-padded: a flipped byte anywhere in the file — even one HDF5
+never reads — is refused. The ``checksum`` attribute covers the contents as read back.
 TensorLayer's own savers fail on h5py 3 / numpy 2, hence this format.
 """
 
 import hashlib
 import json
 import os
+import re
 
 import h5py
 import numpy as np
 
 FORMAT = "wrn3d_tl-checkpoint"
 VERSION = 1
+MAGIC = b"wrn3d_tl-checkpoint sha256="
+_USERBLOCK = 512
+_STALE_TMP = re.compile(r"^\..+\.tmp-(\d+)$")
 _GROUPS = ("weights", "optimizer", "state")
 
 __all__ = ["CheckpointError", "write_checkpoint", "read_checkpoint", "checkpoint_contents"]
@@ -42,6 +49,31 @@ def _checksum(meta, arrays):
     return h.hexdigest()
 
 
+def _file_digest(fh):
+    fh.seek(_USERBLOCK)
+    h = hashlib.sha256()
+    for chunk in iter(lambda: fh.read(1 << 20), b""):
+        h.update(chunk)
+    return h.hexdigest().encode()
+
+
+def _remove_stale_temporaries(folder):
+    """Delete temporary files left by writers that were killed (their process is gone)."""
+    for name in os.listdir(folder):
+        m = _STALE_TMP.match(name)
+        if not m or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            try:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass
+        except OSError:
+            pass
+
+
 def write_checkpoint(path, *, config, trainer, step, normalization, weights, optimizer, state=None):
     """Write a checkpoint atomically; returns the final path.
 
@@ -55,9 +87,10 @@ def write_checkpoint(path, *, config, trainer, step, normalization, weights, opt
     meta = {"config": config, "trainer": trainer, "step": int(step), "normalization": normalization}
     arrays = {f"{g}/{k}": np.asarray(v) for g, d in zip(_GROUPS, (weights, optimizer, state or {}))
               for k, v in d.items()}
+    _remove_stale_temporaries(folder)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(tmp, "w", userblock_size=_USERBLOCK) as f:
             f.attrs["format"] = FORMAT
             f.attrs["version"] = VERSION
             f.attrs["config"] = json.dumps(config)
@@ -69,8 +102,11 @@ def write_checkpoint(path, *, config, trainer, step, normalization, weights, opt
             for key, value in arrays.items():
                 f.create_dataset(key, data=value)
             f.attrs["checksum"] = _checksum(meta, arrays)
-            f.flush()
         with open(tmp, "rb+") as fh:
+            header = MAGIC + _file_digest(fh)
+            fh.seek(0)
+            fh.write(header.ljust(_USERBLOCK, b"\0"))
+            fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -98,6 +134,14 @@ def read_checkpoint(path):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    with open(path, "rb") as fh:
+        header = fh.read(_USERBLOCK)
+        signed = header.startswith(MAGIC)
+        if signed:
+            digest = header[len(MAGIC):len(MAGIC) + 64]
+            if header[len(MAGIC) + 64:].strip(b"\0") or digest != _file_digest(fh):
+                raise CheckpointError(f"checkpoint {path!r} fails its file checksum: it was truncated, altered "
+                                      "or damaged on disk")
     try:
         f = h5py.File(path, "r")
     except OSError as e:
@@ -107,6 +151,8 @@ def read_checkpoint(path):
             if f.attrs.get("format") != FORMAT:
                 raise CheckpointError(f"{path!r} is an HDF5 file but not a wrn3d_tl checkpoint "
                                       f"(no format={FORMAT!r} attribute)")
+            if not signed:  # every checkpoint is written with the header: it was damaged
+                raise CheckpointError(f"checkpoint {path!r} fails its file checksum: its header is damaged")
             version = int(f.attrs.get("version", -1))
             if version != VERSION:
                 raise CheckpointError(f"checkpoint {path!r} has format version {version}; this library reads {VERSION}")

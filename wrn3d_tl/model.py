@@ -17,9 +17,11 @@ with n = (depth - 4) / 6 pre-activation wide basic blocks per group.
 import dataclasses
 import json
 import math
+import numbers
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import tensorflow as tf
 import tensorlayer as tl
 
@@ -33,7 +35,7 @@ _GROUP_WIDTHS = (16, 32, 64)
 
 
 def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
 
 
 @dataclass(frozen=True)
@@ -75,11 +77,13 @@ class WRNConfig:
             bad("widen_factor", "an int >= 1")
         if not _is_int(self.num_classes) or self.num_classes < 2:
             bad("num_classes", "an int >= 2")
+        for name in ("depth", "widen_factor", "num_classes"):  # numpy ints become plain ints
+            object.__setattr__(self, name, int(getattr(self, name)))
         shape = self.input_shape
         if (not isinstance(shape, (tuple, list)) or len(shape) not in (3, 4)
                 or not all(_is_int(d) and d >= 1 for d in shape)):
             bad("input_shape", "(D, H, W, C) or (H, W, C) of positive ints")
-        object.__setattr__(self, "input_shape", tuple(shape))
+        object.__setattr__(self, "input_shape", tuple(int(d) for d in shape))
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
                 or not 0.0 <= self.dropout < 1.0:
             bad("dropout", "a float in [0, 1)")
@@ -102,9 +106,10 @@ class WRNConfig:
         out = []
         for s in strides:
             s = (s,) * rank if _is_int(s) else s
-            if not isinstance(s, (tuple, list)) or len(s) != rank or not all(_is_int(v) and v >= 1 for v in s):
+            if not isinstance(s, (tuple, list, np.ndarray)) or len(s) != rank \
+                    or not all(_is_int(v) and v >= 1 for v in s):
                 raise ValueError(f"WRNConfig.group_strides must be {rule}, got {strides!r}")
-            out.append(tuple(s))
+            out.append(tuple(int(v) for v in s))
         return tuple(out)
 
     @property

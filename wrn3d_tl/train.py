@@ -395,6 +395,9 @@ class Trainer:
         """
         if isinstance(data, (tuple, list)):
             x_all, y_all = data
+            if np.ndim(x_all) != len(self.config.input_shape) + 1:
+                raise ValueError(f"evaluate: x must have shape (batch,) + {self.config.input_shape}, "
+                                 f"got {np.shape(x_all)}")
             if len(x_all) != len(y_all):
                 raise ValueError(f"evaluate: y must have shape ({len(x_all)},) to match x, got {np.shape(y_all)}")
             batches = ((x_all[i:i + batch_size], y_all[i:i + batch_size]) for i in range(0, len(x_all), batch_size))

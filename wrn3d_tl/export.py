@@ -1,0 +1,190 @@
+"""Export a trained WRN as a TensorFlow SavedModel that serves without this library.
+
+    from wrn3d_tl.export import export_saved_model
+    export_saved_model(trainer, "exported/wrn")          # the trainer's normalisation is baked in
+
+    # anywhere with TensorFlow only (no wrn3d_tl, no TensorLayer):
+    served = tf.saved_model.load("exported/wrn")
+    out = served.signatures["serving_default"](volumes=tf.constant(raw_float32_volumes))
+    out["logits"], out["probabilities"]                   # (N, num_classes) float32 each
+
+The SavedModel holds the model's variables (weights and batch-norm moving statistics) in
+a ``tf.Module`` and a graph traced in inference mode (moving statistics, no dropout).
+Its signatures take RAW volumes, i.e. in the units of the data as stored (0..255 for
+uint8 CIFAR), NDHWC (batch, depth, height, width, channels) for a 3D config or NHWC for
+a 2D one, with a free batch size and the config's fixed spatial shape and channels:
+
+    serving_default   volumes: float32 (None,) + input_shape -> {"logits", "probabilities"}
+    serving_uint8     volumes: uint8   (None,) + input_shape -> the same (cast to float32 inside)
+
+Other dtypes (float64, int16, ...): cast to float32 before calling ``serving_default``.
+A volume batch of another rank or shape raises ``InvalidArgumentError`` ("volumes must
+have shape (N,) + ...").
+Normalisation ``(x - mean) / std`` with the per-channel stats is part of the graph as
+constants; without stats the volumes pass to the network unchanged. NaN/Inf inputs are
+not checked by the graph: they give NaN outputs.
+
+The loaded object also has ``served.serve(volumes)`` / ``served.serve_uint8(volumes)``
+(the same functions) and ``served.metadata()``, a JSON string with the WRNConfig, the
+normalisation, the input layout and the signature names.
+"""
+
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+
+__all__ = ["export_saved_model", "SIGNATURES"]
+
+SIGNATURES = ("serving_default", "serving_uint8")
+
+
+def _resolve(trainer_or_model, normalization):
+    """(model, config, normalisation dict or None) from a Trainer or a build_wrn model."""
+    from wrn3d_tl.model import WRNConfig
+
+    model = getattr(trainer_or_model, "model", None)
+    if model is not None and isinstance(getattr(trainer_or_model, "config", None), WRNConfig):
+        if normalization is None:
+            normalization = getattr(trainer_or_model, "normalization", None)
+    else:
+        model = trainer_or_model
+    config = getattr(model, "wrn_config", None)
+    if not isinstance(config, WRNConfig):
+        raise TypeError("export_saved_model needs a wrn3d_tl Trainer or a model built by "
+                        f"wrn3d_tl.model.build_wrn, got {type(trainer_or_model).__name__}")
+    return model, config, _norm_arrays(normalization, config)
+
+
+def _norm_arrays(normalization, config):
+    if normalization is None:
+        return None
+    if hasattr(normalization, "to_dict"):
+        normalization = normalization.to_dict()
+    if not isinstance(normalization, dict) or "mean" not in normalization or "std" not in normalization:
+        raise TypeError("normalization must be None, a wrn3d_tl.data.Normalization or a dict with 'mean' and "
+                        f"'std', got {normalization!r}")
+    mean = np.asarray(normalization["mean"], dtype=np.float32).reshape(-1)
+    std = np.asarray(normalization["std"], dtype=np.float32).reshape(-1)
+    channels = config.input_shape[-1]
+    if mean.shape != (channels,) or std.shape != (channels,):
+        raise ValueError(f"normalization must hold {channels} means and stds (one per channel of "
+                         f"input_shape {config.input_shape}), got {mean.size} and {std.size}")
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std)) and np.all(std > 0)):
+        raise ValueError(f"normalization must have finite means and stds > 0, got mean {mean}, std {std}")
+    return {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+
+
+def _plain_model(model, config):
+    """The model itself, or a copy outside any tf.distribute strategy when its variables
+    are distributed (MirroredVariable etc.), so that the SavedModel needs no strategy."""
+    if not any(isinstance(v, tf.distribute.DistributedValues) for v in model.all_weights):
+        return model
+    if tf.distribute.has_strategy():
+        raise RuntimeError("export_saved_model: call it outside `strategy.scope()` (the model's variables are "
+                           "distributed; they are copied into a plain model for export)")
+    from wrn3d_tl.model import build_wrn
+
+    copy = build_wrn(config)
+    for dst, src in zip(copy.all_weights, model.all_weights):
+        dst.assign(np.asarray(src.numpy()))  # a cross-replica read: the replicas' (mean) value
+    return copy
+
+
+class _ServingModule(tf.Module):
+    """What gets saved: the variables, two traced serving functions and the metadata."""
+
+    def __init__(self, model, config, norm, metadata):
+        super().__init__(name="wrn3d_serving")
+        # Tracked so the SavedModel stores them; the traced graph reads exactly these.
+        self.model_variables = list(model.all_weights)
+        shape = [None, *config.input_shape]
+        mean = None if norm is None else np.asarray(norm["mean"], np.float32)
+        std = None if norm is None else np.asarray(norm["std"], np.float32)
+        meta_json = json.dumps(metadata, sort_keys=True)
+
+        expected = tf.constant(config.input_shape, tf.int32)
+        n = len(config.input_shape)
+        layout = "NDHWC" if n == 4 else "NHWC"
+        shape_error = f"volumes must have shape (N,) + {tuple(config.input_shape)} ({layout}); got shape:"
+
+        def forward(volumes):
+            # Signature calls do not enforce the declared shape, so check it in the graph.
+            got = tf.shape(volumes)
+            ok = tf.logical_and(tf.equal(tf.size(got), n + 1),
+                                tf.reduce_all(tf.equal(tf.pad(got[1:], [[0, n]])[:n], expected)))
+            with tf.control_dependencies([tf.debugging.Assert(ok, [shape_error, got])]):
+                x = tf.identity(volumes)
+            if mean is not None:
+                x = (x - tf.constant(mean)) / tf.constant(std)
+            # TensorLayer's forward is Python that reads layer.is_train: trace in eval mode.
+            logits = tf.cast(model(x, is_train=False), tf.float32)
+            return {"logits": logits, "probabilities": tf.nn.softmax(logits, axis=-1)}
+
+        @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32, name="volumes")])
+        def serve(volumes):
+            return forward(volumes)
+
+        @tf.function(input_signature=[tf.TensorSpec(shape, tf.uint8, name="volumes")])
+        def serve_uint8(volumes):
+            return forward(tf.cast(volumes, tf.float32))
+
+        @tf.function(input_signature=[])
+        def metadata_fn():
+            return tf.constant(meta_json)
+
+        self.serve = serve
+        self.serve_uint8 = serve_uint8
+        self.metadata = metadata_fn
+
+
+def export_saved_model(trainer_or_model, path, *, normalization=None):
+    """Write a SavedModel of a trained WRN to the folder ``path``; returns ``path``.
+
+    Args:
+        trainer_or_model: a ``wrn3d_tl.train.Trainer`` (its ``model`` is exported and its
+            ``normalization`` is used unless ``normalization`` is given) or a
+            ``tl.models.Model`` from ``wrn3d_tl.model.build_wrn``.
+        path: output folder (created; an existing SavedModel there is overwritten).
+        normalization: per-channel stats in raw input units, a
+            ``wrn3d_tl.data.Normalization`` or ``{"mean": [...], "std": [...]}``, baked
+            into the graph as constants. None (and a trainer without stats): the raw
+            volumes go to the network unchanged.
+
+    Signatures (see the module docstring): ``serving_default`` takes float32 raw volumes
+    ``volumes`` of shape (None,) + input_shape (NDHWC, or NHWC for 2D configs);
+    ``serving_uint8`` takes uint8 ones. Both return ``{"logits", "probabilities"}``,
+    float32 (N, num_classes), computed in inference mode (moving batch-norm statistics,
+    no dropout), in float32 whatever the trainer's mixed precision.
+    Loading needs TensorFlow only: ``tf.saved_model.load(path)``.
+    """
+    model, config, norm = _resolve(trainer_or_model, normalization)
+    model = _plain_model(model, config)
+    metadata = {
+        "format": "wrn3d_tl-saved-model",
+        "version": 1,
+        "config": config.to_dict(),
+        "normalization": norm,
+        "layout": "NDHWC" if config.spatial_rank == 3 else "NHWC",
+        "input_shape": [None, *config.input_shape],
+        "signatures": list(SIGNATURES),
+        "outputs": ["logits", "probabilities"],
+    }
+    # Tracing switches every layer to inference mode; remember the modes to put them back.
+    model_mode = model.is_train
+    layer_modes = [(layer, layer.is_train) for layer in model.all_layers]
+    model.is_train = None
+    try:
+        module = _ServingModule(model, config, norm, metadata)
+        signatures = {
+            "serving_default": module.serve.get_concrete_function(),
+            "serving_uint8": module.serve_uint8.get_concrete_function(),
+        }
+        path = os.fspath(path)
+        tf.saved_model.save(module, path, signatures=signatures)
+    finally:
+        model.is_train = model_mode
+        for layer, mode in layer_modes:
+            layer.is_train = mode
+    return path

@@ -1,0 +1,326 @@
+"""Class predictions from a checkpoint, in batches: ``predict()`` and the ``wrn3d-predict`` CLI.
+
+    from wrn3d_tl.predict import predict
+    out = predict("runs/ckpt-00010000.h5", volumes)          # raw NDHWC numpy array
+    out = predict("runs/last.h5", "test.h5", key="volumes")  # or an HDF5 file (or a .npy)
+    out["class"], out["probability"], out["top_k_classes"], out["top_k_probabilities"]
+
+    wrn3d-predict --checkpoint c.h5 --hdf5 data.h5 [--key volumes] --out preds.csv [--batch-size N]
+    wrn3d-predict --checkpoint c.h5 --npy data.npy --out preds.csv
+
+Volumes are RAW (the units the training data had before normalisation, e.g. 0..255),
+shaped (N,) + the checkpoint's ``input_shape``: NDHWC (batch, depth, height, width,
+channels) for 3D models, NHWC for 2D ones. The checkpoint's normalisation
+``(x - mean) / std`` is applied here, exactly as in training. Any real dtype is
+accepted and converted to float32 batch by batch (float64 is rounded to float32; ints and
+uints are converted exactly up to 2**24; bool, complex and non-numeric arrays are
+refused). Inference mode: moving batch-norm statistics, no dropout.
+
+Errors (wrong rank, spatial shape or channels, NaN/Inf, values so large that the logits
+overflow, empty input, missing file or key, a file that is not a checkpoint) raise
+``ValueError``/``FileNotFoundError`` naming the input;
+``wrn3d_tl.checkpoint.CheckpointError`` (a ValueError) for checkpoints. The CLI
+prints them as one line ``wrn3d-predict: error: ...`` and exits with status 2.
+"""
+
+import argparse
+import csv
+import os
+import sys
+
+import h5py
+import numpy as np
+
+__all__ = ["Predictor", "predict", "write_csv", "main"]
+
+_CLI = "wrn3d-predict"
+
+
+def _one_line(exc):
+    return " ".join(str(exc).split())
+
+
+def _positive_int(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+class Predictor:
+    """A checkpoint's model and normalisation, loaded once for many ``predict`` calls.
+
+    ``checkpoint``: a checkpoint path (verified: format, checksum, config) or a
+    ``wrn3d_tl.train.Trainer`` (its current weights and normalisation are used).
+    Attributes: ``config`` (WRNConfig), ``normalization`` (dict or None), ``model``.
+    """
+
+    def __init__(self, checkpoint):
+        import tensorflow as tf
+
+        from wrn3d_tl.checkpoint import CheckpointError, read_checkpoint
+        from wrn3d_tl.model import WRNConfig, build_wrn
+
+        if hasattr(checkpoint, "model") and isinstance(getattr(checkpoint, "config", None), WRNConfig):
+            self.config, self.model = checkpoint.config, checkpoint.model
+            self.normalization = checkpoint.normalization
+            self.source = "trainer"
+        else:
+            path = os.fspath(checkpoint)
+            ck = read_checkpoint(path)  # FileNotFoundError / CheckpointError naming the file
+            try:
+                self.config = WRNConfig.from_dict(ck["config"])
+            except (TypeError, ValueError) as e:
+                raise CheckpointError(f"checkpoint {path!r} holds an invalid config: {_one_line(e)}") from e
+            self.model = build_wrn(self.config)
+            table = ck["weights"]
+            for var in self.model.all_weights:
+                name = var.name.split(":")[0]
+                if name not in table or tuple(table[name].shape) != tuple(var.shape):
+                    raise CheckpointError(f"checkpoint {path!r} lacks weight {name!r} of shape {tuple(var.shape)}")
+            for var in self.model.all_weights:
+                var.assign(table[var.name.split(":")[0]])
+            self.normalization = ck["normalization"]
+            self.source = path
+        if self.normalization is not None:
+            mean = np.asarray(self.normalization["mean"], np.float32)
+            std = np.asarray(self.normalization["std"], np.float32)
+        else:
+            mean = std = None
+        model = self.model
+        spec = tf.TensorSpec((None,) + self.config.input_shape, tf.float32)
+
+        @tf.function(input_signature=[spec])
+        def infer(x):
+            if mean is not None:
+                x = (x - mean) / std
+            logits = tf.cast(model(x, is_train=False), tf.float32)
+            return logits, tf.nn.softmax(logits, axis=-1)
+
+        self._infer = infer
+
+    # ----------------------------------------------------------------- inputs
+    def check_volumes(self, volumes, what="volumes"):
+        """Validate the shape and dtype of an array-like (numpy, memmap, h5py.Dataset)
+        without reading it; raises ValueError naming ``what``."""
+        shape = tuple(getattr(volumes, "shape", ()))
+        dtype = np.dtype(getattr(volumes, "dtype", np.float32))
+        want = self.config.input_shape
+        layout = "NDHWC" if len(want) == 4 else "NHWC"
+        if dtype.kind not in "iuf":
+            raise ValueError(f"{what}: volumes must be real numbers (float or int), got dtype {dtype}")
+        if len(shape) != len(want) + 1:
+            hint = " (a single volume? add a batch axis: x[None])" if len(shape) == len(want) else ""
+            raise ValueError(f"{what}: expected a {len(want) + 1}-D {layout} array of shape (N,) + {want}, "
+                             f"got {len(shape)}-D shape {shape}{hint}")
+        if shape[-1] != want[-1]:
+            raise ValueError(f"{what}: volumes have {shape[-1]} channel(s) (last axis of shape {shape}) but the "
+                             f"model expects {want[-1]} ({layout})")
+        if shape[1:-1] != want[:-1]:
+            raise ValueError(f"{what}: spatial shape {shape[1:-1]} (of shape {shape}) does not match the model's "
+                             f"{want[:-1]} ({layout}, input_shape {want})")
+        if shape[0] == 0:
+            raise ValueError(f"{what}: no volumes (shape {shape})")
+        return shape
+
+    def batches(self, volumes, batch_size=32, what="volumes"):
+        """Yield (start index, float32 batch) over an array-like, checking for NaN/Inf."""
+        n = self.check_volumes(volumes, what)[0]
+        batch_size = _positive_int(batch_size, "batch_size")
+        for start in range(0, n, batch_size):
+            with np.errstate(over="ignore", invalid="ignore"):  # out-of-range float64 -> inf, reported below
+                x = np.asarray(volumes[start:start + batch_size]).astype(np.float32, copy=False)
+            finite = np.isfinite(x).reshape(len(x), -1).all(axis=1)
+            if not finite.all():
+                i = start + int(np.argmin(finite))
+                raise ValueError(f"{what}: volume {i} contains NaN or Inf"
+                                 + (" (or a value beyond the float32 range)"
+                                    if np.dtype(volumes.dtype).itemsize > 4 else ""))
+            yield start, x
+
+    # -------------------------------------------------------------- inference
+    def predict(self, volumes, *, key="volumes", batch_size=32, top_k=5):
+        """See ``wrn3d_tl.predict.predict``."""
+        top_k = _positive_int(top_k, "top_k")
+        k = min(top_k, self.config.num_classes)
+        with _open_volumes(volumes, key) as (array, what):
+            n = self.check_volumes(array, what)[0]
+            logits = np.empty((n, self.config.num_classes), np.float32)
+            probs = np.empty_like(logits)
+            for start, x in self.batches(array, batch_size, what):
+                lg, pr = self._infer(x)
+                lg = lg.numpy()
+                finite = np.isfinite(lg).all(axis=1)
+                if not finite.all():
+                    raise ValueError(f"{what}: volume {start + int(np.argmin(finite))} gives non-finite logits "
+                                     "(values far outside the training data's range?)")
+                logits[start:start + len(x)] = lg
+                probs[start:start + len(x)] = pr.numpy()
+        # Stable sort on -p: ties go to the lower class index, as argmax does.
+        order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        top_p = np.take_along_axis(probs, order, axis=1)
+        return {"class": order[:, 0].astype(np.int64), "probability": top_p[:, 0].copy(),
+                "top_k_classes": order.astype(np.int64), "top_k_probabilities": top_p,
+                "logits": logits, "probabilities": probs}
+
+
+class _open_volumes:
+    """Context manager: (array-like, description) for a numpy array, a .npy path or an
+    HDF5 path + key. Files are opened lazily (memory-mapped / h5py), read batch by batch."""
+
+    def __init__(self, volumes, key):
+        self.volumes, self.key, self._file = volumes, key, None
+
+    def __enter__(self):
+        v = self.volumes
+        if isinstance(v, (str, os.PathLike)):
+            path = os.fspath(v)
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"volumes file {path!r} does not exist")
+            if os.path.isdir(path):
+                raise ValueError(f"volumes file {path!r} is a directory")
+            if path.lower().endswith(".npy"):
+                try:
+                    return np.load(path, mmap_mode="r", allow_pickle=False), f"{path!r}"
+                except (ValueError, OSError, EOFError) as e:
+                    raise ValueError(f"{path!r} is not a readable .npy array: {_one_line(e)}") from e
+            if not h5py.is_hdf5(path):
+                raise ValueError(f"{path!r} is not an HDF5 file (pass a .npy file or an HDF5 file with volumes "
+                                 f"at key {self.key!r})")
+            try:
+                self._file = h5py.File(path, "r")
+            except OSError as e:
+                raise ValueError(f"{path!r}: cannot open the HDF5 file: {_one_line(e)}") from e
+            dset = self._file.get(self.key)
+            if not isinstance(dset, h5py.Dataset):
+                keys = []
+                self._file.visititems(lambda name, obj: keys.append(name) if isinstance(obj, h5py.Dataset) else None)
+                self._file.close()
+                raise ValueError(f"{path!r}: no dataset at key {self.key!r}; datasets present: {keys}")
+            return dset, f"{path!r} key {self.key!r}"
+        if isinstance(v, h5py.Dataset):
+            return v, f"HDF5 dataset {v.name!r}"
+        if not hasattr(v, "shape") or not hasattr(v, "dtype"):
+            try:
+                v = np.asarray(v)
+            except Exception as e:
+                raise ValueError(f"volumes: cannot be read as an array: {_one_line(e)}") from e
+        return v, "volumes"
+
+    def __exit__(self, *exc):
+        if self._file is not None:
+            self._file.close()
+        return False
+
+
+def predict(checkpoint, volumes, *, key="volumes", batch_size=32, top_k=5):
+    """Predict the class of every volume, streaming ``batch_size`` volumes at a time.
+
+    Args:
+        checkpoint: a checkpoint file written by ``Trainer.save`` (or a ``Trainer``, or a
+            ``Predictor`` to reuse a loaded model). Its stored normalisation is applied.
+        volumes: RAW volumes (N,) + input_shape, NDHWC for 3D models / NHWC for 2D: a
+            numpy array (or memmap, ``h5py.Dataset``, nested list), a ``.npy`` path, or an
+            HDF5 path with the volumes at ``key``. Any real dtype; converted to float32.
+        key: the HDF5 dataset holding the volumes (HDF5 paths only).
+        batch_size: volumes per forward pass (memory bound).
+        top_k: how many classes to rank per volume; at most ``num_classes`` are returned.
+
+    Returns a dict of numpy arrays, one row per volume, in input order:
+        ``class`` (N,) int64 argmax; ``probability`` (N,) float32 softmax of that class;
+        ``top_k_classes`` (N, k) int64 and ``top_k_probabilities`` (N, k) float32, best
+        first, k = min(top_k, num_classes); ``logits`` and ``probabilities`` (N, num_classes).
+
+    Raises ValueError (bad shape, channels, dtype, NaN/Inf, empty input, missing key, not
+    HDF5/.npy), FileNotFoundError, or CheckpointError, each naming the input.
+    """
+    predictor = checkpoint if isinstance(checkpoint, Predictor) else Predictor(checkpoint)
+    return predictor.predict(volumes, key=key, batch_size=batch_size, top_k=top_k)
+
+
+def write_csv(predictions, path, top_k=5):
+    """Write ``predict`` output to CSV: index, class, probability, top{k} (space-separated
+    classes), top{k}_probabilities (space-separated, 6 decimals). Written atomically."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(["index", "class", "probability", f"top{top_k}", f"top{top_k}_probabilities"])
+            for i, (c, p, tc, tp) in enumerate(zip(predictions["class"], predictions["probability"],
+                                                   predictions["top_k_classes"],
+                                                   predictions["top_k_probabilities"])):
+                w.writerow([i, int(c), f"{float(p):.6f}", " ".join(str(int(v)) for v in tc),
+                            " ".join(f"{float(v):.6f}" for v in tp)])
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def _parser():
+    p = argparse.ArgumentParser(
+        prog=_CLI, description="Predict classes of raw volumes with a wrn3d_tl checkpoint; writes a CSV "
+        "(index, class, probability, top5, top5_probabilities).")
+    p.add_argument("--checkpoint", required=True, help="checkpoint .h5 written by Trainer.save")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hdf5", help="HDF5 file holding the volumes (N, D, H, W, C) at --key")
+    src.add_argument("--npy", help=".npy file holding the volumes (N, D, H, W, C)")
+    p.add_argument("--key", default="volumes", help="HDF5 dataset with the volumes (default: volumes)")
+    p.add_argument("--out", required=True, help="output CSV file")
+    p.add_argument("--batch-size", type=int, default=32, help="volumes per forward pass (default 32)")
+    p.add_argument("--top-k", type=int, default=5, help="classes ranked per volume (default 5)")
+    return p
+
+
+def main(argv=None):
+    """The ``wrn3d-predict`` command; returns the exit status (0 ok, 2 bad input)."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # argparse already printed usage and the message
+        return e.code
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+    def fail(arg, value, exc):
+        print(f"{_CLI}: error: {arg} {value}: {_one_line(exc)}", file=sys.stderr)
+        return 2
+
+    for name, value in (("--batch-size", args.batch_size), ("--top-k", args.top_k)):
+        if value < 1:
+            return fail(name, value, "must be a positive int")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        return fail("--out", args.out, f"folder {out_dir!r} does not exist")
+    src_arg, src = ("--hdf5", args.hdf5) if args.hdf5 is not None else ("--npy", args.npy)
+    if not os.path.isfile(src):  # before the (slow) model load
+        return fail(src_arg, src, "no such file")
+    if args.hdf5 is not None and not h5py.is_hdf5(src):
+        return fail(src_arg, src, "not an HDF5 file")
+    try:
+        predictor = Predictor(args.checkpoint)
+    except (OSError, ValueError) as e:  # FileNotFoundError, CheckpointError
+        return fail("--checkpoint", args.checkpoint, e)
+    try:
+        if args.npy is not None:
+            try:
+                volumes = np.load(args.npy, mmap_mode="r", allow_pickle=False)
+            except (ValueError, OSError, EOFError) as e:
+                raise ValueError(f"not a readable .npy array: {_one_line(e)}") from e
+        else:
+            volumes = src
+        out = predictor.predict(volumes, key=args.key, batch_size=args.batch_size, top_k=args.top_k)
+    except (OSError, ValueError) as e:
+        return fail(src_arg, src, e)
+    try:
+        write_csv(out, args.out, top_k=args.top_k)
+    except OSError as e:
+        return fail("--out", args.out, e)
+    n = len(out["class"])
+    print(f"{_CLI}: {n} prediction(s) from {args.checkpoint} -> {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
