@@ -366,7 +366,7 @@ def _bad_batches():
 
 BAD = _bad_batches()
 # evaluate() checks the whole arrays first (rank, then len(x) == len(y)) and says "data is empty".
-EVAL_PATTERN = {"rank: one volume without batch axis": r"evaluate: x must have shape \(batch,\)",
+EVAL_PATTERN = {"rank: one volume without batch axis": r"x must have shape \(batch,\) \+ \(4, 16, 16, 3\), got \(4, 16, 16, 3\)",
                 "empty batch": "data is empty"}
 
 
