@@ -323,3 +323,21 @@ def test_fit_runs_to_the_target_step_with_a_progress_bar(capsys):
     assert evals == [(2, 16), (4, 16)]
     assert "5/5" in err and "loss=" in err and "vol_s=" in err
     assert t.fit(5) is None  # already there
+
+
+def test_bf16_learns_the_synthetic_set_as_well_as_fp32():
+    from wrn3d_tl.data import compute_normalization, make_dataset, synthetic_cifar
+
+    (xtr, ytr), (xte, yte) = synthetic_cifar(512, 400, num_classes=10, seed=1)
+    norm = compute_normalization(xtr)
+    cfg = WRNConfig(depth=10, widen_factor=1, input_shape=(2, 32, 32, 3))
+    test = make_dataset(xte, yte, batch_size=200, volume_depth=2, training=False, normalization=norm)
+    acc = {}
+    for mp in (None, "bf16"):
+        ds = make_dataset(xtr, ytr, batch_size=32, volume_depth=2, training=True, augment=False, seed=0,
+                          normalization=norm, drop_remainder=True, repeat=True)
+        t = make(cfg, train_data=ds, lr=0.05, schedule="cosine", total_steps=60, mixed_precision=mp)
+        t.fit(60, progress=False)
+        acc[mp] = t.evaluate(test)["accuracy"]
+    assert acc[None] >= 0.9
+    assert abs(acc["bf16"] - acc[None]) <= 0.01, acc
