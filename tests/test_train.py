@@ -341,3 +341,15 @@ def test_bf16_learns_the_synthetic_set_as_well_as_fp32():
         acc[mp] = t.evaluate(test)["accuracy"]
     assert acc[None] >= 0.9
     assert abs(acc["bf16"] - acc[None]) <= 0.01, acc
+
+
+def test_fp16_loss_scaling_skips_overflowing_steps_and_halves_the_scale():
+    t = make(mixed_precision="fp16")
+    x, y = batch(0)
+    assert np.isfinite(t.train_step(x, y)["loss"]) and t._loss_scale.numpy() == 2.0 ** 15
+    t._loss_scale.assign(3e38)  # the scaled gradients overflow
+    before = weights_of(t)
+    out = t.train_step(x, y)  # no error in fp16 mode: the step is skipped, as in dynamic loss scaling
+    assert out["step"] == 2 and t._loss_scale.numpy() == pytest.approx(1.5e38)
+    assert_same(before, weights_of(t))
+    assert all(v.dtype == tf.float32 for v in t.model.all_weights)
