@@ -16,7 +16,6 @@ pattern — outside code stepping the trainer one iteration at a time — is ``m
 import argparse
 import contextlib
 import os
-import re
 import sys
 import time
 
@@ -124,15 +123,14 @@ def newest_checkpoint(path):
     """The newest intact checkpoint among ``path`` and the ``ckpt-XXXXXXXX.h5`` files beside
     it (by stored step), or None. Damaged candidates are reported and skipped."""
     from wrn3d_tl.checkpoint import CheckpointError, checkpoint_contents
+    from wrn3d_tl.train import list_checkpoints
 
     if not path:
         return None
-    folder = os.path.dirname(os.path.abspath(path))
-    periodic = sorted((n for n in os.listdir(folder) if re.fullmatch(r"ckpt-\d{8}\.h5", n)), reverse=True) \
-        if os.path.isdir(folder) else []
+    periodic = list_checkpoints(os.path.dirname(os.path.abspath(path)))[::-1]  # newest first
     best = None
-    for cand in [path] + [os.path.join(folder, n) for n in periodic]:
-        if not os.path.exists(cand) or (best and cand != path and int(cand[-11:-3]) <= best[0]):
+    for named_step, cand in [(None, path)] + periodic:
+        if not os.path.exists(cand) or (best and named_step is not None and named_step <= best[0]):
             continue
         try:
             step = checkpoint_contents(cand)["step"]

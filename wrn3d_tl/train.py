@@ -26,7 +26,7 @@ from wrn3d_tl.checkpoint import CheckpointError, read_checkpoint, write_checkpoi
 from wrn3d_tl.logs import MetricsLogger, plot_metrics
 from wrn3d_tl.model import WRNConfig, build_wrn
 
-__all__ = ["Trainer", "latest_checkpoint", "describe_devices"]
+__all__ = ["Trainer", "list_checkpoints", "latest_checkpoint", "describe_devices"]
 
 SCHEDULES = ("constant", "step", "cosine")
 PRECISIONS = {None: tf.float32, "bf16": tf.bfloat16, "fp16": tf.float16}
@@ -42,12 +42,19 @@ def describe_devices():
     return f"CPU ({os.cpu_count()} cores; no GPU visible to TensorFlow)"
 
 
+def list_checkpoints(folder):
+    """The periodic ``ckpt-XXXXXXXX.h5`` files in ``folder`` as ``(step, path)`` pairs,
+    oldest first (empty when the folder is absent)."""
+    if not folder or not os.path.isdir(folder):
+        return []
+    return sorted((int(m.group(1)), os.path.join(folder, name)) for name in os.listdir(folder)
+                  if (m := _CKPT.match(name)))
+
+
 def latest_checkpoint(folder):
     """Path of the newest ``ckpt-XXXXXXXX.h5`` in ``folder`` (by step), or None."""
-    if not folder or not os.path.isdir(folder):
-        return None
-    found = sorted((int(m.group(1)), name) for name in os.listdir(folder) if (m := _CKPT.match(name)))
-    return os.path.join(folder, found[-1][1]) if found else None
+    found = list_checkpoints(folder)
+    return found[-1][1] if found else None
 
 
 def _is_chief(strategy):
@@ -448,9 +455,9 @@ class Trainer:
         path = self.save(os.path.join(self.checkpoint_dir, f"ckpt-{self._step:08d}.h5"))
         if path is None:
             return
-        old = sorted(n for n in os.listdir(self.checkpoint_dir) if _CKPT.match(n))
-        for name in old[:-self.keep_checkpoints] if self.keep_checkpoints else []:
-            os.remove(os.path.join(self.checkpoint_dir, name))
+        old = list_checkpoints(self.checkpoint_dir)
+        for _, stale in old[:-self.keep_checkpoints] if self.keep_checkpoints else []:
+            os.remove(stale)
 
     def load(self, path):
         """Load a checkpoint of the SAME config into this trainer (weights, momentum,
