@@ -27,8 +27,6 @@ from torch import nn
 
 __all__ = ["TorchWRN", "build_torch_wrn", "count_torch_params", "stage_params"]
 
-_STEM_WIDTH = 16
-
 
 def _layers(rank):
     if rank == 2:
@@ -41,7 +39,7 @@ def _layers(rank):
 class WideBasicBlock(nn.Module):
     """Pre-activation wide basic block (see the module docstring)."""
 
-    def __init__(self, rank, c_in, c_out, stride, dropout, bn_momentum, bn_eps):
+    def __init__(self, rank, c_in, c_out, stride, projection, dropout, bn_momentum, bn_eps):
         super().__init__()
         conv, bn = _layers(rank)
         self.bn1 = bn(c_in, momentum=bn_momentum, eps=bn_eps)
@@ -49,8 +47,7 @@ class WideBasicBlock(nn.Module):
         self.bn2 = bn(c_out, momentum=bn_momentum, eps=bn_eps)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = conv(c_out, c_out, 3, stride=1, padding=1, bias=False)
-        needs_projection = c_in != c_out or any(s != 1 for s in stride)
-        self.shortcut = conv(c_in, c_out, 1, stride=stride, bias=False) if needs_projection else None
+        self.shortcut = conv(c_in, c_out, 1, stride=stride, bias=False) if projection else None
 
     def forward(self, x):
         preact = torch.relu(self.bn1(x))
@@ -67,15 +64,12 @@ class TorchWRN(nn.Module):
         rank = config.spatial_rank
         conv, bn = _layers(rank)
         bn_args = dict(bn_momentum=1.0 - config.bn_decay, bn_eps=config.bn_epsilon)
-        self.stem = conv(config.input_shape[-1], _STEM_WIDTH, 3, padding=1, bias=False)
-        c = _STEM_WIDTH
-        for g, (width, strides) in enumerate(zip(config.widths, config.group_strides), start=1):
-            blocks = []
-            for i in range(config.blocks_per_group):
-                stride = tuple(strides) if i == 0 else (1,) * rank
-                blocks.append(WideBasicBlock(rank, c, width, stride, config.dropout, **bn_args))
-                c = width
+        self.stem = conv(config.input_shape[-1], config.stem_width, 3, padding=1, bias=False)
+        for g in range(1, 4):
+            blocks = [WideBasicBlock(rank, b.in_channels, b.out_channels, b.strides, b.projection, config.dropout,
+                                     **bn_args) for b in config.blocks() if b.group == g]
             setattr(self, f"group{g}", nn.Sequential(*blocks))
+        c = config.widths[-1]
         self.head_bn = bn(c, momentum=1.0 - config.bn_decay, eps=config.bn_epsilon)
         self.head_fc = nn.Linear(c, config.num_classes)
         for m in self.modules():

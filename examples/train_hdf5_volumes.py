@@ -21,34 +21,44 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--train", required=True, help="HDF5 file with the training volumes")
     p.add_argument("--val", help="HDF5 file evaluated at --eval-every and at the end")
-    p.add_argument("--x-key", default="volumes")
-    p.add_argument("--y-key", default="labels")
-    p.add_argument("--num-classes", type=int, help="default: the file's num_classes attribute or max label + 1")
+    p.add_argument("--x-key", default="volumes", help="dataset holding the volumes (N, D, H, W, C)")
+    p.add_argument("--y-key", default="labels", help="dataset holding the integer labels (N,)")
+    p.add_argument("--num-classes", type=int, help="None: the file's num_classes attribute or max label + 1")
     p.add_argument("--normalize", action="store_true", help="compute per-channel stats when the file has none")
-    p.add_argument("--depth", type=int, default=16)
-    p.add_argument("--width", type=int, default=4)
-    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--depth", type=int, default=16, help="WRN depth d = 6n + 4")
+    p.add_argument("--width", type=int, default=4, help="widening factor k")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout between a block's convolutions")
     p.add_argument("--keep-depth", action="store_true", help="stride 1 along depth (anisotropic volumes)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--schedule", choices=["constant", "step", "cosine"], default="cosine")
+    p.add_argument("--batch-size", type=int, default=16, help="global batch size")
+    p.add_argument("--lr", type=float, default=0.1, help="base learning rate")
+    # Cosine here, the paper's step schedule in the CIFAR job: runs on one's own volumes
+    # are short and of unknown length, where a smooth decay needs no tuning of milestones.
+    p.add_argument("--schedule", choices=["constant", "step", "cosine"], default="cosine",
+                   help="learning-rate schedule over the run")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--iters", type=int)
-    g.add_argument("--epochs", type=float)
-    p.add_argument("--eval-every", type=int, default=0)
+    g.add_argument("--iters", type=int, help="training iterations (None: one epoch, or --epochs)")
+    g.add_argument("--epochs", type=float, help="training epochs over the training file")
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate --val every N iterations (0: at the end)")
     p.add_argument("--depth-flip", action="store_true", help="also flip volumes along depth when augmenting")
-    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--no-augment", action="store_true", help="no random crop and flip")
     p.add_argument("--checkpoint", help="written at every evaluation and at the end")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--logdir")
-    p.add_argument("--mixed-precision", choices=["none", "bf16", "fp16"], default="none")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="also save {checkpoint dir}/ckpt-XXXXXXXX.h5 every N iterations (0: never)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest verified checkpoint: "
+                   "--checkpoint or a ckpt-XXXXXXXX.h5 beside it")
+    p.add_argument("--logdir", help="metrics.csv and TensorBoard scalars go here")
+    p.add_argument("--mixed-precision", choices=["none", "bf16", "fp16"], default="none",
+                   help="bf16: CPUs with AVX512_BF16/AMX; fp16: GPUs")
+    p.add_argument("--seed", type=int, default=0, help="data order, augmentation and initial weights")
     args = p.parse_args(argv)
     if args.resume and not args.checkpoint:
         p.error("--resume needs --checkpoint")
+    if args.checkpoint_every and not args.checkpoint:
+        p.error("--checkpoint-every needs --checkpoint (its folder holds the periodic checkpoints)")
     return args
 
 
@@ -58,6 +68,7 @@ def main(argv=None):
     import h5py
 
     from wrn3d_tl.data import compute_normalization, hdf5_dataset, hdf5_info
+    from wrn3d_tl.experiment import ResumeError, resume
     from wrn3d_tl.model import WRNConfig, build_wrn
     from wrn3d_tl.train import Trainer
 
@@ -78,14 +89,23 @@ def main(argv=None):
     config = WRNConfig(depth=args.depth, widen_factor=args.width, num_classes=num_classes,
                        input_shape=tuple(info.volume_shape), dropout=args.dropout, group_strides=strides)
     mp = None if args.mixed_precision == "none" else args.mixed_precision
-    if args.resume and os.path.exists(args.checkpoint):
-        trainer = Trainer.restore(args.checkpoint, train, logdir=args.logdir)
-        trainer.train_data = train.skip(trainer.step)
-        print(f"resumed from {args.checkpoint} at step {trainer.step}", flush=True)
-    else:
+    ckpt_dir = os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint_every else None
+    run = dict(logdir=args.logdir, eval_data=val, checkpoint_dir=ckpt_dir,
+               checkpoint_every=args.checkpoint_every or None)
+    trainer = None
+    if args.resume:
+        try:
+            trainer, path = resume(args.checkpoint, config, train, **run)
+        except ResumeError as e:
+            sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e}")
+        if trainer is not None:
+            print(f"resumed from {path} at step {trainer.step}", flush=True)
+    if trainer is None:
+        import tensorflow as tf
+
+        tf.random.set_seed(args.seed)  # the initial weights
         trainer = Trainer(build_wrn(config), train, lr=args.lr, schedule=args.schedule, total_steps=steps,
-                          mixed_precision=mp, seed=args.seed, batch_size=args.batch_size, normalization=norm,
-                          logdir=args.logdir)
+                          mixed_precision=mp, seed=args.seed, batch_size=args.batch_size, normalization=norm, **run)
     result = None
     t0 = time.perf_counter()
     while trainer.step < steps:
@@ -94,7 +114,7 @@ def main(argv=None):
               f"{m['samples_per_sec']:.1f} vol/s", flush=True)
         last = m["step"] == steps
         if val is not None and (last or (args.eval_every and m["step"] % args.eval_every == 0)):
-            result = trainer.evaluate(val)
+            result = trainer.evaluate()
             print(f"val   step {m['step']}  loss {result['loss']:.4f}  acc {result['accuracy']:.4f}  "
                   f"top5 {result['top5_accuracy']:.4f}", flush=True)
         if args.checkpoint and (last or (args.eval_every and m["step"] % args.eval_every == 0)):

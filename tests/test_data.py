@@ -809,15 +809,36 @@ def test_make_dataset_validation(kwargs, match):
         make_dataset(x, y, **args)
 
 
-def test_make_dataset_inside_strategy_scope(small_images):
+def test_make_dataset_inside_strategy_scope(small_images, two_cpu_strategy):
     x, y = small_images
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
-    with strategy.scope():
+    strategy = two_cpu_strategy  # a real 2-replica MirroredStrategy
+    assert strategy.num_replicas_in_sync == 2
+    created = []
+
+    def spy(next_creator, **kwargs):  # sees every variable the scope's creators make
+        v = next_creator(**kwargs)
+        created.append(v)
+        return v
+
+    with strategy.scope(), tf.variable_creator_scope(spy):
         ds = make_dataset(x, y, batch_size=16, volume_depth=2,
                           training=False)
+        aug = make_dataset(x, y, batch_size=16, volume_depth=2,
+                           training=True, seed=3)
+    # The input data is not mirrored: no variable with a copy per replica.
+    mirrored = [v for v in created
+                if len(strategy.experimental_local_results(v)) > 1]
+    assert not mirrored, [v.name for v in mirrored]
     gx, gy = collect(ds)
     np.testing.assert_array_equal(gy, y)
     np.testing.assert_array_equal(gx[:, 1], x.astype(np.float32))
+    # the shuffling/augmenting pipeline equals the one built outside any scope
+    ax, ay = collect(aug)
+    bx, by = collect(make_dataset(x, y, batch_size=16, volume_depth=2,
+                                  training=True, seed=3))
+    np.testing.assert_array_equal(ay, by)
+    np.testing.assert_array_equal(ax, bx)
+    assert sorted(ay) == sorted(y)
 
 
 def test_make_dataset_memory_does_not_materialise_volumes():

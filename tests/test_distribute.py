@@ -16,7 +16,8 @@ import tensorflow as tf
 
 from wrn3d_tl.checkpoint import read_checkpoint
 from wrn3d_tl.model import WRNConfig, build_wrn
-from wrn3d_tl.train import Trainer, latest_checkpoint
+from wrn3d_tl.checkpoint import CheckpointManager
+from wrn3d_tl.train import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "cifar_wide_resnet_tl.py")
@@ -57,8 +58,28 @@ def test_without_sync_bn_each_replica_normalises_its_own_half(two_cpu_strategy):
     single, mirrored = pair(two_cpu_strategy, cfg)
     (x, y), = batches(1, cfg)
     x[4:] += 3.0  # the two halves differ, so per-replica statistics differ from the global ones
+    # Two more single-device trainers from the same weights, one per replica's half.
+    halves = []
+    for _ in range(2):
+        t = Trainer(build_wrn(cfg), lr=0.1, verbose=False)
+        for a, b in zip(single.model.all_weights, t.model.all_weights):
+            b.assign(a)
+        halves.append(t)
     a, b = single.train_step(x, y), mirrored.train_step(x, y)
-    assert abs(a["loss"] - b["loss"]) > 1e-4
+    assert abs(a["loss"] - b["loss"]) > 1e-4  # not the global-batch computation
+    h = [t.train_step(x[i * 4:(i + 1) * 4], y[i * 4:(i + 1) * 4]) for i, t in enumerate(halves)]
+    # Replica i normalised with the statistics of x[4i:4i+4] alone: its loss and accuracy are
+    # those of a single device given only that half, and the global batch averages them.
+    assert b["loss"] == pytest.approx((h[0]["loss"] + h[1]["loss"]) / 2, rel=1e-5)
+    assert b["accuracy"] == pytest.approx((h[0]["accuracy"] + h[1]["accuracy"]) / 2, abs=1e-7)
+    # The gradients are averaged over the replicas, so (first SGD step from zero momentum,
+    # affine in the gradient) the mirrored weights are the mean of the two single-device
+    # updates; the BN moving statistics likewise average the two halves' statistics.
+    for v, v0, v1 in zip(mirrored.model.all_weights, halves[0].model.all_weights, halves[1].model.all_weights):
+        np.testing.assert_allclose(v.numpy(), (v0.numpy() + v1.numpy()) / 2, atol=1e-5, err_msg=v.name)
+    moved = [v for v, w in zip(mirrored.model.all_weights, single.model.all_weights)
+             if not np.allclose(v.numpy(), w.numpy(), atol=1e-5)]
+    assert moved  # and they differ from the global-batch step
 
 
 def test_global_batch_must_divide_over_replicas(two_cpu_strategy):
@@ -154,7 +175,7 @@ def test_killed_worker_fails_the_other_fast_and_resume_completes(tmp_path):
     procs = start_workers(tmp_path, ["--iters", "100000", *args], "kill")
     try:
         deadline = time.monotonic() + 180
-        while latest_checkpoint(str(ckdir)) is None:
+        while CheckpointManager(str(ckdir)).latest() is None:
             assert time.monotonic() < deadline, open(tmp_path / "kill-w0.log").read()
             assert procs[0].poll() is None, open(tmp_path / "kill-w0.log").read()
             time.sleep(0.5)
@@ -171,7 +192,7 @@ def test_killed_worker_fails_the_other_fast_and_resume_completes(tmp_path):
     log = open(tmp_path / "kill-w0.log").read()
     assert code != 0 and waited < 60
     assert "lost contact with another worker" in log and "--resume" in log
-    step = read_checkpoint(latest_checkpoint(str(ckdir)))["step"]
+    step = read_checkpoint(CheckpointManager(str(ckdir)).latest())["step"]
     procs = start_workers(tmp_path, ["--iters", str(step + 2), "--resume", *args], "resume")
     codes = finish(procs, timeout=240)
     logs = [open(tmp_path / f"resume-w{i}.log").read() for i in range(2)]

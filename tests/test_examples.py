@@ -24,8 +24,21 @@ def iteration_lines(text):
 
 
 def test_main_job_falls_back_loudly_trains_evaluates_and_resumes(example, tmp_path, capsys, monkeypatch):
+    import numpy as np
+
+    from wrn3d_tl.train import Trainer
+
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.keras/datasets here
     monkeypatch.delenv("WRN3D_DATA_DIR", raising=False)
+    evaluations = []  # (trainer, data, result) of every Trainer.evaluate call
+    real_evaluate = Trainer.evaluate
+
+    def recording_evaluate(self, data=None, *args, **kwargs):
+        result = real_evaluate(self, data, *args, **kwargs)
+        evaluations.append((self, self.eval_data if data is None else data, result))
+        return result
+
+    monkeypatch.setattr(Trainer, "evaluate", recording_evaluate)
     ckpt = tmp_path / "run" / "last.h5"
     result = example.main([*TINY, "--iters", "3", "--checkpoint", str(ckpt), "--logdir", str(tmp_path / "logs"),
                            "--plot", str(tmp_path / "curves.png")])
@@ -36,7 +49,21 @@ def test_main_job_falls_back_loudly_trains_evaluates_and_resumes(example, tmp_pa
     assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"]
     assert all(" loss " in line and " acc " in line and " lr " in line and "vol/s" in line for line in lines)
     assert "test  loss" in out and "(20 samples)" in out and out.rstrip().splitlines()[-1].startswith("summary: 3")
-    assert 0.0 <= result["accuracy"] <= 1.0 and result["samples"] == 20
+    # The reported evaluation is the trained model's, in inference mode, on the 20 held-out
+    # samples: recompute it from the logits.
+    trainer, data, final = evaluations[-1]
+    assert final is result and result["samples"] == 20 and trainer.step == 3
+    xs, ys = zip(*[(bx.numpy(), by.numpy()) for bx, by in data])
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    assert len(y) == 20
+    logits = trainer.model(x, is_train=False).numpy().astype("float64")
+    log_p = logits - logits.max(1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
+    assert result["accuracy"] == pytest.approx(np.mean(logits.argmax(1) == y), abs=1e-9)
+    assert result["loss"] == pytest.approx(-log_p[np.arange(20), y].mean(), rel=1e-4)
+    top5 = np.argsort(-logits, 1)[:, :5]
+    assert result["top5_accuracy"] == pytest.approx(np.mean([t in row for t, row in zip(y, top5)]), abs=1e-9)
+    assert f"test  loss {result['loss']:.4f}  accuracy {result['accuracy']:.4f}" in out
     assert ckpt.exists() and (tmp_path / "curves.png").exists()
 
     example.main([*TINY, "--iters", "5", "--checkpoint", str(ckpt), "--resume"])
@@ -66,13 +93,13 @@ def test_outside_code_steps_the_trainer(example):
     trainer.learning_rate = 0.01
     assert trainer.train_step()["lr"] == 0.01
     assert [s["step"] for s in steps] == [1, 2, 3]
-    assert trainer.evaluate(trainer.test_data)["samples"] == 16
+    assert trainer.evaluate(trainer.eval_data)["samples"] == 16
     with pytest.raises(TypeError, match="unknown options"):
         example.make_trainer(colour="red")
 
 
 def test_batch_size_auto_fits_the_budget(example, capsys):
-    from wrn3d_tl.model import estimate_memory
+    from wrn3d_tl.memory import estimate_memory
 
     trainer = example.make_trainer(dataset="synthetic", depth=10, width=1, volume_depth=2, batch_size="auto",
                                    memory_budget=0.5, synthetic_train=64, synthetic_test=16)
@@ -109,3 +136,53 @@ def test_train_hdf5_volumes_cli(tmp_path, capsys):
     assert ck["step"] == 4 and ck["config"]["input_shape"] == [4, 12, 12, 2]
     assert ck["config"]["group_strides"] == [[1, 1, 1], [1, 2, 2], [1, 2, 2]]
     np.testing.assert_allclose(ck["normalization"]["mean"], volumes.reshape(-1, 2).mean(0), rtol=1e-4)
+
+
+def _damage(path):
+    with open(path, "r+b") as f:
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_train_hdf5_volumes_resumes_from_the_newest_verified_checkpoint(tmp_path, capsys):
+    import numpy as np
+
+    from wrn3d_tl.checkpoint import read_checkpoint
+    from wrn3d_tl.data import write_hdf5_volumes
+
+    spec = importlib.util.spec_from_file_location("train_hdf5_volumes",
+                                                  os.path.join(ROOT, "examples", "train_hdf5_volumes.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    rng = np.random.default_rng(1)
+    write_hdf5_volumes(tmp_path / "train.h5", rng.normal(size=(16, 4, 8, 8, 1)).astype("float32"),
+                       rng.integers(0, 2, 16), num_classes=2)
+    run = tmp_path / "run"
+    common = ["--train", str(tmp_path / "train.h5"), "--depth", "10", "--width", "1", "--batch-size", "4",
+              "--schedule", "constant", "--no-augment", "--checkpoint", str(run / "last.h5")]
+    cli.main([*common, "--iters", "3", "--checkpoint-every", "1"])
+    assert sorted(os.listdir(run)) == ["ckpt-00000001.h5", "ckpt-00000002.h5", "ckpt-00000003.h5", "last.h5"]
+    _damage(run / "last.h5")
+    _damage(run / "ckpt-00000003.h5")
+    capsys.readouterr()
+    cli.main([*common, "--iters", "4", "--resume"])
+    captured = capsys.readouterr()
+    assert f"resumed from {run / 'ckpt-00000002.h5'} at step 2" in captured.out
+    assert [line.split()[1] for line in iteration_lines(captured.out)] == ["3/4", "4/4"]
+    assert captured.err.count("skipping damaged checkpoint") == 2
+    assert read_checkpoint(run / "last.h5")["step"] == 4
+    # the same run uninterrupted reaches the same weights (the stream skips the used batches)
+    cli.main([*common[:-1], str(tmp_path / "straight.h5"), "--iters", "4"])
+    a, b = read_checkpoint(run / "last.h5"), read_checkpoint(tmp_path / "straight.h5")
+    for k in a["weights"]:
+        np.testing.assert_allclose(a["weights"][k], b["weights"][k], atol=1e-5, err_msg=k)
+    # a checkpoint of another network: one clear line, no training
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*common[:3], "16", *common[4:], "--iters", "5", "--resume"])
+    message = str(exit_info.value.code)
+    assert message.count("\n") == 0 and "--resume" in message and str(run / "last.h5") in message
+    assert "depth=10" in message and "depth=16" in message
+    assert iteration_lines(capsys.readouterr().out) == []

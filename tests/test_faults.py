@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from wrn3d_tl.checkpoint import CheckpointError, read_checkpoint
 from wrn3d_tl.model import WRNConfig, build_wrn, count_params, group_shapes
 from wrn3d_tl.predict import Predictor, main as predict_main, predict
-from wrn3d_tl.train import Trainer, latest_checkpoint
+from wrn3d_tl.checkpoint import CheckpointManager
+from wrn3d_tl.train import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "examples", "cifar_wide_resnet_tl.py")
@@ -39,7 +40,7 @@ def _batch(seed, n=8):
 def _state(trainer):
     """Everything a step could change: weights, BN statistics, momentum, step."""
     out = {v.name: v.numpy().copy() for v in trainer.model.all_weights}
-    out.update({"slot:" + s.name: s.numpy().copy() for s in trainer._slots})
+    out.update({"slot:" + s.name: s.numpy().copy() for s in trainer.optimizer.slots})
     out["step"] = np.array(trainer.step)
     return out
 
@@ -122,7 +123,7 @@ def _check_folder_after_kill(folder):
     leftovers = [n for n in names if ".tmp-" in n]
     complete = [n for n in names if _CKPT.match(n)]
     assert complete, f"no checkpoint on disk after the kill: {names}"
-    newest = latest_checkpoint(folder)
+    newest = CheckpointManager(folder).latest()
     assert os.path.basename(newest) == complete[-1]
     for name in complete:
         ck = read_checkpoint(os.path.join(folder, name))
@@ -158,10 +159,10 @@ def test_kill9_campaign(tmp_path, runs):
     t0 = time.monotonic()
     run = _Run(argv)
     runs.append(run)
-    run.wait_for(lambda: latest_checkpoint(folder) is not None, 120, "the first checkpoint")
+    run.wait_for(lambda: CheckpointManager(folder).latest() is not None, 120, "the first checkpoint")
     report = []
     for trial, kind in enumerate(KILL_PLAN, start=1):
-        before = latest_checkpoint(folder)
+        before = CheckpointManager(folder).latest()
         temp_before = {n for n in os.listdir(folder) if ".tmp-" in n}
         if kind == "write":
             delay = None
@@ -396,7 +397,7 @@ def test_float64_and_integer_batches_are_converted_to_float32(tmp_path):
 
 def test_bad_volumes_for_predict_and_cli_change_nothing(ck_trainer, tmp_path, capsys):
     trainer, folder = ck_trainer
-    ckpt = latest_checkpoint(folder)
+    ckpt = CheckpointManager(folder).latest()
     files, state = _digests(folder), _state(trainer)
     pred = Predictor(ckpt)
     weights = [v.numpy().copy() for v in pred.model.all_weights]

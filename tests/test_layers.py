@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 import tensorlayer as tl
 
-from wrn3d_tl.layers import BatchNorm, Conv, leaf_layers, wide_basic_block
+from wrn3d_tl.layers import BatchNorm, Conv, WideBasicBlock, leaf_layers
 
 DECAY, EPS = 0.9, 1e-5
 
@@ -103,9 +103,9 @@ def test_batchnorm_rejects_bad_arguments():
         BatchNorm(name="flat_bn")(ni)
 
 
-def block_model(in_shape, out_channels, strides):
+def block_model(in_shape, out_channels, strides, projection):
     ni = tl.layers.Input((None,) + in_shape)
-    out = wide_basic_block(ni, out_channels, strides, name="blk")
+    out = WideBasicBlock(out_channels, strides, projection=projection, name="blk")(ni)
     return tl.models.Model(inputs=ni, outputs=out)
 
 
@@ -117,16 +117,16 @@ def block_model(in_shape, out_channels, strides):
     ((8, 8, 16), 16, 1, (8, 8, 16)),
 ])
 def test_block_output_shapes(in_shape, out_c, strides, want):
-    model = block_model(in_shape, out_c, strides)
+    has_projection = in_shape[-1] != out_c or strides != 1
+    model = block_model(in_shape, out_c, strides, has_projection)
     y = model(np.ones((2,) + in_shape, "float32"), is_train=False)
     assert tuple(y.shape) == (2,) + want
     names = {layer.name for layer in leaf_layers(model)}
-    has_projection = in_shape[-1] != out_c or strides != 1
     assert ("blk/shortcut" in names) == has_projection
 
 
 def test_identity_block_adds_input_unchanged(rng):
-    model = block_model((4, 4, 4, 8), 8, 1)
+    model = block_model((4, 4, 4, 8), 8, 1, projection=False)
     for layer in leaf_layers(model):
         if isinstance(layer, Conv) and layer.name.endswith("conv2"):
             layer.W.assign(tf.zeros_like(layer.W))
@@ -136,7 +136,7 @@ def test_identity_block_adds_input_unchanged(rng):
 
 def test_projection_shortcut_reads_first_preactivation(rng):
     """With conv2 zeroed, the block is exactly shortcut(relu(bn1(x)))."""
-    model = block_model((4, 4, 4, 8), 16, 2)
+    model = block_model((4, 4, 4, 8), 16, 2, projection=True)
     layers = {layer.name: layer for layer in leaf_layers(model)}
     layers["blk/conv2"].W.assign(tf.zeros_like(layer_w := layers["blk/conv2"].W))
     assert layer_w.shape == (3, 3, 3, 16, 16)

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from wrn3d_tl.model import WRNConfig, build_wrn, estimate_memory, largest_batch
+from wrn3d_tl.memory import estimate_memory, largest_batch
+from wrn3d_tl.model import WRNConfig, build_wrn
 
 CFG = WRNConfig(depth=10, widen_factor=2, input_shape=(4, 16, 16, 3))
 
@@ -47,12 +48,28 @@ def test_recompute_rejects_dropout():
 
 
 def test_estimate_memory_is_monotonic_in_batch_and_width():
-    prev = None
-    for batch in (1, 2, 8, 32):
+    from wrn3d_tl.model import count_params
+
+    one = estimate_memory(CFG, 1)
+    # Weights, their momentum buffers and their gradients: one float32 per trainable scalar of
+    # the network as built (counted on the model, not from the config).
+    n_weights = count_params(build_wrn(CFG))
+    assert one["parameters"] == one["optimizer"] == one["gradients"] == 4 * n_weights
+    assert one["activations"] > 0
+    prev = one
+    for batch in (2, 8, 32):
         est = estimate_memory(CFG, batch)
-        assert est["total"] == est["parameters"] * 3 + est["activations"] + est["runtime"]
-        if prev:
-            assert est["activations"] > prev["activations"] and est["parameters"] == prev["parameters"]
+        # Activations are per sample, so exactly linear in the batch ...
+        assert est["activations"] == batch * one["activations"]
+        # ... and they are the only part that depends on it.
+        for key in ("parameters", "optimizer", "gradients", "runtime"):
+            assert est[key] == one[key], key
+        assert est["total"] - one["total"] == est["activations"] - one["activations"]
+        assert est["step_growth"] - one["step_growth"] == est["activations"] - one["activations"]
+        assert est["total"] > prev["total"] and est["step_growth"] > prev["step_growth"]
+        # Everything that is live during a step at once fits in the total.
+        assert est["total"] >= est["parameters"] + est["optimizer"] + est["gradients"] + est["activations"]
+        assert est["activations"] > prev["activations"] and est["parameters"] == prev["parameters"]
         prev = est
     totals = [estimate_memory(WRNConfig(depth=16, widen_factor=k, input_shape=(8, 32, 32, 3)), 8)["total"]
               for k in (1, 2, 4, 8)]

@@ -148,3 +148,28 @@ def test_numpy_integers_are_accepted_and_stored_as_ints():
     assert WRNConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match="WRNConfig.depth"):
         WRNConfig(depth=np.bool_(True), widen_factor=1)
+
+
+def test_block_plan_is_the_built_network():
+    """The plan (WRNConfig.blocks) is what build_wrn builds: names, strides, shortcuts and
+    each block's output shape, for 2D and anisotropic 3D configs."""
+    for cfg in (WRNConfig(depth=16, widen_factor=2, input_shape=(5, 9, 9, 2), group_strides=(1, (1, 2, 2), 2)),
+                WRNConfig(depth=10, widen_factor=1, input_shape=(16, 16, 3))):
+        plan = cfg.blocks()
+        assert [b.name for b in plan] == [f"group{g}/block{i}" for g in (1, 2, 3)
+                                          for i in range(1, cfg.blocks_per_group + 1)]
+        assert cfg.layout == ("NDHWC" if cfg.spatial_rank == 3 else "NHWC")
+        model = build_wrn(cfg)
+        leaves = {layer.name: layer for layer in leaf_layers(model)}
+        blocks = {layer.name: layer for layer in model.all_layers}
+        x = tf.zeros((1,) + cfg.input_shape)
+        h = blocks["stem/conv"](x)
+        for b in plan:
+            assert leaves[f"{b.name}/conv1"]._strides == b.strides
+            assert (f"{b.name}/shortcut" in leaves) == b.projection
+            h = blocks[b.name](h)
+            assert tuple(h.shape[1:]) == b.out_spatial + (b.out_channels,), b
+        # the rule itself: a projection exactly where channels or stride change
+        assert [b.projection for b in plan] == [b.in_channels != b.out_channels or b.strides != (1,) * cfg.spatial_rank
+                                                for b in plan]
+        assert plan[0].in_channels == cfg.stem_width == 16

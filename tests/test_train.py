@@ -11,7 +11,8 @@ import tensorflow as tf
 
 from wrn3d_tl.checkpoint import CheckpointError
 from wrn3d_tl.model import WRNConfig, build_wrn
-from wrn3d_tl.train import Trainer, latest_checkpoint
+from wrn3d_tl.checkpoint import CheckpointManager
+from wrn3d_tl.train import Trainer
 
 CFG = WRNConfig(depth=10, widen_factor=1, input_shape=(4, 16, 16, 3))
 
@@ -248,8 +249,8 @@ def test_periodic_checkpoints_keep_the_newest(tmp_path):
     for _ in range(7):
         t.train_step(x, y)
     assert sorted(os.listdir(tmp_path)) == ["ckpt-00000004.h5", "ckpt-00000006.h5"]
-    assert latest_checkpoint(str(tmp_path)).endswith("ckpt-00000006.h5")
-    assert Trainer.restore(latest_checkpoint(str(tmp_path)), verbose=False).step == 6
+    assert CheckpointManager(str(tmp_path)).latest().endswith("ckpt-00000006.h5")
+    assert Trainer.restore(CheckpointManager(str(tmp_path)).latest(), verbose=False).step == 6
 
 
 def test_logs_csv_tensorboard_and_plot(tmp_path):
@@ -288,16 +289,19 @@ def test_train_data_arrays_and_dataset_pull_batches():
 def test_tiny_3d_wrn_learns_the_synthetic_set():
     from wrn3d_tl.data import compute_normalization, make_dataset, synthetic_cifar
 
-    (xtr, ytr), _ = synthetic_cifar(512, 8, num_classes=10, seed=0)
+    (xtr, ytr), (xte, yte) = synthetic_cifar(512, 200, num_classes=10, seed=0)
     norm = compute_normalization(xtr)
     cfg = WRNConfig(depth=10, widen_factor=1, input_shape=(2, 32, 32, 3))
     ds = make_dataset(xtr, ytr, batch_size=32, volume_depth=2, training=True, augment=False, seed=0,
                       normalization=norm, drop_remainder=True, repeat=True)
     t = make(cfg, train_data=ds, lr=0.05, schedule="cosine", total_steps=80)
+    # Held-out samples, never trained on; before training the model is at chance on them.
+    held_out = make_dataset(xte, yte, batch_size=100, volume_depth=2, training=False, normalization=norm)
+    assert t.evaluate(held_out)["accuracy"] <= 0.3
     for _ in range(80):
         t.train_step()
-    ev = make_dataset(xtr, ytr, batch_size=128, volume_depth=2, training=False, normalization=norm)
-    assert t.evaluate(ev)["accuracy"] >= 0.9
+    result = t.evaluate(held_out)
+    assert result["samples"] == 200 and result["accuracy"] >= 0.9
 
 
 def test_bf16_keeps_float32_master_weights_and_logits():
@@ -346,10 +350,10 @@ def test_bf16_learns_the_synthetic_set_as_well_as_fp32():
 def test_fp16_loss_scaling_skips_overflowing_steps_and_halves_the_scale():
     t = make(mixed_precision="fp16")
     x, y = batch(0)
-    assert np.isfinite(t.train_step(x, y)["loss"]) and t._loss_scale.numpy() == 2.0 ** 15
-    t._loss_scale.assign(3e38)  # the scaled gradients overflow
+    assert np.isfinite(t.train_step(x, y)["loss"]) and t.loss_scale.scale.numpy() == 2.0 ** 15
+    t.loss_scale.scale.assign(3e38)  # the scaled gradients overflow
     before = weights_of(t)
     out = t.train_step(x, y)  # no error in fp16 mode: the step is skipped, as in dynamic loss scaling
-    assert out["step"] == 2 and t._loss_scale.numpy() == pytest.approx(1.5e38)
+    assert out["step"] == 2 and t.loss_scale.scale.numpy() == pytest.approx(1.5e38)
     assert_same(before, weights_of(t))
     assert all(v.dtype == tf.float32 for v in t.model.all_weights)

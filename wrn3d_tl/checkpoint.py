@@ -13,12 +13,20 @@ The first 512 bytes are an HDF5 user block holding ``MAGIC`` and the SHA-256 of 
 byte after the block, zero-padded: a flipped byte anywhere in the file — even one HDF5
 never reads — is refused. The ``checksum`` attribute covers the contents as read back.
 TensorLayer's own savers fail on h5py 3 / numpy 2, hence this format.
+
+A folder of periodic checkpoints (``ckpt-XXXXXXXX.h5``, the step in 8 digits) is owned by
+a ``CheckpointManager``: naming, keep-N pruning, the newest checkpoint that verifies.
+A file is written under a temporary name ``.<name>.tmp-<host>-<pid>`` first; the name
+says which writer it belongs to, so clean-up on a shared filesystem only ever removes
+temporaries of this host whose process is gone.
 """
 
 import hashlib
 import json
 import os
 import re
+import socket
+import sys
 
 import h5py
 import numpy as np
@@ -27,10 +35,12 @@ FORMAT = "wrn3d_tl-checkpoint"
 VERSION = 1
 MAGIC = b"wrn3d_tl-checkpoint sha256="
 _USERBLOCK = 512
-_STALE_TMP = re.compile(r"^\..+\.tmp-(\d+)$")
+_TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<host>.+)-(?P<pid>\d+)$")
+_PERIODIC = re.compile(r"^ckpt-(\d{8})\.h5$")
 _GROUPS = ("weights", "optimizer", "state")
 
-__all__ = ["CheckpointError", "write_checkpoint", "read_checkpoint", "checkpoint_contents"]
+__all__ = ["CheckpointError", "CheckpointManager", "write_checkpoint", "read_checkpoint", "checkpoint_contents",
+           "temporary_path"]
 
 
 class CheckpointError(ValueError):
@@ -57,21 +67,33 @@ def _file_digest(fh):
     return h.hexdigest().encode()
 
 
-def _remove_stale_temporaries(folder):
-    """Delete temporary files left by writers that were killed (their process is gone)."""
+def temporary_path(path):
+    """Where a writer of ``path`` writes before the atomic rename: ``.<name>.tmp-<host>-<pid>``
+    in the same folder (the same filesystem, so ``os.replace`` is atomic)."""
+    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
+    return os.path.join(folder, f".{name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
+def remove_stale_temporaries(folder):
+    """Delete temporaries left in ``folder`` by killed writers of THIS host (their process
+    is gone); returns the removed names. Another host's temporary is never touched: its
+    writer may be alive and mid-write on a shared filesystem."""
+    host, removed = socket.gethostname(), []
     for name in os.listdir(folder):
-        m = _STALE_TMP.match(name)
-        if not m or int(m.group(1)) == os.getpid():
+        m = _TEMP.match(name)
+        if not m or m["host"] != host or int(m["pid"]) == os.getpid():
             continue
         try:
-            os.kill(int(m.group(1)), 0)
+            os.kill(int(m["pid"]), 0)
         except ProcessLookupError:
             try:
                 os.remove(os.path.join(folder, name))
+                removed.append(name)
             except OSError:
                 pass
-        except OSError:
+        except OSError:  # alive, owned by someone else
             pass
+    return removed
 
 
 def write_checkpoint(path, *, config, trainer, step, normalization, weights, optimizer, state=None):
@@ -87,8 +109,8 @@ def write_checkpoint(path, *, config, trainer, step, normalization, weights, opt
     meta = {"config": config, "trainer": trainer, "step": int(step), "normalization": normalization}
     arrays = {f"{g}/{k}": np.asarray(v) for g, d in zip(_GROUPS, (weights, optimizer, state or {}))
               for k, v in d.items()}
-    _remove_stale_temporaries(folder)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    remove_stale_temporaries(folder)
+    tmp = temporary_path(path)
     try:
         with h5py.File(tmp, "w", userblock_size=_USERBLOCK) as f:
             f.attrs["format"] = FORMAT
@@ -184,3 +206,71 @@ def checkpoint_contents(path):
     """A short dict describing a checkpoint (config, step, trainer settings), verified."""
     ck = read_checkpoint(path)
     return {k: ck[k] for k in ("config", "trainer", "step", "normalization")}
+
+
+class CheckpointManager:
+    """Owns a folder of periodic checkpoints ``ckpt-XXXXXXXX.h5`` (in the spirit of
+    ``tf.train.CheckpointManager``): their names, keep-N pruning, the newest one, the
+    newest one that verifies, and clean-up of temporaries left by killed writers.
+
+    Args:
+        directory: the folder (created on the first ``path_for``).
+        keep: how many periodic checkpoints ``prune`` keeps (newest first); None keeps all.
+        report: called with one line per damaged checkpoint that ``newest_verified``
+            skips (default: print to stderr).
+    """
+
+    def __init__(self, directory, keep=3, report=None):
+        if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
+            raise ValueError(f"keep must be a positive int or None, got {keep!r}")
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.keep = keep
+        self.report = report or (lambda line: print(line, file=sys.stderr, flush=True))
+
+    def path_for(self, step):
+        """The file name of the periodic checkpoint at ``step``."""
+        return os.path.join(self.directory, f"ckpt-{int(step):08d}.h5")
+
+    def checkpoints(self):
+        """``(step, path)`` of every periodic checkpoint, oldest first (by the step in the
+        name; empty when the folder is absent). Temporaries are never listed."""
+        if not os.path.isdir(self.directory):
+            return []
+        return sorted((int(m.group(1)), os.path.join(self.directory, name)) for name in os.listdir(self.directory)
+                      if (m := _PERIODIC.match(name)))
+
+    def latest(self):
+        """Path of the newest periodic checkpoint by name, or None (not verified)."""
+        found = self.checkpoints()
+        return found[-1][1] if found else None
+
+    def prune(self):
+        """Delete all but the newest ``keep`` periodic checkpoints; returns the deleted paths."""
+        found = self.checkpoints()
+        stale = [path for _, path in found[:-self.keep]] if self.keep else []
+        for path in stale:
+            os.remove(path)
+        return stale
+
+    def newest_verified(self, also=()):
+        """The path of the checkpoint with the highest stored step among the periodic ones
+        and the paths in ``also`` (e.g. a run's final checkpoint), that passes every check
+        of ``read_checkpoint``; None when there is none. Damaged files are reported and
+        skipped; missing ``also`` paths are ignored."""
+        candidates = [(None, os.fspath(p)) for p in also] + self.checkpoints()[::-1]
+        best = None
+        for named_step, path in candidates:
+            if not os.path.exists(path) or (best and named_step is not None and named_step <= best[0]):
+                continue
+            try:
+                step = checkpoint_contents(path)["step"]
+            except CheckpointError as e:
+                self.report(f"skipping damaged checkpoint: {e}")
+                continue
+            if best is None or step > best[0]:
+                best = (step, path)
+        return best[1] if best else None
+
+    def remove_stale_temporaries(self):
+        """See the module function: this host's temporaries whose writer is gone."""
+        return remove_stale_temporaries(self.directory) if os.path.isdir(self.directory) else []

@@ -10,11 +10,30 @@ import os
 
 import tensorflow as tf
 
-__all__ = ["make_strategy", "WORKER_LOST_ERRORS"]
+__all__ = ["make_strategy", "WORKER_LOST_ERRORS", "MAYBE_WORKER_LOST_ERRORS", "worker_failure_message"]
 
 # What a collective raises when a peer worker dies or stops answering.
-WORKER_LOST_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
-                      tf.errors.AbortedError, tf.errors.InternalError)
+WORKER_LOST_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError)
+# Raised by a collective cancelled under a lost peer, but just as well by failures that
+# have nothing to do with other workers (a kernel error, a bad input): never reported as
+# a certain loss.
+MAYBE_WORKER_LOST_ERRORS = (tf.errors.CancelledError, tf.errors.InternalError)
+
+
+def worker_failure_message(exc, step):
+    """The error line a multi-worker run prints when step ``step`` fails with ``exc``:
+    a certain loss of contact for ``WORKER_LOST_ERRORS``, a possible one (with the
+    original error, in full) for ``MAYBE_WORKER_LOST_ERRORS``; None for anything else."""
+    first = " ".join(str(exc).split())
+    if isinstance(exc, WORKER_LOST_ERRORS):
+        return (f"[wrn3d_tl] ERROR: lost contact with another worker at step {step} "
+                f"({type(exc).__name__}: {first[:200]}). Restart every worker with --resume to continue from "
+                "the last checkpoint.")
+    if isinstance(exc, MAYBE_WORKER_LOST_ERRORS):
+        return (f"[wrn3d_tl] ERROR at step {step}: {type(exc).__name__}: {first}\n"
+                "[wrn3d_tl] This may mean a lost contact with another worker (then restart every worker with "
+                "--resume to continue from the last checkpoint), or a failure of its own: see the error above.")
+    return None
 
 
 def make_strategy(kind="none", cpu_replicas=None, timeout_seconds=None):

@@ -35,6 +35,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from wrn3d_tl.data import as_normalization
+
 __all__ = ["export_saved_model", "SIGNATURES"]
 
 SIGNATURES = ("serving_default", "serving_uint8")
@@ -58,22 +60,8 @@ def _resolve(trainer_or_model, normalization):
 
 
 def _norm_arrays(normalization, config):
-    if normalization is None:
-        return None
-    if hasattr(normalization, "to_dict"):
-        normalization = normalization.to_dict()
-    if not isinstance(normalization, dict) or "mean" not in normalization or "std" not in normalization:
-        raise TypeError("normalization must be None, a wrn3d_tl.data.Normalization or a dict with 'mean' and "
-                        f"'std', got {normalization!r}")
-    mean = np.asarray(normalization["mean"], dtype=np.float32).reshape(-1)
-    std = np.asarray(normalization["std"], dtype=np.float32).reshape(-1)
-    channels = config.input_shape[-1]
-    if mean.shape != (channels,) or std.shape != (channels,):
-        raise ValueError(f"normalization must hold {channels} means and stds (one per channel of "
-                         f"input_shape {config.input_shape}), got {mean.size} and {std.size}")
-    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std)) and np.all(std > 0)):
-        raise ValueError(f"normalization must have finite means and stds > 0, got mean {mean}, std {std}")
-    return {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+    norm = as_normalization(normalization, config.input_shape[-1], f"input_shape {config.input_shape}")
+    return None if norm is None else norm.to_dict()
 
 
 def _plain_model(model, config):
@@ -106,8 +94,7 @@ class _ServingModule(tf.Module):
 
         expected = tf.constant(config.input_shape, tf.int32)
         n = len(config.input_shape)
-        layout = "NDHWC" if n == 4 else "NHWC"
-        shape_error = f"volumes must have shape (N,) + {tuple(config.input_shape)} ({layout}); got shape:"
+        shape_error = f"volumes must have shape (N,) + {tuple(config.input_shape)} ({config.layout}); got shape:"
 
         def forward(volumes):
             # Signature calls do not enforce the declared shape, so check it in the graph.
@@ -166,7 +153,7 @@ def export_saved_model(trainer_or_model, path, *, normalization=None):
         "version": 1,
         "config": config.to_dict(),
         "normalization": norm,
-        "layout": "NDHWC" if config.spatial_rank == 3 else "NHWC",
+        "layout": config.layout,
         "input_shape": [None, *config.input_shape],
         "signatures": list(SIGNATURES),
         "outputs": ["logits", "probabilities"],

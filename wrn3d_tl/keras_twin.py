@@ -43,7 +43,7 @@ import keras
 import numpy as np
 
 from wrn3d_tl.layers import leaf_layers
-from wrn3d_tl.model import WRNConfig, _STEM_WIDTH
+from wrn3d_tl.model import WRNConfig
 
 __all__ = ["build_keras_wrn", "keras_layer_name", "tl_to_keras", "keras_to_tl", "count_keras_params"]
 
@@ -89,24 +89,16 @@ def build_keras_wrn(config, name=None):
         return L.ReLU(name=keras_layer_name(tl_name) + "_relu")(x)
 
     inputs = keras.Input(shape=config.input_shape, name="input")
-    x = conv(inputs, _STEM_WIDTH, 3, 1, "stem/conv")
-    channels = _STEM_WIDTH
-    for g, (width, group_strides) in enumerate(zip(config.widths, config.group_strides), start=1):
-        for b in range(1, config.blocks_per_group + 1):
-            strides = group_strides if b == 1 else (1,) * rank
-            p = f"group{g}/block{b}"
-            preact = bn_relu(x, f"{p}/bn1")
-            y = conv(preact, width, 3, strides, f"{p}/conv1")
-            y = bn_relu(y, f"{p}/bn2")
-            if config.dropout > 0:
-                y = L.Dropout(config.dropout, name=keras_layer_name(f"{p}/dropout"))(y)
-            y = conv(y, width, 3, 1, f"{p}/conv2")
-            if channels != width or any(s != 1 for s in strides):
-                shortcut = conv(preact, width, 1, strides, f"{p}/shortcut")
-            else:
-                shortcut = x
-            x = L.Add(name=keras_layer_name(f"{p}/add"))([y, shortcut])
-            channels = width
+    x = conv(inputs, config.stem_width, 3, 1, "stem/conv")
+    for b in config.blocks():
+        preact = bn_relu(x, f"{b.name}/bn1")
+        y = conv(preact, b.out_channels, 3, b.strides, f"{b.name}/conv1")
+        y = bn_relu(y, f"{b.name}/bn2")
+        if config.dropout > 0:
+            y = L.Dropout(config.dropout, name=keras_layer_name(f"{b.name}/dropout"))(y)
+        y = conv(y, b.out_channels, 3, 1, f"{b.name}/conv2")
+        shortcut = conv(preact, b.out_channels, 1, b.strides, f"{b.name}/shortcut") if b.projection else x
+        x = L.Add(name=keras_layer_name(f"{b.name}/add"))([y, shortcut])
     x = bn_relu(x, "head/bn")
     x = pool_cls(name="head_pool")(x)
     logits = L.Dense(config.num_classes, kernel_initializer="he_normal", bias_initializer="zeros",

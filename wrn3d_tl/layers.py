@@ -11,10 +11,9 @@ import math
 import tensorflow as tf
 import tensorlayer as tl
 
-__all__ = [
-    "HeNormal", "BatchNorm", "Conv", "GlobalAvgPool", "WideBasicBlock", "wide_basic_block", "wide_group",
-    "leaf_layers",
-]
+from wrn3d_tl.axes import ensure_tuple_rep, layout
+
+__all__ = ["HeNormal", "BatchNorm", "Conv", "GlobalAvgPool", "WideBasicBlock", "leaf_layers", "variable_name"]
 
 
 class HeNormal(tl.initializers.Initializer):
@@ -176,12 +175,12 @@ class Conv(tl.layers.Layer):
 
     def build(self, inputs_shape):
         rank = _spatial_rank(inputs_shape, self.name)
-        self._kernel = _per_axis(self.kernel_size, rank, f"{self.name}: kernel_size")
-        self._strides = _per_axis(self.strides, rank, f"{self.name}: strides")
+        self._kernel = ensure_tuple_rep(self.kernel_size, rank, f"{self.name}: kernel_size")
+        self._strides = ensure_tuple_rep(self.strides, rank, f"{self.name}: strides")
         shape = self._kernel + (int(inputs_shape[-1]), self.n_filter)
         self.W = self._get_weights("kernel", shape=shape, init=HeNormal())
         # Explicit: with data_format=None the eager Conv3D gradient fails on TF 2.21.
-        self.data_format = "NHWC" if rank == 2 else "NDHWC"
+        self.data_format = layout(rank)
 
     def forward(self, inputs):
         dtype = inputs.dtype
@@ -212,30 +211,22 @@ class GlobalAvgPool(tl.layers.Layer):
         return tf.reduce_mean(tf.cast(inputs, tf.float32), axis=list(range(1, self.rank + 1)))
 
 
-def _per_axis(value, rank, what):
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value,) * rank
-    value = tuple(value)
-    if len(value) != rank or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value):
-        raise ValueError(f"{what}: expected a positive int or {rank} positive ints, got {value!r}")
-    return value
-
-
 class WideBasicBlock(tl.layers.Layer):
     """The pre-activation wide basic block, 2D or 3D, as one TensorLayer layer.
 
     Input (N, [D,] H, W, C_in) -> output (N, [ceil(D/s),] ceil(H/s), ceil(W/s), out_channels),
     in the input's dtype. Residual branch: BN-ReLU -> conv 3 per axis (stride) -> BN-ReLU
-    -> [dropout] -> conv 3. Shortcut: identity when shapes match; otherwise a 1-per-axis
-    conv with the block's stride applied to the first BN-ReLU output, as in the paper's
-    reference code. Sub-layers are named ``{name}/bn1``, ``{name}/conv1``, ``{name}/bn2``,
+    -> [dropout] -> conv 3. Shortcut: the identity, or with ``projection=True`` a
+    1-per-axis conv with the block's stride applied to the first BN-ReLU output, as in the
+    paper's reference code. Which blocks project is the model's plan
+    (``wrn3d_tl.model.WRNConfig.blocks``), not decided here. Sub-layers are named ``{name}/bn1``, ``{name}/conv1``, ``{name}/bn2``,
     ``{name}/dropout``, ``{name}/conv2``, ``{name}/shortcut`` (see ``leaf_layers``).
 
     With ``recompute=True`` the block keeps only its input for the backward pass and
     recomputes its activations there (``tf.recompute_grad``): less memory, more compute.
     """
 
-    def __init__(self, out_channels, strides=1, dropout=0.0, *, name, bn_decay=0.9, bn_epsilon=1e-5,
+    def __init__(self, out_channels, strides=1, dropout=0.0, *, projection, name, bn_decay=0.9, bn_epsilon=1e-5,
                  sync_bn=False, recompute=False):
         super().__init__(name)
         if recompute and dropout > 0:
@@ -251,18 +242,17 @@ class WideBasicBlock(tl.layers.Layer):
         self.bn2 = BatchNorm(name=f"{name}/bn2", **bn)
         self.drop = tl.layers.Dropout(keep=1.0 - dropout, name=f"{name}/dropout") if dropout > 0 else None
         self.conv2 = Conv(out_channels, 3, 1, name=f"{name}/conv2")
-        self.shortcut = None
+        self.shortcut = Conv(out_channels, 1, strides, name=f"{name}/shortcut") if projection else None
         self._forward_calls = 0
 
     def __repr__(self):
         return (f"WideBasicBlock(out_channels={self.out_channels}, strides={self.strides}, "
-                f"dropout={self.dropout}, recompute={self.recompute}, name='{self.name}')")
+                f"dropout={self.dropout}, projection={self.shortcut is not None}, recompute={self.recompute}, "
+                f"name='{self.name}')")
 
     def build(self, inputs_shape):
         rank = _spatial_rank(inputs_shape, self.name)
-        strides = _per_axis(self.strides, rank, f"{self.name}: strides")
-        if int(inputs_shape[-1]) != self.out_channels or any(s != 1 for s in strides):
-            self.shortcut = Conv(self.out_channels, 1, strides, name=f"{self.name}/shortcut")
+        strides = ensure_tuple_rep(self.strides, rank, f"{self.name}: strides")
         inner = [inputs_shape[0]] + [-(-int(d) // s) for d, s in zip(inputs_shape[1:-1], strides)] + \
             [self.out_channels]
         plan = [(self.bn1, inputs_shape), (self.conv1, inputs_shape), (self.bn2, inner), (self.conv2, inner)]
@@ -304,15 +294,10 @@ class WideBasicBlock(tl.layers.Layer):
         return self._body(inputs)
 
 
-def wide_basic_block(x, out_channels, strides=1, dropout=0.0, *, name, bn_decay=0.9, bn_epsilon=1e-5,
-                     sync_bn=False, recompute=False):
-    """Wire one ``WideBasicBlock`` named ``name`` into a static TensorLayer graph.
-
-    ``x``: the output tensor of a previous TensorLayer layer, (N, [D,] H, W, C_in).
-    Returns (N, [ceil(D/s),] ceil(H/s), ceil(W/s), out_channels) in x's dtype.
-    """
-    return WideBasicBlock(out_channels, strides, dropout, name=name, bn_decay=bn_decay, bn_epsilon=bn_epsilon,
-                          sync_bn=sync_bn, recompute=recompute)(x)
+def variable_name(var):
+    """A variable's hierarchical name without TensorFlow's ":0" suffix, e.g.
+    ``"group2/block1/conv1/kernel"``: the key of weights in checkpoints."""
+    return var.name.split(":")[0]
 
 
 def leaf_layers(model_or_layer):
@@ -323,16 +308,3 @@ def leaf_layers(model_or_layer):
     for layer in layers:
         out.extend(layer._layers if isinstance(layer, WideBasicBlock) else [layer])
     return out
-
-
-def wide_group(x, n_blocks, out_channels, strides=1, dropout=0.0, *, name, **block_kwargs):
-    """Wire ``n_blocks`` wide basic blocks named ``{name}/block1`` ... ``{name}/block{n}``.
-
-    The first block carries the group's stride and width change; the rest keep shape.
-    ``block_kwargs``: bn_decay, bn_epsilon, sync_bn, recompute (see ``WideBasicBlock``).
-    ``x``: (N, [D,] H, W, C_in) -> (N, [ceil(D/s),] ceil(H/s), ceil(W/s), out_channels).
-    """
-    for i in range(n_blocks):
-        x = wide_basic_block(x, out_channels, strides if i == 0 else 1, dropout,
-                             name=f"{name}/block{i + 1}", **block_kwargs)
-    return x

@@ -46,10 +46,12 @@ class MetricsLogger:
 
 
 def plot_metrics(csv_path, png_path):
-    """Draw loss and accuracy against step (train and eval) from a metrics CSV into a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Draw loss and accuracy against step (train and eval) from a metrics CSV into a PNG.
+
+    Draws on its own ``matplotlib.figure.Figure`` (no pyplot): the caller's matplotlib
+    backend and open figures are left alone. Returns ``png_path``.
+    """
+    from matplotlib.figure import Figure
 
     series = {}
     with open(csv_path, newline="") as f:
@@ -59,7 +61,8 @@ def plot_metrics(csv_path, png_path):
                     series.setdefault((row["split"], key), []).append((int(row["step"]), float(row[key])))
     if not series:
         raise ValueError(f"{csv_path!r} holds no metric rows to plot")
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2)
     for ax, key in zip(axes, ("loss", "accuracy")):
         for split in ("train", "eval"):
             pts = series.get((split, key))
@@ -71,5 +74,4 @@ def plot_metrics(csv_path, png_path):
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
-    plt.close(fig)
     return png_path

@@ -17,25 +17,42 @@ with n = (depth - 4) / 6 pre-activation wide basic blocks per group.
 import dataclasses
 import json
 import math
-import numbers
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
-import numpy as np
 import tensorflow as tf
 import tensorlayer as tl
 
-from wrn3d_tl.layers import BatchNorm, Conv, GlobalAvgPool, HeNormal, wide_group
+from wrn3d_tl.axes import ensure_tuple_rep, is_int, layout
+from wrn3d_tl.layers import BatchNorm, Conv, GlobalAvgPool, HeNormal, WideBasicBlock
 
-__all__ = ["WRNConfig", "build_wrn", "count_params", "count_flops", "group_shapes", "summary", "estimate_memory",
-           "largest_batch"]
+__all__ = ["WRNConfig", "BlockSpec", "build_wrn", "count_params", "count_flops", "group_shapes", "summary",
+           "STEM_WIDTH", "GROUP_WIDTHS"]
 
-_STEM_WIDTH = 16
-_GROUP_WIDTHS = (16, 32, 64)
+STEM_WIDTH = 16
+GROUP_WIDTHS = (16, 32, 64)  # times the widening factor k
 
 
-def _is_int(v):
-    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+class BlockSpec(NamedTuple):
+    """One wide basic block of the plan (``WRNConfig.blocks()``).
+
+    ``name`` ("group2/block1"), ``group`` (1..3), ``index`` (1..n within the group),
+    ``in_spatial``/``out_spatial`` (spatial shape before/after, (D, H, W) or (H, W)),
+    ``in_channels``/``out_channels``, ``strides`` (one per spatial axis, on the first
+    convolution and the shortcut) and ``projection`` (a 1-per-axis convolution shortcut
+    instead of the identity).
+    """
+
+    name: str
+    group: int
+    index: int
+    in_spatial: tuple
+    out_spatial: tuple
+    in_channels: int
+    out_channels: int
+    strides: tuple
+    projection: bool
 
 
 @dataclass(frozen=True)
@@ -71,17 +88,17 @@ class WRNConfig:
         def bad(name, rule):
             raise ValueError(f"WRNConfig.{name} must be {rule}, got {getattr(self, name)!r}")
 
-        if not _is_int(self.depth) or self.depth < 10 or (self.depth - 4) % 6:
+        if not is_int(self.depth) or self.depth < 10 or (self.depth - 4) % 6:
             bad("depth", "an int of the form 6n + 4 with n >= 1 (10, 16, 22, 28, 40, ...)")
-        if not _is_int(self.widen_factor) or self.widen_factor < 1:
+        if not is_int(self.widen_factor) or self.widen_factor < 1:
             bad("widen_factor", "an int >= 1")
-        if not _is_int(self.num_classes) or self.num_classes < 2:
+        if not is_int(self.num_classes) or self.num_classes < 2:
             bad("num_classes", "an int >= 2")
         for name in ("depth", "widen_factor", "num_classes"):  # numpy ints become plain ints
             object.__setattr__(self, name, int(getattr(self, name)))
         shape = self.input_shape
         if (not isinstance(shape, (tuple, list)) or len(shape) not in (3, 4)
-                or not all(_is_int(d) and d >= 1 for d in shape)):
+                or not all(is_int(d) and d >= 1 for d in shape)):
             bad("input_shape", "(D, H, W, C) or (H, W, C) of positive ints")
         object.__setattr__(self, "input_shape", tuple(int(d) for d in shape))
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
@@ -98,24 +115,29 @@ class WRNConfig:
             bad("sync_bn", "a bool")
 
     def _normalise_strides(self):
-        rank = len(self.input_shape) - 1
-        rule = f"3 entries (one per group), each a positive int or {rank} positive ints (one per spatial axis)"
-        strides = self.group_strides
-        if not isinstance(strides, (tuple, list)) or len(strides) != 3:
-            raise ValueError(f"WRNConfig.group_strides must be {rule}, got {strides!r}")
-        out = []
-        for s in strides:
-            s = (s,) * rank if _is_int(s) else s
-            if not isinstance(s, (tuple, list, np.ndarray)) or len(s) != rank \
-                    or not all(_is_int(v) and v >= 1 for v in s):
-                raise ValueError(f"WRNConfig.group_strides must be {rule}, got {strides!r}")
-            out.append(tuple(int(v) for v in s))
-        return tuple(out)
+        strides, rank = self.group_strides, self.spatial_rank
+        try:
+            if not isinstance(strides, (tuple, list)) or len(strides) != 3:
+                raise ValueError
+            return tuple(ensure_tuple_rep(s, rank, "each entry") for s in strides)
+        except ValueError:
+            raise ValueError(f"WRNConfig.group_strides must be 3 entries (one per group), each a positive int or "
+                             f"{rank} positive ints (one per spatial axis), got {strides!r}") from None
 
     @property
     def spatial_rank(self):
         """2 for (H, W, C) inputs, 3 for (D, H, W, C) inputs."""
         return len(self.input_shape) - 1
+
+    @property
+    def layout(self):
+        """The batch layout: "NDHWC" for 3D configs, "NHWC" for 2D ones."""
+        return layout(self.spatial_rank)
+
+    @property
+    def stem_width(self):
+        """Output channels of the stem convolution (16, the paper's)."""
+        return STEM_WIDTH
 
     @property
     def blocks_per_group(self):
@@ -125,7 +147,7 @@ class WRNConfig:
     @property
     def widths(self):
         """Output channels of the three groups: (16k, 32k, 64k)."""
-        return tuple(w * self.widen_factor for w in _GROUP_WIDTHS)
+        return tuple(w * self.widen_factor for w in GROUP_WIDTHS)
 
     @property
     def name(self):
@@ -139,6 +161,26 @@ class WRNConfig:
         if not m:
             raise ValueError(f"name must look like 'WRN-<depth>-<widen_factor>' (e.g. 'WRN-28-10'), got {name!r}")
         return cls(depth=int(m.group(1)), widen_factor=int(m.group(2)), **overrides)
+
+    def blocks(self):
+        """The block plan, one ``BlockSpec`` per wide basic block in network order.
+
+        The paper's rule, written here once: the first block of a group takes the group's
+        stride and width; a block whose channels or stride change has a projection
+        shortcut. ``build_wrn``, the Keras twin, ``group_shapes``/``count_flops``, the
+        memory estimate and the PyTorch reference all read this plan.
+        """
+        spatial, channels = self.input_shape[:-1], self.stem_width
+        plan = []
+        for g, (width, group_strides) in enumerate(zip(self.widths, self.group_strides), start=1):
+            for i in range(1, self.blocks_per_group + 1):
+                strides = group_strides if i == 1 else (1,) * self.spatial_rank
+                out = tuple(-(-d // s) for d, s in zip(spatial, strides))  # "SAME": ceil(d / s)
+                projection = channels != width or any(s != 1 for s in strides)
+                plan.append(BlockSpec(f"group{g}/block{i}", g, i, spatial, out, channels, width, strides,
+                                      projection))
+                spatial, channels = out, width
+        return plan
 
     def to_dict(self):
         """A JSON-serialisable dict; ``WRNConfig.from_dict`` inverts it."""
@@ -177,9 +219,10 @@ def build_wrn(config, name=None, recompute=False):
         raise TypeError(f"config must be a WRNConfig, got {type(config).__name__}")
     bn = dict(bn_decay=config.bn_decay, bn_epsilon=config.bn_epsilon, sync_bn=config.sync_bn, recompute=recompute)
     inputs = tl.layers.Input((None,) + config.input_shape, name="input")
-    x = Conv(_STEM_WIDTH, 3, 1, name="stem/conv")(inputs)
-    for g, (width, strides) in enumerate(zip(config.widths, config.group_strides), start=1):
-        x = wide_group(x, config.blocks_per_group, width, strides, config.dropout, name=f"group{g}", **bn)
+    x = Conv(config.stem_width, 3, 1, name="stem/conv")(inputs)
+    for block in config.blocks():
+        x = WideBasicBlock(block.out_channels, block.strides, config.dropout, projection=block.projection,
+                           name=block.name, **bn)(x)
     x = BatchNorm(config.bn_decay, config.bn_epsilon, act=tf.nn.relu, sync=config.sync_bn, name="head/bn")(x)
     x = GlobalAvgPool(name="head/pool")(x)
     x = tl.layers.Dense(config.num_classes, W_init=HeNormal(), b_init=tl.initializers.zeros(),
@@ -195,22 +238,6 @@ def count_params(model):
     return int(sum(math.prod(w.shape) for w in model.trainable_weights))
 
 
-def _conv_out(shape, strides):
-    return tuple(math.ceil(d / s) for d, s in zip(shape, strides))
-
-
-def _blocks(config):
-    """Yield ``(group, in_spatial, out_spatial, c_in, c_out, strides)`` for every block."""
-    rank = config.spatial_rank
-    spatial, c = config.input_shape[:-1], _STEM_WIDTH
-    for g, (width, strides) in enumerate(zip(config.widths, config.group_strides), start=1):
-        for i in range(config.blocks_per_group):
-            s = strides if i == 0 else (1,) * rank
-            out = _conv_out(spatial, s)
-            yield g, spatial, out, c, width, s
-            spatial, c = out, width
-
-
 def group_shapes(config):
     """Per-stage rows ``(stage, output spatial shape, channels, trainable params, forward FLOPs)``.
 
@@ -224,82 +251,23 @@ def group_shapes(config):
     def conv(spatial_out, k, ci, co):
         return k * ci * co, 2 * math.prod(spatial_out) * k * ci * co
 
-    params, flops = conv(spatial, k3, config.input_shape[-1], _STEM_WIDTH)
-    rows = [("stem", spatial, _STEM_WIDTH, params, flops)]
-    for g, _, out, c, width, s in _blocks(config):
-        if rows[-1][0] != f"group{g}":
-            rows.append((f"group{g}", out, width, 0, 0))
-        p = 2 * c + 2 * width  # bn1, bn2
+    params, flops = conv(spatial, k3, config.input_shape[-1], config.stem_width)
+    rows = [("stem", spatial, config.stem_width, params, flops)]
+    for b in config.blocks():
+        if rows[-1][0] != f"group{b.group}":
+            rows.append((f"group{b.group}", b.out_spatial, b.out_channels, 0, 0))
+        p = 2 * b.in_channels + 2 * b.out_channels  # bn1, bn2
         f = 0
-        for k, ci in ((k3, c), (k3, width)) + (((1, c),) if c != width or any(v != 1 for v in s) else ()):
-            cp, cf = conv(out, k, ci, width)
+        convs = [(k3, b.in_channels), (k3, b.out_channels)] + ([(1, b.in_channels)] if b.projection else [])
+        for k, ci in convs:
+            cp, cf = conv(b.out_spatial, k, ci, b.out_channels)
             p, f = p + cp, f + cf
         stage, _, _, p0, f0 = rows[-1]
-        rows[-1] = (stage, out, width, p0 + p, f0 + f)
+        rows[-1] = (stage, b.out_spatial, b.out_channels, p0 + p, f0 + f)
     c = config.widths[-1]
     head_p = 2 * c + c * config.num_classes + config.num_classes
     rows.append(("head", (), config.num_classes, head_p, 2 * c * config.num_classes))
     return rows
-
-
-# TensorFlow's own working memory for a compiled train step (graph, kernels' scratch
-# space), measured on TF 2.21 / oneDNN CPU as the batch-independent part of a step's
-# peak RSS growth for WRN-10..28 in 3D.
-RUNTIME_OVERHEAD_BYTES = 128 * 2 ** 20
-
-
-def estimate_memory(config, batch_size, *, mixed_precision=None, recompute=False):
-    """Estimated bytes for training ``config`` at ``batch_size``; a dict of ints.
-
-    Keys: ``parameters`` (float32 weights), ``optimizer`` (momentum buffers),
-    ``gradients``, ``activations`` (tensors kept for the backward pass: each block's
-    input, its two ReLU outputs and its first convolution's output, plus the gradient
-    buffers in flight; with ``recompute`` only the blocks' inputs plus one block's
-    internals), ``runtime`` (TensorFlow's working memory, ``RUNTIME_OVERHEAD_BYTES``),
-    ``step_growth`` (what a train step adds on top of a built model and trainer:
-    gradients + activations + runtime) and ``total``.
-    """
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if mixed_precision not in (None, "bf16", "fp16"):
-        raise ValueError(f"mixed_precision must be None, 'bf16' or 'fp16', got {mixed_precision!r}")
-    act_bytes = 4 if mixed_precision is None else 2
-    stem = math.prod(config.input_shape[:-1]) * _STEM_WIDTH
-    kept, inputs, biggest_block, biggest = stem, stem, 0, stem
-    for _, sp_in, sp_out, c_in, c_out, _ in _blocks(config):
-        n_in, n_out = math.prod(sp_in) * c_in, math.prod(sp_out) * c_out
-        block = 2 * n_in + 2 * n_out  # input, ReLU(BN1), conv1 output, ReLU(BN2)
-        kept += block
-        inputs += n_out
-        biggest_block = max(biggest_block, block)
-        biggest = max(biggest, n_in, n_out)
-    head = 2 * math.prod(sp_out) * c_out
-    per_sample = (inputs + biggest_block if recompute else kept) + head + 2 * biggest
-    params = sum(r[3] for r in group_shapes(config)) * 4
-    activations = per_sample * act_bytes * batch_size
-    out = {"parameters": params, "optimizer": params, "gradients": params, "activations": activations,
-           "runtime": RUNTIME_OVERHEAD_BYTES}
-    out["step_growth"] = out["gradients"] + activations + RUNTIME_OVERHEAD_BYTES
-    out["total"] = params * 3 + activations + RUNTIME_OVERHEAD_BYTES
-    return out
-
-
-def largest_batch(config, budget_bytes, *, mixed_precision=None, recompute=False, multiple_of=1):
-    """The largest batch (a multiple of ``multiple_of``) whose ``estimate_memory`` total fits
-    ``budget_bytes``; raises ValueError when not even one batch fits."""
-    fits = lambda b: estimate_memory(config, b, mixed_precision=mixed_precision,  # noqa: E731
-                                     recompute=recompute)["total"] <= budget_bytes
-    if not fits(multiple_of):
-        need = estimate_memory(config, multiple_of, mixed_precision=mixed_precision, recompute=recompute)["total"]
-        raise ValueError(f"budget_bytes: {budget_bytes} bytes cannot hold {config.name} at batch {multiple_of} "
-                         f"(needs about {need})")
-    lo, hi = 1, 2
-    while fits(hi * multiple_of):
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid * multiple_of) else (lo, mid)
-    return lo * multiple_of
 
 
 def count_flops(config):

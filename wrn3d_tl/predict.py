@@ -58,6 +58,8 @@ class Predictor:
         import tensorflow as tf
 
         from wrn3d_tl.checkpoint import CheckpointError, read_checkpoint
+        from wrn3d_tl.data import as_normalization
+        from wrn3d_tl.layers import variable_name
         from wrn3d_tl.model import WRNConfig, build_wrn
 
         if hasattr(checkpoint, "model") and isinstance(getattr(checkpoint, "config", None), WRNConfig):
@@ -74,12 +76,17 @@ class Predictor:
             self.model = build_wrn(self.config)
             table = ck["weights"]
             for var in self.model.all_weights:
-                name = var.name.split(":")[0]
+                name = variable_name(var)
                 if name not in table or tuple(table[name].shape) != tuple(var.shape):
                     raise CheckpointError(f"checkpoint {path!r} lacks weight {name!r} of shape {tuple(var.shape)}")
             for var in self.model.all_weights:
-                var.assign(table[var.name.split(":")[0]])
-            self.normalization = ck["normalization"]
+                var.assign(table[variable_name(var)])
+            try:
+                norm = as_normalization(ck["normalization"], self.config.input_shape[-1], "its config's input")
+            except ValueError as e:
+                raise CheckpointError(f"checkpoint {path!r} holds invalid normalization stats: "
+                                      f"{_one_line(e)}") from e
+            self.normalization = None if norm is None else norm.to_dict()
             self.source = path
         if self.normalization is not None:
             mean = np.asarray(self.normalization["mean"], np.float32)
@@ -105,7 +112,7 @@ class Predictor:
         shape = tuple(getattr(volumes, "shape", ()))
         dtype = np.dtype(getattr(volumes, "dtype", np.float32))
         want = self.config.input_shape
-        layout = "NDHWC" if len(want) == 4 else "NHWC"
+        layout = self.config.layout
         if dtype.kind not in "iuf":
             raise ValueError(f"{what}: volumes must be real numbers (float or int), got dtype {dtype}")
         if len(shape) != len(want) + 1:
@@ -240,9 +247,10 @@ def predict(checkpoint, volumes, *, key="volumes", batch_size=32, top_k=5):
 def write_csv(predictions, path, top_k=5):
     """Write ``predict`` output to CSV: index, class, probability, top{k} (space-separated
     classes), top{k}_probabilities (space-separated, 6 decimals). Written atomically."""
+    from wrn3d_tl.checkpoint import temporary_path
+
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    tmp = temporary_path(path)
     try:
         with open(tmp, "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)

@@ -13,25 +13,22 @@ Inputs are batches ``x`` of shape (B,) + config.input_shape (NDHWC for 3D, NHWC 
 already normalised (``wrn3d_tl.data`` pipelines do it), and integer labels ``y`` (B,).
 """
 
-import json
-import math
 import os
-import re
 import time
 
 import numpy as np
 import tensorflow as tf
 
-from wrn3d_tl.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+from wrn3d_tl.checkpoint import CheckpointError, CheckpointManager, read_checkpoint, write_checkpoint
+from wrn3d_tl.data import as_normalization
+from wrn3d_tl.layers import variable_name
 from wrn3d_tl.logs import MetricsLogger, plot_metrics
 from wrn3d_tl.model import WRNConfig, build_wrn
+from wrn3d_tl.optim import FP16_MAX_FLOOR_SKIPS, SCHEDULES, SGD, LossScale, scheduled_lr
 
-__all__ = ["Trainer", "list_checkpoints", "latest_checkpoint", "describe_devices"]
+__all__ = ["Trainer", "describe_devices"]
 
-SCHEDULES = ("constant", "step", "cosine")
 PRECISIONS = {None: tf.float32, "bf16": tf.bfloat16, "fp16": tf.float16}
-_DECAYED = re.compile(r"/(kernel|weights)(:\d+)?$")  # conv and dense kernels: the paper's L2
-_CKPT = re.compile(r"^ckpt-(\d{8})\.h5$")
 
 
 def describe_devices():
@@ -40,21 +37,6 @@ def describe_devices():
     if gpus:
         return f"GPU x{len(gpus)} ({', '.join(g.name for g in gpus)})"
     return f"CPU ({os.cpu_count()} cores; no GPU visible to TensorFlow)"
-
-
-def list_checkpoints(folder):
-    """The periodic ``ckpt-XXXXXXXX.h5`` files in ``folder`` as ``(step, path)`` pairs,
-    oldest first (empty when the folder is absent)."""
-    if not folder or not os.path.isdir(folder):
-        return []
-    return sorted((int(m.group(1)), os.path.join(folder, name)) for name in os.listdir(folder)
-                  if (m := _CKPT.match(name)))
-
-
-def latest_checkpoint(folder):
-    """Path of the newest ``ckpt-XXXXXXXX.h5`` in ``folder`` (by step), or None."""
-    found = list_checkpoints(folder)
-    return found[-1][1] if found else None
 
 
 def _is_chief(strategy):
@@ -68,7 +50,8 @@ def _is_chief(strategy):
 
 
 class Trainer:
-    """Trains a WRN built by ``build_wrn`` with SGD (Nesterov momentum) and L2 weight decay.
+    """Trains a WRN built by ``build_wrn`` with SGD (Nesterov momentum) and L2 weight decay
+    (``wrn3d_tl.optim``).
 
     Args:
         model: a ``tl.models.Model`` from ``build_wrn`` (its ``wrn_config`` is saved in
@@ -82,22 +65,27 @@ class Trainer:
         schedule: "constant"; "step" (x0.2 at 30%, 60% and 80% of ``total_steps``, the
             paper's); "cosine" (to 0 at ``total_steps``). ``warmup_steps``: linear warm-up.
         mixed_precision: None (float32), "bf16" (CPU with AVX512_BF16/AMX, or GPU) or "fp16"
-            (GPU, dynamic loss scaling). Weights, BN statistics, logits and loss stay float32.
+            (GPU, dynamic loss scaling; a run that stays non-finite at the smallest scale for
+            ``wrn3d_tl.optim.FP16_MAX_FLOOR_SKIPS`` steps raises FloatingPointError). Weights,
+            BN statistics, logits and loss stay float32.
         normalization: the data's per-channel stats (a ``wrn3d_tl.data.Normalization`` or
-            its dict); stored in checkpoints so inference uses the same numbers.
+            its dict, validated here against the model's channels); stored in checkpoints so
+            inference uses the same numbers.
+        eval_data: what ``evaluate()`` reads when called without data (an ``(x, y)`` pair
+            or a ``tf.data.Dataset``), e.g. the test split.
         strategy: a ``tf.distribute.Strategy`` or None. ``x``/``y`` given to ``train_step``
             are the GLOBAL batch (the same on every worker); each replica trains on its own
             slice, chosen by its global replica id.
         logdir: when set, metrics go to ``{logdir}/metrics.csv`` and TensorBoard.
         checkpoint_dir, checkpoint_every, keep_checkpoints: save ``ckpt-XXXXXXXX.h5`` every
-            N steps, keeping the newest K.
+            N steps, keeping the newest K (a ``CheckpointManager``, ``trainer.checkpoints``).
         jit_compile: compile the step with XLA (off by default; slower for 3D convs on CPU).
     """
 
     def __init__(self, model, train_data=None, *, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
                  schedule="constant", total_steps=None, warmup_steps=0, mixed_precision=None, seed=0,
-                 batch_size=None, normalization=None, strategy=None, logdir=None, checkpoint_dir=None,
-                 checkpoint_every=None, keep_checkpoints=3, jit_compile=False, verbose=True):
+                 batch_size=None, normalization=None, eval_data=None, strategy=None, logdir=None,
+                 checkpoint_dir=None, checkpoint_every=None, keep_checkpoints=3, jit_compile=False, verbose=True):
         config = getattr(model, "wrn_config", None)
         if not isinstance(config, WRNConfig):
             raise TypeError("model must be built by wrn3d_tl.model.build_wrn (it has no wrn_config), "
@@ -118,12 +106,11 @@ class Trainer:
         if checkpoint_every and not checkpoint_dir:
             raise ValueError("checkpoint_every needs checkpoint_dir")
 
+        norm = as_normalization(normalization, config.input_shape[-1], f"the model's input {config.input_shape}")
+
         self.model = model
         self.config = config
         self.base_lr = float(lr)
-        self.momentum = float(momentum)
-        self.nesterov = bool(nesterov)
-        self.weight_decay = float(weight_decay)
         self.schedule = schedule
         self.total_steps = total_steps
         self.warmup_steps = warmup_steps
@@ -131,12 +118,14 @@ class Trainer:
         self.compute_dtype = PRECISIONS[mixed_precision]
         self.seed = int(seed)
         self.batch_size = batch_size
-        self.normalization = _norm_dict(normalization)
+        self.normalization = norm.to_dict() if norm is not None else None
+        self.eval_data = eval_data
         self.strategy = strategy or tf.distribute.get_strategy()
         self.is_chief = _is_chief(self.strategy)
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_every = checkpoint_every
         self.keep_checkpoints = keep_checkpoints
+        self.checkpoints = CheckpointManager(checkpoint_dir, keep=keep_checkpoints) if checkpoint_dir else None
         self.verbose = verbose
         self._lr_override = None
         self._step = 0
@@ -144,17 +133,12 @@ class Trainer:
         self._train_data = None
         self.train_data = train_data
 
-        self._weights = list(model.trainable_weights)
         self._stats = list(model.nontrainable_weights)  # BN moving statistics
-        self._decay_mask = [bool(_DECAYED.search(w.name)) for w in self._weights]
         with self.strategy.scope():
-            self._slots = [tf.Variable(tf.zeros_like(w), trainable=False, name=_var_name(w) + "/momentum")
-                           for w in self._weights]
-            self._lr_var = tf.Variable(self.base_lr, trainable=False, dtype=tf.float32, name="learning_rate")
-            self._loss_scale = tf.Variable(2.0 ** 15 if mixed_precision == "fp16" else 1.0, trainable=False,
-                                           name="loss_scale")
-            self._good_steps = tf.Variable(0, trainable=False, dtype=tf.int64, name="loss_scale_good_steps")
-        # XLA stays off by default: it ran 3D convolutions 7-8x slower on the CPUs we measured.
+            self.optimizer = SGD(model.trainable_weights, lr=self.base_lr, momentum=momentum, nesterov=nesterov,
+                                 weight_decay=weight_decay)
+            self.loss_scale = LossScale(enabled=mixed_precision == "fp16")
+        # XLA stays off by default: it ran 3D convolutions 7-14x slower on the CPUs we measured.
         self.jit_compile = bool(jit_compile)
         self._train_fn = tf.function(self._distributed_step, jit_compile=self.jit_compile or None)
         self._eval_fn = tf.function(self._eval_batch)
@@ -169,17 +153,23 @@ class Trainer:
         """Number of training steps taken (an int)."""
         return self._step
 
+    @property
+    def momentum(self):
+        return self.optimizer.momentum
+
+    @property
+    def nesterov(self):
+        return self.optimizer.nesterov
+
+    @property
+    def weight_decay(self):
+        return self.optimizer.weight_decay
+
     def scheduled_lr(self, step):
-        """The schedule's learning rate at ``step`` (ignores any override)."""
-        if step < self.warmup_steps:
-            return self.base_lr * (step + 1) / self.warmup_steps
-        if self.schedule == "step":
-            return self.base_lr * 0.2 ** sum(step >= f * self.total_steps for f in (0.3, 0.6, 0.8))
-        if self.schedule == "cosine":
-            span = max(1, self.total_steps - self.warmup_steps)
-            t = min(step - self.warmup_steps, span) / span
-            return self.base_lr * 0.5 * (1.0 + math.cos(math.pi * t))
-        return self.base_lr
+        """The schedule's learning rate at ``step`` (ignores any override; see
+        ``wrn3d_tl.optim.scheduled_lr``)."""
+        return scheduled_lr(step, base_lr=self.base_lr, schedule=self.schedule, total_steps=self.total_steps,
+                            warmup_steps=self.warmup_steps)
 
     @property
     def learning_rate(self):
@@ -237,7 +227,7 @@ class Trainer:
             raise ValueError(f"{what}: x must be numeric, got dtype {x.dtype.name}")
         if x.shape.rank != len(shape) or tuple(x.shape[1:]) != shape[1:]:
             raise ValueError(f"{what}: x must have shape (batch,) + {self.config.input_shape} "
-                             f"({'NDHWC' if len(shape) == 5 else 'NHWC'}), got {tuple(x.shape)}")
+                             f"({self.config.layout}), got {tuple(x.shape)}")
         y = tf.convert_to_tensor(y)
         if not y.dtype.is_integer:
             raise ValueError(f"{what}: y must hold integer class labels, got dtype {y.dtype.name}")
@@ -276,11 +266,16 @@ class Trainer:
             raise ValueError(f"train_step: the global batch of {x.shape[0]} does not divide evenly over "
                              f"{replicas} replicas")
         lr = self.learning_rate
-        self._lr_var.assign(lr)
+        self.optimizer.lr.assign(lr)
         loss, accuracy, ok = (t.numpy() for t in self._train_fn(x, y))
         if not ok and self.mixed_precision != "fp16":
             raise FloatingPointError(f"non-finite loss or gradient at step {self._step + 1} (loss={loss}); "
                                      "the weights were not updated and checkpoints on disk are untouched")
+        if not ok and self.loss_scale.diverged():
+            raise FloatingPointError(
+                f"fp16: {FP16_MAX_FLOOR_SKIPS} consecutive non-finite steps at the smallest loss scale "
+                f"({LossScale.FLOOR}), up to step {self._step + 1} (loss={loss}): the run diverged. None of "
+                "these steps updated the weights, and checkpoints on disk are untouched")
         self._step += 1
         elapsed = time.perf_counter() - start
         metrics = {"loss": float(loss), "accuracy": float(accuracy), "lr": float(lr), "step": self._step,
@@ -310,8 +305,8 @@ class Trainer:
             logits = self.model(tf.cast(x, self.compute_dtype), is_train=True)
             ce = tf.nn.sparse_softmax_cross_entropy_with_logits(y, tf.cast(logits, tf.float32))
             loss = tf.reduce_sum(ce) / global_batch
-            scaled = loss * self._loss_scale if self.mixed_precision == "fp16" else loss
-        grads = tape.gradient(scaled, self._weights)
+            scaled = self.loss_scale.scale_loss(loss)
+        grads = tape.gradient(scaled, self.optimizer.weights)
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), y), tf.float32))
         # All-reduces of gradients and metrics are created in one cross-replica call so
         # that every replica launches its collectives in the same order (sync BN adds
@@ -325,44 +320,29 @@ class Trainer:
         """Cross-replica: sum gradients and metrics over replicas, then one SGD-Nesterov
         update per weight, skipped entirely when the loss or a gradient is not finite."""
         sum_ = tf.distribute.ReduceOp.SUM
-        grads = strategy.extended.batch_reduce_to(sum_, list(zip(grads, self._weights)))
+        grads = strategy.extended.batch_reduce_to(sum_, list(zip(grads, self.optimizer.weights)))
         loss_sum, correct = (strategy.reduce(sum_, v, axis=None) for v in (loss_sum, correct))
         first = [strategy.experimental_local_results(g)[0] for g in grads]
         ok = tf.reduce_all([tf.math.is_finite(loss_sum)] + [tf.reduce_all(tf.math.is_finite(g)) for g in first])
-        for w, g, slot, decay in zip(self._weights, grads, self._slots, self._decay_mask):
-            strategy.extended.update(w, self._update_weight, args=(g, slot, ok, decay), group=False)
-        if self.mixed_precision == "fp16":
-            self._update_loss_scale(ok)
+        self.optimizer.apply(strategy, grads, ok, unscale=self.loss_scale.unscale if self.loss_scale.enabled else None)
+        if self.loss_scale.enabled:
+            self.loss_scale.update(ok)
         return loss_sum, correct, ok
-
-    def _update_weight(self, w, g, slot, ok, decay):
-        if self.mixed_precision == "fp16":
-            g = g / self._loss_scale
-        if decay and self.weight_decay:
-            g = g + self.weight_decay * w
-        velocity = self.momentum * slot + g
-        update = g + self.momentum * velocity if self.nesterov else velocity
-        slot.assign(tf.where(ok, velocity, slot))
-        w.assign_sub(tf.where(ok, self._lr_var * update, tf.zeros_like(update)))
-
-    def _update_loss_scale(self, ok):
-        grow = tf.logical_and(ok, self._good_steps >= 1999)
-        self._loss_scale.assign(tf.where(ok, tf.where(grow, self._loss_scale * 2.0, self._loss_scale),
-                                         tf.maximum(self._loss_scale / 2.0, 1.0)))
-        self._good_steps.assign(tf.where(tf.logical_and(ok, tf.logical_not(grow)), self._good_steps + 1,
-                                         tf.zeros_like(self._good_steps)))
 
     def fit(self, steps, *, eval_data=None, eval_every=0, on_step=None, on_eval=None, progress=None):
         """Train until ``self.step == steps``; returns the last step's metrics (or None).
 
         Shows a tqdm progress bar (loss, accuracy, volumes/s) on stderr when ``progress``
         is True (None: only when stderr is a terminal). ``on_step(metrics)`` is called
-        after every step; with ``eval_data`` and ``eval_every``, ``evaluate`` runs every
-        ``eval_every`` steps before the last and ``on_eval(step, result)`` is called.
+        after every step; with ``eval_every``, ``evaluate(eval_data)`` (default: the
+        trainer's ``eval_data``) runs every ``eval_every`` steps before the last and
+        ``on_eval(step, result)`` is called.
         """
         import sys
 
         from tqdm.auto import tqdm
+
+        eval_data = self.eval_data if eval_data is None else eval_data
 
         progress = sys.stderr.isatty() if progress is None else progress
         bar = tqdm(total=steps, initial=min(self._step, steps), disable=not progress, unit="step",
@@ -393,13 +373,17 @@ class Trainer:
         top5 = tf.reduce_sum(tf.cast(tf.math.in_top_k(y, logits, k), tf.float32))
         return tf.reduce_sum(ce), top1, top5
 
-    def evaluate(self, data, batch_size=100, log=True):
+    def evaluate(self, data=None, batch_size=100, log=True):
         """Inference-mode metrics (moving BN statistics, no dropout) over ``data``.
 
         ``data``: an ``(x, y)`` pair of arrays (x: (N,) + input_shape, normalised) or a
-        ``tf.data.Dataset`` of such batches. Returns ``{"loss", "accuracy",
-        "top5_accuracy", "samples"}`` as Python numbers. Deterministic.
+        ``tf.data.Dataset`` of such batches; None: the trainer's ``eval_data``. Returns
+        ``{"loss", "accuracy", "top5_accuracy", "samples"}`` as Python numbers. Deterministic.
         """
+        if data is None:
+            if self.eval_data is None:
+                raise ValueError("evaluate() without data needs the trainer's eval_data; pass data or set eval_data")
+            data = self.eval_data
         if isinstance(data, (tuple, list)):
             x_all, y_all = data
             if np.ndim(x_all) != len(self.config.input_shape) + 1:
@@ -431,13 +415,14 @@ class Trainer:
         return {"lr": self.base_lr, "momentum": self.momentum, "nesterov": self.nesterov,
                 "weight_decay": self.weight_decay, "schedule": self.schedule, "total_steps": self.total_steps,
                 "warmup_steps": self.warmup_steps, "mixed_precision": self.mixed_precision, "seed": self.seed,
-                "batch_size": self.batch_size, "lr_override": self._lr_override}
+                "batch_size": self.batch_size, "keep_checkpoints": self.keep_checkpoints,
+                "jit_compile": self.jit_compile, "lr_override": self._lr_override}
 
     def _state_arrays(self):
         # Every worker reads (cross-replica reads of ON_READ variables are collectives).
-        weights = {_var_name(v): v.numpy() for v in self.model.all_weights}
-        slots = {_var_name(w): s.numpy() for w, s in zip(self._weights, self._slots)}
-        state = {"loss_scale": self._loss_scale.numpy(), "loss_scale_good_steps": self._good_steps.numpy()}
+        weights = {variable_name(v): v.numpy() for v in self.model.all_weights}
+        slots = {variable_name(w): s.numpy() for w, s in zip(self.optimizer.weights, self.optimizer.slots)}
+        state = self.loss_scale.state()
         return weights, slots, state
 
     def save(self, path):
@@ -452,12 +437,8 @@ class Trainer:
                                 optimizer=slots, state=state)
 
     def _periodic_save(self):
-        path = self.save(os.path.join(self.checkpoint_dir, f"ckpt-{self._step:08d}.h5"))
-        if path is None:
-            return
-        old = list_checkpoints(self.checkpoint_dir)
-        for _, stale in old[:-self.keep_checkpoints] if self.keep_checkpoints else []:
-            os.remove(stale)
+        if self.save(self.checkpoints.path_for(self._step)) is not None:
+            self.checkpoints.prune()
 
     def load(self, path):
         """Load a checkpoint of the SAME config into this trainer (weights, momentum,
@@ -465,11 +446,15 @@ class Trainer:
         assigned: on any error the trainer is unchanged."""
         ck = read_checkpoint(path)
         config = WRNConfig.from_dict(ck["config"])
+        try:
+            norm = as_normalization(ck["normalization"], config.input_shape[-1], "its config's input")
+        except ValueError as e:
+            raise CheckpointError(f"checkpoint {os.fspath(path)!r} holds invalid normalization stats: {e}") from e
         if config != self.config:
             raise CheckpointError(f"checkpoint {os.fspath(path)!r} holds {config}, but this trainer's model is "
                                   f"{self.config}")
-        pairs = [(v, ck["weights"], _var_name(v)) for v in self.model.all_weights]
-        pairs += [(s, ck["optimizer"], _var_name(w)) for w, s in zip(self._weights, self._slots)]
+        pairs = [(v, ck["weights"], variable_name(v)) for v in self.model.all_weights]
+        pairs += [(s, ck["optimizer"], variable_name(w)) for w, s in zip(self.optimizer.weights, self.optimizer.slots)]
         for var, table, name in pairs:
             if name not in table:
                 raise CheckpointError(f"checkpoint {os.fspath(path)!r} lacks {name!r}")
@@ -478,12 +463,11 @@ class Trainer:
                                       f"{table[name].shape}, the model expects {tuple(var.shape)}")
         for var, table, name in pairs:
             var.assign(table[name])
-        self._loss_scale.assign(ck["state"].get("loss_scale", self._loss_scale.numpy()))
-        self._good_steps.assign(ck["state"].get("loss_scale_good_steps", 0))
+        self.loss_scale.load_state(ck["state"])
         self._step = ck["step"]
         self._lr_override = ck["trainer"].get("lr_override")
-        if ck["normalization"] is not None:
-            self.normalization = ck["normalization"]
+        if norm is not None:
+            self.normalization = norm.to_dict()
         return self
 
     @classmethod
@@ -499,8 +483,8 @@ class Trainer:
         hp.update(overrides)
         with (strategy or tf.distribute.get_strategy()).scope():
             model = build_wrn(config, recompute=recompute)
-        trainer = cls(model, train_data, strategy=strategy, normalization=ck["normalization"], **hp)
-        return trainer.load(path)
+        trainer = cls(model, train_data, strategy=strategy, **hp)
+        return trainer.load(path)  # also sets the stored normalisation, validated
 
     def plot(self, png_path):
         """Plot this run's logged loss/accuracy to ``png_path`` (needs ``logdir``)."""
@@ -513,18 +497,6 @@ class Trainer:
         if self.logger:
             self.logger.close()
             self.logger = None
-
-
-def _var_name(v):
-    return v.name.split(":")[0]
-
-
-def _norm_dict(normalization):
-    if normalization is None or isinstance(normalization, dict):
-        return json.loads(json.dumps(normalization)) if normalization else None
-    if hasattr(normalization, "to_dict"):
-        return json.loads(json.dumps(normalization.to_dict()))
-    raise TypeError(f"normalization must be a Normalization, a dict or None, got {type(normalization).__name__}")
 
 
 def _check(value, name, rule, ok):

@@ -8,6 +8,7 @@ Public API:
   load_cifar, synthetic_cifar                  -- CIFAR-10/100 as uint8 NHWC
   tile_to_volume                               -- 2D images -> 3D volumes
   Normalization, compute_normalization         -- per-channel mean/std
+  as_normalization                             -- validate stats from anywhere
   augment_image, augment_volume                -- WRN crop + flip (stateless)
   make_dataset                                 -- in-memory tf.data pipeline
   write_hdf5_volumes, hdf5_info, hdf5_dataset  -- HDF5 volume files
@@ -16,7 +17,7 @@ Public API:
 from .cifar import load_cifar, synthetic_cifar
 from .hdf5 import HDF5Info, hdf5_dataset, hdf5_info, write_hdf5_volumes
 from .pipeline import make_dataset
-from .transforms import (TILE_MODES, Normalization, augment_image,
+from .transforms import (TILE_MODES, Normalization, as_normalization, augment_image,
                          augment_volume, compute_normalization, tile_to_volume)
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "TILE_MODES",
     "Normalization",
     "compute_normalization",
+    "as_normalization",
     "augment_image",
     "augment_volume",
     "make_dataset",

@@ -14,7 +14,9 @@ import zlib
 
 import numpy as np
 
-from .transforms import _check_non_negative_int, _check_positive_int, _is_int
+from wrn3d_tl.axes import is_int
+
+from .transforms import _check_non_negative_int, _check_positive_int
 
 __all__ = ["load_cifar", "synthetic_cifar", "CIFAR_SPECS", "DATA_DIR_ENV"]
 
@@ -332,7 +334,7 @@ def synthetic_cifar(n_train: int, n_test: int, num_classes: int = 10,
     n_test = _check_non_negative_int("n_test", n_test)
     num_classes = _check_positive_int("num_classes", num_classes)
     max_shift = _check_non_negative_int("max_shift", max_shift)
-    if not _is_int(seed) or seed < 0:
+    if not is_int(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     rng = np.random.default_rng(int(seed))
 

@@ -18,9 +18,11 @@ import h5py
 import numpy as np
 import tensorflow as tf
 
+from wrn3d_tl.axes import is_int
+
 from .pipeline import (AUTOTUNE, _EpochCounter, _batch_transform, _check_pipeline_flags,
-                       _check_labels, _check_normalization, _element_seed, _finish)
-from .transforms import (Normalization, _check_positive_int, _crop_flip, _is_int,
+                       _check_labels, _element_seed, _finish)
+from .transforms import (Normalization, _check_positive_int, _crop_flip, as_normalization,
                          compute_normalization)
 
 __all__ = ["HDF5Info", "hdf5_info", "hdf5_dataset", "write_hdf5_volumes"]
@@ -217,16 +219,16 @@ def write_hdf5_volumes(path, volumes, labels, *, x_key: str = "volumes",
                              f"max {labels.max()}")
     if isinstance(normalization, str) and normalization == "compute":
         normalization = compute_normalization(volumes)
-    normalization = _check_normalization(normalization, shape[-1], "volumes")
+    normalization = as_normalization(normalization, shape[-1], "volumes")
     if chunks is None:
         per_volume = max(1, math.prod(shape[1:]) * dtype.itemsize)
         chunks = (max(1, min(64, n, _CHUNK_BYTES // per_volume)),) + shape[1:]
     elif (len(tuple(chunks)) != 5
-          or not all(_is_int(c) and c > 0 for c in chunks)):
+          or not all(is_int(c) and c > 0 for c in chunks)):
         raise ValueError(f"chunks must be 5 positive ints (one chunk's "
                          f"N, D, H, W, C extent), got {chunks!r}")
     kwargs = {"chunks": tuple(int(c) for c in chunks)}
-    if _is_int(compression):
+    if is_int(compression):
         kwargs.update(compression="gzip", compression_opts=int(compression))
     elif compression is not None:
         kwargs["compression"] = compression
@@ -304,7 +306,7 @@ def hdf5_dataset(path, *, x_key: str = "volumes", y_key: str = "labels",
                 f"{normalization!r}")
         normalization = info.normalization
     else:
-        normalization = _check_normalization(
+        normalization = as_normalization(
             normalization, channels, f"{_where(path, x_key)}")
     if augment and min(info.volume_shape[1:3]) <= crop_padding:
         raise ValueError(

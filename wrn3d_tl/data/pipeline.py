@@ -20,8 +20,10 @@ try:  # creating the class directly bypasses tf.distribute variable creators
 except ImportError:  # pragma: no cover - moved in some future TF
     _HostVariable = tf.Variable
 
-from .transforms import (Normalization, _check_positive_int, _check_tile_mode,
-                         _crop_flip, _is_int, _check_non_negative_int,
+from wrn3d_tl.axes import is_int
+
+from .transforms import (_check_positive_int, _check_tile_mode,
+                         _crop_flip, _check_non_negative_int, as_normalization,
                          tile_to_volume)
 
 __all__ = ["make_dataset"]
@@ -33,7 +35,7 @@ AUTOTUNE = tf.data.AUTOTUNE
 # shared helpers (also used by hdf5.py)
 # --------------------------------------------------------------------------
 def _check_seed(seed) -> int:
-    if not _is_int(seed) or not -2**63 <= seed < 2**63:
+    if not is_int(seed) or not -2**63 <= seed < 2**63:
         raise ValueError(f"seed must be an int (int64 range), got {seed!r}")
     return int(seed)
 
@@ -52,25 +54,6 @@ def _check_pipeline_flags(training, augment, shuffle, depth_flip, drop_remainder
     return (training, augment, shuffle, _check_bool("depth_flip", depth_flip),
             _check_bool("drop_remainder", drop_remainder), _check_bool("repeat", repeat), _check_seed(seed),
             _check_non_negative_int("crop_padding", crop_padding))
-
-
-def _check_normalization(normalization, channels: int, what: str):
-    if normalization is None:
-        return None
-    if isinstance(normalization, dict):        # e.g. from a checkpoint
-        normalization = Normalization.from_dict(normalization)
-    if not isinstance(normalization, Normalization):
-        raise ValueError(
-            "normalization must be None, a Normalization (e.g. "
-            "compute_normalization(x_train)) or its to_dict(), got "
-            f"{normalization!r}"
-        )
-    if normalization.channels != channels:
-        raise ValueError(
-            f"normalization has {normalization.channels} channels but {what} "
-            f"has {channels}"
-        )
-    return normalization
 
 
 class _EpochCounter:
@@ -235,7 +218,7 @@ def make_dataset(x, y, *, batch_size: int, volume_depth=8,
     _check_tile_mode(tile_mode)
     training, augment, shuffle, depth_flip, drop_remainder, repeat, seed, crop_padding = _check_pipeline_flags(
         training, augment, shuffle, depth_flip, drop_remainder, repeat, seed, crop_padding)
-    normalization = _check_normalization(normalization, x.shape[-1], "x")
+    normalization = as_normalization(normalization, x.shape[-1], "x")
     if augment and min(x.shape[-3], x.shape[-2]) <= crop_padding:
         raise ValueError(
             f"augmentation reflect-pads by crop_padding={crop_padding}, which "

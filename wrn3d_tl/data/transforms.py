@@ -12,10 +12,11 @@ Every function here is a TensorFlow op: it runs eagerly and inside
 from __future__ import annotations
 
 import dataclasses
-import numbers
 
 import numpy as np
 import tensorflow as tf
+
+from wrn3d_tl.axes import is_int
 
 __all__ = [
     "TILE_MODES",
@@ -24,6 +25,7 @@ __all__ = [
     "compute_normalization",
     "augment_image",
     "augment_volume",
+    "as_normalization",
 ]
 
 TILE_MODES = ("repeat", "shift")
@@ -32,18 +34,14 @@ TILE_MODES = ("repeat", "shift")
 # --------------------------------------------------------------------------
 # small argument checks shared by the package
 # --------------------------------------------------------------------------
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _check_positive_int(name: str, value) -> int:
-    if not _is_int(value) or value <= 0:
+    if not is_int(value) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return int(value)
 
 
 def _check_non_negative_int(name: str, value) -> int:
-    if not _is_int(value) or value < 0:
+    if not is_int(value) or value < 0:
         raise ValueError(f"{name} must be a non-negative int, got {value!r}")
     return int(value)
 
@@ -202,6 +200,32 @@ class Normalization:
         def fmt(values):
             return [round(float(v), 4) for v in values]
         return f"Normalization(mean={fmt(self.mean)}, std={fmt(self.std)})"
+
+
+def as_normalization(normalization, channels: int, what: str = "the data"):
+    """The one validator of normalisation stats, wherever they come from (a pipeline
+    argument, a Trainer, a checkpoint, an export): ``None`` -> None; a ``Normalization``
+    or its ``to_dict()`` -> a ``Normalization`` with ``channels`` channels.
+
+    Raises ValueError naming what is wrong (not a dict with 'mean' and 'std', non-finite
+    values, std <= 0, or a channel count other than that of ``what``).
+    """
+    if normalization is None:
+        return None
+    if isinstance(normalization, dict):        # e.g. from a checkpoint
+        normalization = Normalization.from_dict(normalization)
+    if not isinstance(normalization, Normalization):
+        raise ValueError(
+            "normalization must be None, a Normalization (e.g. "
+            "compute_normalization(x_train)) or its to_dict(), got "
+            f"{normalization!r}"
+        )
+    if normalization.channels != channels:
+        raise ValueError(
+            f"normalization has {normalization.channels} channels but {what} "
+            f"has {channels}"
+        )
+    return normalization
 
 
 def compute_normalization(x, batch: int = 4096, min_std: float = 1e-6

@@ -1,0 +1,569 @@
+"""Every fenced code block in README.md and docs/*.md is run by a test, every relative link
+points at a file that exists, and the numbers the docs quote follow the code.
+
+* ```python blocks are executed, each in a fresh working directory that a fixture fills
+  with the files the block reads (a tiny HDF5 volume file, a small checkpoint, CIFAR in
+  its real pickle format, ...). ``PYTHON_BLOCKS`` lists, next to each block, what it needs
+  and the substitutions applied to keep the suite fast; a substitution whose target text
+  is not in the block fails the test, so the docs and this file cannot drift apart.
+* ```bash blocks are either executed (``BASH_RUN``: every command in-process through the
+  script's ``main(argv)``, with substitutions as above) or mapped to the test that mirrors
+  them (``BASH_MAPPED``, keyed by the block's first line). A bash block in neither, or a
+  mapped test that does not exist, fails.
+* ```text blocks are output, not code; a block without a language tag fails (tag it).
+"""
+
+import ast
+import dataclasses
+import importlib.util
+import inspect
+import os
+import re
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC_FILES = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
+CODE_LANGS = ("python", "bash")
+
+# The tiny network every fixture file is made for: 3D, 5 classes, 4x8x8x3 volumes.
+CFG_KW = dict(depth=10, widen_factor=1, num_classes=5, input_shape=(4, 8, 8, 3))
+NORM = {"mean": [110.0, 120.0, 130.0], "std": [40.0, 50.0, 60.0]}
+
+
+# ================================================================ the blocks
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+    path: str  # relative to the repository root
+    line: int  # 1-based line of the opening fence
+    lang: str
+    text: str
+
+    @property
+    def first_line(self):
+        return self.text.splitlines()[0].strip() if self.text.strip() else ""
+
+    @property
+    def id(self):
+        return f"{self.path}:{self.line}"
+
+
+def fenced_blocks(path):
+    """The fenced code blocks of a markdown file, in order."""
+    blocks, lines = [], Path(path).read_text(encoding="utf-8").splitlines()
+    i = 0
+    while i < len(lines):
+        m = re.match(r"^```\s*([\w+-]*)\s*$", lines[i])
+        if m:
+            start, lang, body = i, m.group(1), []
+            i += 1
+            while i < len(lines) and not re.match(r"^```\s*$", lines[i]):
+                body.append(lines[i])
+                i += 1
+            assert i < len(lines), f"{path}:{start + 1}: unclosed code fence"
+            blocks.append(Block(str(Path(path).relative_to(ROOT)), start + 1, lang, "\n".join(body) + "\n"))
+        i += 1
+    return blocks
+
+
+ALL_BLOCKS = [b for p in DOC_FILES for b in fenced_blocks(p)]
+
+
+def blocks_of(lang):
+    return [b for b in ALL_BLOCKS if b.lang == lang]
+
+
+def substitute(block, subs):
+    """Apply (old, new) substitutions; each ``old`` must be in the block."""
+    text = block.text
+    for old, new in subs:
+        assert old in text, (f"{block.id}: the substitution target {old!r} is not in the block any more; "
+                             "update the block's entry in tests/test_docs.py")
+        text = text.replace(old, new)
+    return text
+
+
+# ================================================================ files the blocks read
+
+def _tiny_trainer(**kw):
+    import tensorflow as tf
+
+    from wrn3d_tl.model import WRNConfig, build_wrn
+    from wrn3d_tl.train import Trainer
+
+    tf.random.set_seed(0)
+    return Trainer(build_wrn(WRNConfig(**CFG_KW)), lr=0.05, normalization=NORM, verbose=False, **kw)
+
+
+def _raw_volumes(n, seed=0):
+    """Volumes in raw units (like uint8 data), float32, for the tiny network."""
+    rng = np.random.default_rng(seed)
+    return rng.uniform(0, 255, size=(n,) + CFG_KW["input_shape"]).astype(np.float32)
+
+
+def _labels(n, seed=0):
+    return np.random.default_rng(seed + 1).integers(0, CFG_KW["num_classes"], n)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """Files made once per module and copied into each block's working directory."""
+    from wrn3d_tl.data import write_hdf5_volumes
+
+    root = tmp_path_factory.mktemp("docs-store")
+    trainer = _tiny_trainer()
+    for s in range(2):
+        trainer.train_step(_raw_volumes(8, s) / 255.0, _labels(8, s))
+    ckpt = trainer.save(str(root / "ckpt.h5"))
+
+    periodic = root / "periodic"
+    t = _tiny_trainer(checkpoint_dir=str(periodic), checkpoint_every=1, keep_checkpoints=3)
+    for s in range(4):
+        t.train_step(_raw_volumes(8, s) / 255.0, _labels(8, s))
+    newest = sorted(n for n in os.listdir(periodic) if n.startswith("ckpt-"))[-1]
+    damaged = periodic / f"ckpt-{int(newest[5:13]) + 1:08d}.h5"  # newer by name, truncated
+    data = (periodic / newest).read_bytes()
+    damaged.write_bytes(data[: len(data) // 2])
+
+    from wrn3d_tl.export import export_saved_model
+    from wrn3d_tl.train import Trainer
+
+    export_saved_model(Trainer.restore(ckpt, verbose=False), str(root / "exported"))
+
+    vols, labels = _raw_volumes(16, 3), _labels(16, 3)
+    write_hdf5_volumes(str(root / "volumes.h5"), vols, labels, normalization="compute",
+                       num_classes=CFG_KW["num_classes"])
+    np.save(root / "volumes.npy", vols)
+    return {"ckpt": ckpt, "periodic": periodic, "newest": newest, "damaged": damaged.name,
+            "exported": root / "exported", "volumes.h5": root / "volumes.h5", "volumes.npy": root / "volumes.npy"}
+
+
+def _write_cifar10(folder, n_per_batch=4, n_test=3):
+    """A tiny cifar-10-batches-py folder in the official python-pickle format."""
+    import pickle
+
+    folder = Path(folder) / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        n = n_test if name == "test_batch" else n_per_batch
+        batch = {b"batch_label": name.encode(), b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 b"labels": [int(v) for v in rng.integers(0, 10, n)],
+                 b"filenames": [b"img%d.png" % k for k in range(n)]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+
+
+def prepare(needs, store, workdir, monkeypatch):
+    """Put what a block reads into ``workdir``; returns the names preset for the block."""
+    names = {}
+    for need in needs:
+        if need == "cifar":  # load_cifar("cifar10") finds it through $WRN3D_DATA_DIR
+            _write_cifar10(workdir / "cifar-data")
+            monkeypatch.setenv("WRN3D_DATA_DIR", str(workdir / "cifar-data"))
+            monkeypatch.setenv("HOME", str(workdir))
+            monkeypatch.delenv("KERAS_HOME", raising=False)
+        elif need == "checkpoints":  # runs/ckpt-00010000.h5 and runs/last.h5
+            (workdir / "runs").mkdir(exist_ok=True)
+            shutil.copyfile(store["ckpt"], workdir / "runs" / "ckpt-00010000.h5")
+            shutil.copyfile(store["ckpt"], workdir / "runs" / "last.h5")
+        elif need == "periodic":  # runs/ with ckpt-* from checkpoint_every=1, the newest by name damaged
+            shutil.copytree(store["periodic"], workdir / "runs")
+        elif need == "exported":
+            shutil.copytree(store["exported"], workdir / "exported" / "wrn")
+        elif need == "my_volumes":  # my_volumes.h5 and my_val.h5
+            shutil.copyfile(store["volumes.h5"], workdir / "my_volumes.h5")
+            shutil.copyfile(store["volumes.h5"], workdir / "my_val.h5")
+        elif need == "predict_files":  # test.h5 / test.npy, and c.h5 / data.h5 / data.npy for the CLI
+            shutil.copyfile(store["volumes.h5"], workdir / "test.h5")
+            shutil.copyfile(store["volumes.npy"], workdir / "test.npy")
+            shutil.copyfile(store["ckpt"], workdir / "c.h5")
+            shutil.copyfile(store["volumes.h5"], workdir / "data.h5")
+            shutil.copyfile(store["volumes.npy"], workdir / "data.npy")
+        elif need == "volumes":  # in-memory raw volumes under the names the blocks use
+            vols = _raw_volumes(6, 7)
+            names.update(volumes=vols, labels=_labels(6, 7), raw_volumes=vols, raw=vols, x=vols)
+        else:
+            raise AssertionError(f"unknown fixture {need!r}")
+    return names
+
+
+# ================================================================ python blocks
+
+@dataclasses.dataclass(frozen=True)
+class Py:
+    needs: tuple = ()  # see prepare()
+    subs: tuple = ()  # (old, new): applied to the block before it runs; old must be present
+    check: object = None  # check(namespace, workdir, store) after the block ran
+
+
+def _check_trainer_stepped(ns, workdir, store):
+    assert ns["trainer"].step == 3 and set(ns["metrics"]) >= {"loss", "accuracy", "lr", "step", "samples_per_sec"}
+
+
+def _check_hdf5_training(ns, workdir, store):
+    assert ns["trainer"].step == 2 and ns["info"].num_classes == CFG_KW["num_classes"]
+
+
+def _check_written_hdf5(ns, workdir, store):
+    from wrn3d_tl.data import hdf5_info
+
+    info = hdf5_info(str(workdir / "my_volumes.h5"))
+    assert info.n == 6 and info.num_classes == 5 and info.normalization is not None
+
+
+def _check_export(ns, workdir, store):
+    assert (workdir / "exported" / "wrn" / "saved_model.pb").exists()
+
+
+def _check_served(ns, workdir, store):
+    assert ns["classes"].shape == (6,) and ns["out"]["logits"].shape == (6, CFG_KW["num_classes"])
+
+
+def _check_predicted(ns, workdir, store):
+    out = ns["out"]
+    assert out["class"].shape == (16,) and out["top_k_classes"].shape == (16, CFG_KW["num_classes"])
+
+
+def _check_keras(ns, workdir, store):
+    assert ns["logits"].shape == (6, CFG_KW["num_classes"]) and (workdir / "wrn.keras").exists()
+
+
+def _check_manager(ns, workdir, store):
+    manager = ns["manager"]
+    assert os.path.basename(manager.latest()) == store["damaged"]  # the newest by name ...
+    assert os.path.basename(manager.newest_verified()) == store["newest"]  # ... is skipped: it is damaged
+    assert [step for step, _ in manager.checkpoints()] == sorted(step for step, _ in manager.checkpoints())
+
+
+def _check_datasets(ns, workdir, store):
+    x, y = next(iter(ns["train"]))
+    assert x.shape[1:] == (8, 32, 32, 3) and x.dtype == "float32" and y.dtype == "int64"
+
+
+# Keyed by (file, first line of the block).
+PYTHON_BLOCKS = {
+    ("README.md", "import numpy as np"): Py(),
+    ("README.md", "from wrn3d_tl.experiment import make_trainer"): Py(
+        subs=(("range(10)", "range(3)"),
+              # 64 training and 16 test images instead of the synthetic set's 10000 and 2000
+              ("batch_size=16)", "batch_size=16, synthetic_train=64, synthetic_test=16)")),
+        check=_check_trainer_stepped),
+    ("docs/data.md", 'from wrn3d_tl.data import load_cifar'): Py(needs=("cifar",)),
+    ("docs/data.md", "from wrn3d_tl.data import load_cifar, compute_normalization, make_dataset"): Py(
+        needs=("cifar",), check=_check_datasets),
+    ("docs/data.md", "from wrn3d_tl.data import write_hdf5_volumes, hdf5_info"): Py(
+        needs=("volumes",), check=_check_written_hdf5),
+    ("docs/data.md", "from wrn3d_tl.data import hdf5_dataset, hdf5_info"): Py(
+        needs=("my_volumes",),
+        subs=(("depth=16, widen_factor=4", "depth=10, widen_factor=1"), ("range(100)", "range(2)")),
+        check=_check_hdf5_training),
+    ("docs/memory.md", "from wrn3d_tl.memory import estimate_memory, largest_batch"): Py(),
+    ("docs/performance.md", "import numpy as np, tensorflow as tf"): Py(),
+    ("docs/training.md", "from wrn3d_tl.checkpoint import CheckpointManager"): Py(
+        needs=("periodic",), check=_check_manager),
+    ("docs/using-a-trained-model.md", "from wrn3d_tl.train import Trainer"): Py(
+        needs=("checkpoints",), check=_check_export),
+    ("docs/using-a-trained-model.md", "import numpy as np, tensorflow as tf"): Py(
+        needs=("exported", "volumes"), check=_check_served),
+    ("docs/using-a-trained-model.md", "from wrn3d_tl.predict import predict, Predictor"): Py(
+        needs=("checkpoints", "predict_files", "volumes"), check=_check_predicted),
+    ("docs/using-a-trained-model.md", "from wrn3d_tl.keras_twin import build_keras_wrn, tl_to_keras, keras_to_tl"): Py(
+        needs=("checkpoints", "volumes"), check=_check_keras),
+}
+
+
+@pytest.mark.parametrize("block", blocks_of("python"), ids=lambda b: b.id)
+def test_python_block_runs(block, store, tmp_path, monkeypatch):
+    spec = PYTHON_BLOCKS.get((block.path, block.first_line))
+    assert spec is not None, (f"{block.id}: a python block that tests/test_docs.py does not know; add it to "
+                              f"PYTHON_BLOCKS under {(block.path, block.first_line)!r}")
+    code = substitute(block, spec.subs)
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "__doc_block__", **prepare(spec.needs, store, tmp_path, monkeypatch)}
+    exec(compile(code, block.id, "exec"), namespace)  # noqa: S102 - the documented code is what is tested
+    if spec.check is not None:
+        spec.check(namespace, tmp_path, store)
+
+
+# ================================================================ bash blocks
+
+@dataclasses.dataclass(frozen=True)
+class Bash:
+    needs: tuple = ()
+    subs: tuple = ()
+    check: object = None  # check(workdir)
+
+
+def _check_hdf5_cli(workdir):
+    from wrn3d_tl.checkpoint import read_checkpoint
+
+    assert read_checkpoint(str(workdir / "runs" / "wrn.h5"))["step"] == 2
+
+
+def _check_predict_csv(workdir):
+    import csv
+
+    text_blocks = [b for b in blocks_of("text") if b.path == "docs/using-a-trained-model.md"
+                   and b.first_line.startswith("index,")]
+    assert len(text_blocks) == 1, "the CSV example of wrn3d-predict"
+    documented_header = text_blocks[0].first_line
+    for name, k in (("preds.csv", 3), ("preds_npy.csv", 5), ("preds_module.csv", 5)):
+        rows = list(csv.reader(open(workdir / name)))
+        assert len(rows) == 1 + 16, name
+        assert rows[0] == ["index", "class", "probability", f"top{k}", f"top{k}_probabilities"], name
+    assert open(workdir / "preds_npy.csv").readline().strip() == documented_header
+
+
+# Executed: keyed by the block's first line.
+BASH_RUN = {
+    "python examples/train_hdf5_volumes.py --train my_volumes.h5 --val my_val.h5 \\": Bash(
+        needs=("my_volumes",),
+        subs=(("--depth 16 --width 4 --batch-size 16 --epochs 30", "--depth 10 --width 1 --batch-size 4 --iters 2"),),
+        check=_check_hdf5_cli),
+    "wrn3d-predict --checkpoint c.h5 --hdf5 data.h5 [--key volumes] --out preds.csv [--batch-size N] [--top-k K]": Bash(
+        needs=("predict_files",),
+        subs=(("[--key volumes]", "--key volumes"), ("[--batch-size N]", "--batch-size 4"), ("[--top-k K]", "--top-k 3"),
+              ("--npy data.npy --out preds.csv", "--npy data.npy --out preds_npy.csv"),
+              ("python -m wrn3d_tl.predict ...", "python -m wrn3d_tl.predict --checkpoint c.h5 --npy data.npy "
+                                                 "--out preds_module.csv")),
+        check=_check_predict_csv),
+}
+
+# Mirrored by existing tests (running them here would take minutes or need several
+# machines / GPUs / internet): first line -> "file::test" names.
+BASH_MAPPED = {
+    "make demo   # creates .venv, installs, runs examples/cifar_wide_resnet_tl.py --iters 10": [
+        "tests/test_examples.py::test_main_job_falls_back_loudly_trains_evaluates_and_resumes",
+        "tests/test_docs.py::test_make_targets_run_the_documented_commands",
+    ],
+    "python examples/cifar_wide_resnet_tl.py --distribute mirrored --batch-size 128": [
+        "tests/test_distribute.py::test_two_workers_match_mirrored_over_two_cpus",  # --distribute mirrored --cpu-replicas 2
+    ],
+    "# on host1": [
+        "tests/test_distribute.py::test_two_workers_match_mirrored_over_two_cpus",
+        "tests/test_distribute.py::test_killed_worker_fails_the_other_fast_and_resume_completes",
+    ],
+    ".venv/bin/pip install torch==2.13.0           # optional: without it the PyTorch rows are skipped": [
+        "tests/test_docs.py::test_benchmark_commands_parse",
+    ],
+}
+
+
+def _commands(text):
+    """Shell lines -> argv lists: continuation lines joined, comments and blank lines dropped."""
+    text = text.replace("\\\n", " ")
+    return [argv for argv in (shlex.split(line, comments=True) for line in text.splitlines()) if argv]
+
+
+def _load_example(name):
+    spec = importlib.util.spec_from_file_location(f"_docs_{name}", ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_in_process(argv):
+    """Run one documented command through its script's main(argv); returns the exit status."""
+    if argv[0] == "python" and len(argv) > 1 and re.fullmatch(r"examples/\w+\.py", argv[1]):
+        main, args = _load_example(Path(argv[1]).stem).main, argv[2:]
+    elif argv[0] == "wrn3d-predict" or argv[:3] == ["python", "-m", "wrn3d_tl.predict"]:
+        from wrn3d_tl import predict
+
+        main, args = predict.main, argv[1:] if argv[0] == "wrn3d-predict" else argv[3:]
+    else:
+        raise AssertionError(f"tests/test_docs.py does not know how to run {argv!r}")
+    try:
+        result = main(args)
+    except SystemExit as e:
+        return e.code or 0
+    return result if isinstance(result, int) else 0
+
+
+@pytest.mark.parametrize("block", blocks_of("bash"), ids=lambda b: b.id)
+def test_bash_block_is_run_or_mirrored(block, store, tmp_path, monkeypatch):
+    key = block.first_line
+    if key in BASH_MAPPED:
+        assert key not in BASH_RUN
+        for name in BASH_MAPPED[key]:
+            test_file, test_name = name.split("::")
+            source = (ROOT / test_file).read_text(encoding="utf-8")
+            assert re.search(rf"^def {re.escape(test_name)}\(", source, re.M), \
+                f"{block.id} is mapped to {name}, which does not exist"
+        return
+    spec = BASH_RUN.get(key)
+    assert spec is not None, (f"{block.id}: a bash block that is neither run nor mapped to a test; add it to "
+                              f"BASH_RUN or BASH_MAPPED in tests/test_docs.py under {key!r}")
+    text = substitute(block, spec.subs)
+    monkeypatch.chdir(tmp_path)
+    prepare(spec.needs, store, tmp_path, monkeypatch)
+    for argv in _commands(text):
+        assert _run_in_process(argv) == 0, f"{block.id}: {shlex.join(argv)} failed"
+    if spec.check is not None:
+        spec.check(tmp_path)
+
+
+def test_every_block_has_a_language_and_every_entry_a_block():
+    untagged = [b.id for b in ALL_BLOCKS if not b.lang]
+    assert not untagged, f"blocks without a language tag (use ```text for output): {untagged}"
+    unknown = [b.id for b in ALL_BLOCKS if b.lang not in CODE_LANGS + ("text",)]
+    assert not unknown, f"blocks in a language tests/test_docs.py does not run: {unknown}"
+    py_keys = [(b.path, b.first_line) for b in blocks_of("python")]
+    assert len(py_keys) == len(set(py_keys)), "two python blocks of one file share a first line"
+    assert set(PYTHON_BLOCKS) <= set(py_keys), f"entries without a block: {set(PYTHON_BLOCKS) - set(py_keys)}"
+    bash_keys = {b.first_line for b in blocks_of("bash")}
+    stale = (set(BASH_RUN) | set(BASH_MAPPED)) - bash_keys
+    assert not stale, f"bash entries without a block: {stale}"
+
+
+def test_make_targets_run_the_documented_commands():
+    """README's two commands: `make demo` runs the main job for 10 iterations, `make test` the
+    suite, both in .venv after installing the package (with the test extras)."""
+    make = (ROOT / "Makefile").read_text()
+    recipes = dict(re.findall(r"^([\w$().]+):[^\n=]*\n((?:\t[^\n]*\n)+)", make, re.M))
+    assert re.search(r"^VENV \?= \.venv$", make, re.M) and re.search(r"^ITERS \?= 10$", make, re.M)
+    assert "examples/cifar_wide_resnet_tl.py --iters $(ITERS)" in recipes["demo"]
+    assert "-m pytest" in recipes["test"] and "tests" in recipes["test"]
+    assert re.search(r"^demo: \$\(STAMP\)", make, re.M) and re.search(r"^test: \$\(STAMP\)", make, re.M)
+    assert 'pip install -q -e ".[test]"' in recipes["$(STAMP)"]
+
+
+def test_benchmark_commands_parse():
+    """docs/performance.md's benchmark commands: the flags exist (running them takes minutes and
+    PyTorch), and the PyTorch pin is the version the results were measured with."""
+    (block,) = [b for b in blocks_of("bash") if b.path == "docs/performance.md"]
+    spec = importlib.util.spec_from_file_location("_docs_bench_train", ROOT / "benchmarks" / "bench_train.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses in the module look themselves up here
+    try:
+        spec.loader.exec_module(bench)
+        commands = _commands(block.text)
+        for argv in commands:
+            if argv[0].endswith("/pip"):
+                pinned = [a for a in argv if a.startswith("torch==")]
+                assert pinned and pinned[0].split("==")[1] in (ROOT / "docs" / "performance.md").read_text()
+            else:
+                assert argv[:2] == [".venv/bin/python", "benchmarks/bench_train.py"], argv
+                bench.parse_args(argv[2:])  # SystemExit on an unknown flag
+        assert len(commands) == 3
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+# ================================================================ links
+
+def _slug(heading):
+    """GitHub's anchor for a heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def _anchors(path):
+    text = Path(path).read_text(encoding="utf-8")
+    text = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+    return {_slug(m.group(1)) for m in re.finditer(r"^#+\s+(.*)$", text, re.M)}
+
+
+@pytest.mark.parametrize("doc", DOC_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_point_at_existing_files(doc):
+    text = re.sub(r"^```.*?^```", "", doc.read_text(encoding="utf-8"), flags=re.M | re.S)
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"^[a-z]+:", target):  # https:, mailto:
+            continue
+        file_part, _, anchor = target.partition("#")
+        dest = (doc.parent / file_part).resolve() if file_part else doc
+        if not dest.exists():
+            broken.append(target)
+        elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+            broken.append(target + " (no such heading)")
+    assert not broken, f"{doc.relative_to(ROOT)}: broken links {broken}"
+
+
+def test_readme_links_every_docs_page():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    missing = [p.name for p in sorted((ROOT / "docs").glob("*.md")) if f"(docs/{p.name})" not in readme]
+    assert not missing, f"docs pages the README does not link: {missing}"
+
+
+# ================================================================ numbers and names the docs state
+
+def test_memory_table_matches_estimate_memory():
+    """docs/memory.md's "estimated" column is estimate_memory(...)["step_growth"] in MB."""
+    from wrn3d_tl.memory import estimate_memory
+    from wrn3d_tl.model import WRNConfig
+
+    text = (ROOT / "docs" / "memory.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| (WRN-\d+-\d+) \|\s+(\d+) \|\s+(yes|no)\s+\|\s+\d+ MB \|\s+(\d+) MB \|$", text, re.M)
+    assert len(rows) == 5
+    for name, batch, recompute, documented in rows:
+        cfg = WRNConfig.from_name(name, input_shape=(8, 32, 32, 3))
+        estimate = estimate_memory(cfg, int(batch), recompute=recompute == "yes")["step_growth"] / 1e6
+        assert abs(estimate - int(documented)) < 1, (name, batch, recompute, estimate)
+
+
+def test_readme_architecture_numbers():
+    """README: the 2D parameter counts are the ones tests/test_model.py pins; WRN-16-4 3D's
+    parameters and GFLOPs."""
+    from wrn3d_tl.model import WRNConfig, count_flops
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    pinned = (ROOT / "tests" / "test_model.py").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| (WRN-\d+-\d+)\s+\|\s+([\d,]+) \|", readme, re.M)
+    assert len(rows) == 4
+    for name, count in rows:
+        assert re.search(rf'"{name}", {count.replace(",", "_")},', pinned), (name, count)
+    assert "8,150,330 parameters" in readme and "8_150_330" in pinned
+    cfg = WRNConfig(depth=16, widen_factor=4, input_shape=(8, 32, 32, 3))
+    assert f"costs {count_flops(cfg) / 1e9:.1f} GFLOPs" in readme
+
+
+def test_documented_trainer_signature_is_the_real_one():
+    """docs/training.md's Trainer(...) line: the real parameters, in order, with their defaults
+    (where the docs list alternatives, a|b|c, the first is the default)."""
+    from wrn3d_tl.train import Trainer
+
+    text = (ROOT / "docs" / "training.md").read_text(encoding="utf-8")
+    documented = re.search(r"`Trainer\((.*?)\)`", text, re.S).group(1)
+    params = [p.strip() for p in documented.replace("\n", " ").split(",")]
+    real = {n: p.default for n, p in inspect.signature(Trainer.__init__).parameters.items() if n != "self"}
+    names = [p.split("=")[0] for p in params if p != "*"]
+    assert names == list(real)
+    for p in params:
+        if "=" in p:
+            name, default = p.split("=", 1)
+            assert ast.literal_eval(default.split("|")[0]) == real[name], p
+
+
+def _help_entries(script, capsys):
+    """``--help`` of an example script: {first option string: its help entry}."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        _load_example(script).parse_args(["--help"])
+    text = capsys.readouterr().out
+    entries = re.split(r"\n  (?=-)", text[text.index("options:"):])[1:]
+    return {e.split()[0].rstrip(","): " ".join(e.split()) for e in entries}
+
+
+@pytest.mark.parametrize("script", ["cifar_wide_resnet_tl", "train_hdf5_volumes"])
+def test_example_help_shows_every_default(script, capsys):
+    """README: "`--help` lists them all, with their defaults" (and the HDF5 example's too)."""
+    entries = _help_entries(script, capsys)
+    without = [flag for flag, entry in entries.items() if flag != "-h" and "(default: " not in entry]
+    assert not without, f"{script} --help shows no default for {without}"
+
+
+def test_readme_flags_are_the_main_jobs(capsys):
+    """Every flag the README lists for the main job is one of its flags."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    paragraph = readme[readme.index("Useful flags:"):readme.index("### Stepping the trainer")]
+    flags = set(re.findall(r"--[a-z][a-z0-9-]*", paragraph)) - {"--help"}
+    missing = sorted(flags - set(_help_entries("cifar_wide_resnet_tl", capsys)))
+    assert not missing, f"README flags the main job does not have: {missing}"

@@ -1,0 +1,37 @@
+"""Integers, per-axis tuples and layout names: the small rules every module shares.
+
+Tensors are channels-last: ``NHWC`` (batch, height, width, channels) for a spatial rank
+of 2 and ``NDHWC`` (batch, depth, height, width, channels) for a spatial rank of 3.
+"""
+
+import numbers
+
+import numpy as np
+
+__all__ = ["is_int", "ensure_tuple_rep", "layout", "LAYOUTS"]
+
+LAYOUTS = {2: "NHWC", 3: "NDHWC"}
+
+
+def is_int(value):
+    """True for Python and numpy integers, False for bools (which Python counts as ints)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def ensure_tuple_rep(value, rank, what):
+    """A positive int (the same on every axis) or ``rank`` positive ints -> a tuple of
+    ``rank`` Python ints (MONAI's ``ensure_tuple_rep``). ValueError naming ``what`` otherwise."""
+    values = (value,) * rank if is_int(value) else value
+    if not isinstance(values, (tuple, list, np.ndarray)) or len(values) != rank \
+            or not all(is_int(v) and v >= 1 for v in values):
+        raise ValueError(f"{what} must be a positive int or {rank} positive ints (one per spatial axis), "
+                         f"got {value!r}")
+    return tuple(int(v) for v in values)
+
+
+def layout(rank):
+    """The layout name for a spatial rank: 2 -> "NHWC", 3 -> "NDHWC"."""
+    try:
+        return LAYOUTS[rank]
+    except KeyError:
+        raise ValueError(f"spatial rank must be 2 (NHWC) or 3 (NDHWC), got {rank!r}") from None

@@ -1,0 +1,181 @@
+"""Ready-to-step trainers: data -> config -> model -> trainer, resume included.
+
+The seed project's pattern, in which outside code (a tuner, an RL agent) steps a ready
+trainer one iteration at a time, needs no script on ``sys.path``::
+
+    from wrn3d_tl.experiment import make_trainer
+
+    trainer = make_trainer(dataset="synthetic", depth=10, width=2, volume_depth=4, batch_size=16)
+    for _ in range(10):
+        print(trainer.train_step())
+    print(trainer.evaluate())            # the test split, trainer.eval_data
+
+``examples/cifar_wide_resnet_tl.py`` (the main job) is this module plus a command line.
+``resume`` is what both example scripts' ``--resume`` does.
+"""
+
+import contextlib
+import dataclasses
+import os
+
+__all__ = ["DEFAULTS", "Experiment", "ResumeError", "build_experiment", "make_trainer", "load_data",
+           "auto_batch_size", "resume"]
+
+# The options of make_trainer and of the main job's command line (flag names with "-").
+DEFAULTS = dict(dataset="cifar10", data_dir=None, download=False, depth=16, width=4, dims=3, volume_depth=8,
+                tile_mode="repeat", batch_size=32, lr=0.1, schedule="step", iters=None, epochs=None,
+                warmup_steps=0, weight_decay=5e-4, dropout=0.0, mixed_precision="none", seed=0,
+                eval_every=0, eval_samples=500, checkpoint=None, checkpoint_every=0, resume=False,
+                logdir=None, plot=None, synthetic_train=10000, synthetic_test=2000, distribute="none",
+                cpu_replicas=None, collective_timeout=None, recompute=False, memory_budget=None)
+DEFAULT_ITERS = 10  # when neither iters nor epochs is given
+
+
+class ResumeError(ValueError):
+    """A checkpoint to resume from does not match what the run asks for."""
+
+
+@dataclasses.dataclass
+class Experiment:
+    """What ``build_experiment`` assembles.
+
+    Attributes:
+        trainer: the ``Trainer`` (its ``eval_data`` is the test pipeline).
+        steps: how many iterations the run is planned for (from ``iters``/``epochs``).
+        data_source: "cifar10", "cifar100" or "synthetic".
+        resumed_from: the checkpoint the trainer was restored from, or None.
+    """
+
+    trainer: object
+    steps: int
+    data_source: str
+    resumed_from: str = None
+
+
+def load_data(opts):
+    """``(x_train, y_train), (x_test, y_test), num_classes, source`` for the options ``opts``.
+
+    Real CIFAR from disk when present; for ``dataset="cifar10"`` without CIFAR on disk (and
+    no ``data_dir``), a synthetic set with CIFAR's shapes, announced by one loud line.
+    """
+    from wrn3d_tl.data import load_cifar, synthetic_cifar
+
+    if opts["dataset"] != "synthetic":
+        try:
+            (xtr, ytr), (xte, yte) = load_cifar(opts["dataset"], data_dir=opts["data_dir"], download=opts["download"])
+            return (xtr, ytr), (xte, yte), 100 if opts["dataset"] == "cifar100" else 10, opts["dataset"]
+        except FileNotFoundError:
+            if opts["dataset"] == "cifar100" or opts["data_dir"]:
+                raise
+            print("!!! CIFAR-10 NOT FOUND ON DISK: TRAINING ON SYNTHETIC DATA INSTEAD (put cifar-10-python.tar.gz "
+                  "in ~/.keras/datasets, set WRN3D_DATA_DIR or pass --data-dir; --download fetches it) !!!", flush=True)
+    train, test = synthetic_cifar(opts["synthetic_train"], opts["synthetic_test"], num_classes=10, seed=opts["seed"])
+    return train, test, 10, "synthetic"
+
+
+def auto_batch_size(config, *, mixed_precision=None, recompute=False, replicas=1, memory_budget=None):
+    """The largest batch (a multiple of ``replicas``, at most 4096) whose estimated training
+    memory fits ``memory_budget`` GiB (default: half of this machine's RAM)."""
+    from wrn3d_tl.memory import largest_batch
+
+    budget = memory_budget * 2 ** 30 if memory_budget else \
+        os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2
+    batch = largest_batch(config, budget, mixed_precision=mixed_precision, recompute=recompute, multiple_of=replicas)
+    return min(batch, 4096)
+
+
+def resume(checkpoint, config, train_data, *, strategy=None, recompute=False, **overrides):
+    """Restore the newest verified checkpoint among ``checkpoint`` and the periodic
+    ``ckpt-XXXXXXXX.h5`` files beside it; returns ``(trainer, path)``, or ``(None, None)``
+    when there is none (damaged files are reported and skipped).
+
+    Raises ``ResumeError`` when the checkpoint's ``WRNConfig`` differs from ``config``.
+    ``train_data`` is skipped by the restored step: the pipelines are deterministic for
+    their seed, so the resumed run sees the batches an uninterrupted run would.
+    """
+    from wrn3d_tl.checkpoint import CheckpointManager, checkpoint_contents
+    from wrn3d_tl.model import WRNConfig
+    from wrn3d_tl.train import Trainer
+
+    manager = CheckpointManager(os.path.dirname(os.path.abspath(checkpoint)))
+    path = manager.newest_verified(also=[checkpoint])
+    if path is None:
+        return None, None
+    stored = WRNConfig.from_dict(checkpoint_contents(path)["config"])
+    if stored != config:
+        fields = [f.name for f in dataclasses.fields(WRNConfig) if getattr(stored, f.name) != getattr(config, f.name)]
+        raise ResumeError(f"--resume: {path} holds {stored.name} with "
+                          + ", ".join(f"{f}={getattr(stored, f)!r}" for f in fields)
+                          + " but the flags ask for " + ", ".join(f"{f}={getattr(config, f)!r}" for f in fields))
+    trainer = Trainer.restore(path, train_data, strategy=strategy, recompute=recompute, **overrides)
+    trainer.train_data = train_data.skip(trainer.step)
+    return trainer, path
+
+
+def build_experiment(**options):
+    """Build the data pipelines, the WRN and its ``Trainer`` from the main job's options.
+
+    Keyword arguments are the main job's flags with underscores (see ``DEFAULTS``);
+    unknown ones raise TypeError. Returns an ``Experiment``. With ``resume=True`` and a
+    ``checkpoint``, the trainer continues from the newest verified checkpoint (see
+    ``resume``); a checkpoint of another config raises ``ResumeError``.
+    """
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"make_trainer: unknown options {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    o = {**DEFAULTS, **options}
+    from wrn3d_tl.distribute import make_strategy
+
+    # First: multi-worker and logical-device set-up must precede any TensorFlow work.
+    strategy = make_strategy(o["distribute"], o["cpu_replicas"], o["collective_timeout"])
+
+    import tensorflow as tf
+
+    from wrn3d_tl.data import compute_normalization, make_dataset
+    from wrn3d_tl.model import WRNConfig, build_wrn
+    from wrn3d_tl.train import Trainer
+
+    tf.random.set_seed(o["seed"])
+    (xtr, ytr), (xte, yte), num_classes, source = load_data(o)
+    if o["eval_samples"]:
+        xte, yte = xte[:o["eval_samples"]], yte[:o["eval_samples"]]
+    depth = o["volume_depth"] if o["dims"] == 3 else None
+    shape = ((depth,) if depth else ()) + tuple(xtr.shape[1:])
+    config = WRNConfig(depth=o["depth"], widen_factor=o["width"], num_classes=num_classes, input_shape=shape,
+                       dropout=o["dropout"])
+    mp = None if o["mixed_precision"] in (None, "none") else o["mixed_precision"]
+    batch_size = o["batch_size"]
+    if batch_size == "auto":
+        batch_size = auto_batch_size(config, mixed_precision=mp, recompute=o["recompute"],
+                                     replicas=strategy.num_replicas_in_sync if strategy else 1,
+                                     memory_budget=o["memory_budget"])
+        print(f"--batch-size auto: {batch_size}", flush=True)
+    if o["epochs"] is not None:
+        steps = max(1, int(o["epochs"] * max(1, len(xtr) // batch_size)))
+    else:
+        steps = o["iters"] if o["iters"] is not None else DEFAULT_ITERS
+    norm = compute_normalization(xtr)
+    common = dict(volume_depth=depth, tile_mode=o["tile_mode"], normalization=norm, seed=o["seed"])
+    train_ds = make_dataset(xtr, ytr, batch_size=batch_size, training=True, drop_remainder=True,
+                            repeat=True, **common)
+    test_ds = make_dataset(xte, yte, batch_size=100, training=False, **common)
+    ckpt_dir = os.path.dirname(os.path.abspath(o["checkpoint"])) if o["checkpoint"] and o["checkpoint_every"] else None
+    run = dict(logdir=o["logdir"], checkpoint_dir=ckpt_dir, checkpoint_every=o["checkpoint_every"] or None,
+               eval_data=test_ds)
+    trainer = resumed_from = None
+    if o["resume"] and o["checkpoint"]:
+        trainer, resumed_from = resume(o["checkpoint"], config, train_ds, strategy=strategy,
+                                       recompute=o["recompute"], **run)
+    if trainer is None:
+        with strategy.scope() if strategy else contextlib.nullcontext():
+            model = build_wrn(config, recompute=o["recompute"])
+        trainer = Trainer(model, train_ds, strategy=strategy, lr=o["lr"], schedule=o["schedule"], total_steps=steps,
+                          warmup_steps=o["warmup_steps"], weight_decay=o["weight_decay"], mixed_precision=mp,
+                          seed=o["seed"], normalization=norm, batch_size=batch_size, **run)
+    return Experiment(trainer=trainer, steps=steps, data_source=source, resumed_from=resumed_from)
+
+
+def make_trainer(**options):
+    """``build_experiment(**options).trainer``: a ready ``Trainer`` whose ``eval_data`` is
+    the test pipeline and whose ``total_steps`` is the planned number of iterations."""
+    return build_experiment(**options).trainer
