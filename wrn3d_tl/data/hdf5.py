@@ -233,6 +233,7 @@ def write_hdf5_volumes(path, volumes, labels, *, x_key: str = "volumes",
     elif compression is not None:
         kwargs["compression"] = compression
 
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # as Trainer.save does
     with h5py.File(path, mode) as f:
         for key in (x_key, y_key):
             if key in f:
