@@ -14,7 +14,6 @@ pattern — outside code stepping the trainer one iteration at a time — is
         print(trainer.train_step())
 """
 
-import argparse
 import os
 import sys
 import time
@@ -22,49 +21,49 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from wrn3d_tl.experiment import DEFAULT_ITERS, DEFAULTS, ResumeError, build_experiment, make_trainer  # noqa: E402,F401
+from wrn3d_tl.cli import (Parser, non_negative_float, non_negative_int, positive_float, positive_int,  # noqa: E402
+                          quiet_tensorflow)
+from wrn3d_tl.experiment import (DEFAULT_ITERS, DEFAULTS, ResumeError, build_experiment,  # noqa: E402,F401
+                                 check_network_flags, make_trainer)
 
 
 def _batch_size(text):
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int or 'auto', got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int or 'auto', got {text!r}")
-    return value
+    return text if text == "auto" else positive_int(text)
 
 
 def parse_args(argv=None):
-    """The command line; every flag's default is in ``wrn3d_tl.experiment.DEFAULTS``."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The command line; every flag's default is in ``wrn3d_tl.experiment.DEFAULTS``. A bad
+    flag exits with status 2 and one line naming it, before any data is read."""
+    p = Parser(description=__doc__.split("\n\n")[0])
     a = p.add_argument
     a("--dataset", choices=["cifar10", "cifar100", "synthetic"], help="cifar10 falls back to synthetic if absent")
     a("--data-dir", help="folder holding CIFAR (folder or .tar.gz); else $WRN3D_DATA_DIR, ~/.keras/datasets")
     a("--download", action="store_true", help="allow fetching CIFAR through keras.datasets")
-    a("--depth", type=int, help="WRN depth d = 6n + 4")
-    a("--width", type=int, help="widening factor k")
+    a("--depth", type=int, help="WRN depth d = 6n + 4 (10, 16, 22, 28, 40, ...)")
+    a("--width", type=int, help="widening factor k >= 1")
     a("--dims", type=int, choices=[2, 3], help="3: tile images into volumes; 2: plain images")
-    a("--volume-depth", type=int, help="slices per volume (3D)")
+    a("--volume-depth", type=positive_int, help="slices per volume (3D)")
     a("--tile-mode", choices=["repeat", "shift"], help="how images become volumes (docs/data.md)")
     a("--batch-size", type=_batch_size, help="global batch size, or 'auto': the largest that fits --memory-budget")
-    a("--memory-budget", type=float, help="GiB for --batch-size auto (None: half of this machine's RAM)")
+    a("--memory-budget", type=positive_float,
+      help="GiB for --batch-size auto: what one train step may ADD to the process (gradients, activations, "
+           "TensorFlow's working memory) on top of the data, model and optimizer already in memory; None: half of "
+           "this machine's RAM")
     a("--recompute", action="store_true", help="recompute block activations in the backward pass (less memory)")
-    a("--lr", type=float, help="base learning rate")
-    a("--schedule", choices=["constant", "step", "cosine"], help="step: the paper's x0.2 at 30%%, 60%%, 80%%")
-    a("--warmup-steps", type=int, help="linear learning-rate warm-up")
-    a("--weight-decay", type=float, help="L2 on convolution and dense kernels")
-    a("--dropout", type=float, help="dropout between a block's convolutions")
+    a("--lr", type=positive_float, help="base learning rate")
+    a("--schedule", choices=["constant", "step", "cosine"],
+      help="step: the paper's x0.2 at 30%%, 60%%, 80%% (the CIFAR recipe; the HDF5 script defaults to cosine)")
+    a("--warmup-steps", type=non_negative_int, help="linear learning-rate warm-up")
+    a("--weight-decay", type=non_negative_float, help="L2 on convolution and dense kernels")
+    a("--dropout", type=float, help="dropout between a block's convolutions, in [0, 1)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--iters", type=int, help=f"training iterations (None: {DEFAULT_ITERS}, or --epochs)")
-    g.add_argument("--epochs", type=float, help="training epochs over the training split")
-    a("--eval-every", type=int, help="evaluate every N iterations (0: only at the end)")
-    a("--eval-samples", type=int, help="test samples per evaluation (0: the whole test split)")
+    g.add_argument("--iters", type=positive_int, help=f"training iterations (None: {DEFAULT_ITERS}, or --epochs)")
+    g.add_argument("--epochs", type=positive_float, help="training epochs over the training split")
+    a("--eval-every", type=non_negative_int, help="evaluate every N iterations (0: only at the end)")
+    a("--eval-samples", type=non_negative_int, help="test samples per evaluation (0: the whole test split)")
     a("--checkpoint", help="checkpoint file written at every evaluation and at the end")
-    a("--checkpoint-every", type=int, help="also save {checkpoint dir}/ckpt-XXXXXXXX.h5 every N iterations (0: never)")
+    a("--checkpoint-every", type=non_negative_int,
+      help="also save {checkpoint dir}/ckpt-XXXXXXXX.h5 every N iterations (0: never)")
     a("--resume", action="store_true", help="continue from the newest verified checkpoint: --checkpoint or a "
       "ckpt-XXXXXXXX.h5 beside it")
     a("--logdir", help="metrics.csv and TensorBoard scalars go here")
@@ -73,18 +72,23 @@ def parse_args(argv=None):
     a("--seed", type=int, help="data order, augmentation and initial weights")
     a("--distribute", choices=["none", "mirrored", "multiworker"],
       help="mirrored: every local GPU (or --cpu-replicas N CPUs); multiworker: the cluster in TF_CONFIG")
-    a("--cpu-replicas", type=int, help="with --distribute mirrored: N logical CPU devices (testing)")
-    a("--collective-timeout", type=float, help="multiworker: seconds before a stalled all-reduce aborts")
-    a("--synthetic-train", type=int, help="training samples of the synthetic set")
-    a("--synthetic-test", type=int, help="test samples of the synthetic set")
+    a("--cpu-replicas", type=positive_int, help="with --distribute mirrored: N logical CPU devices (testing)")
+    a("--collective-timeout", type=positive_float, help="multiworker: seconds before a stalled all-reduce aborts")
+    a("--synthetic-train", type=positive_int, help="training samples of the synthetic set")
+    a("--synthetic-test", type=positive_int, help="test samples of the synthetic set")
     p.set_defaults(**DEFAULTS)
     args = p.parse_args(argv)
     if args.plot and not args.logdir:
         p.error("--plot needs --logdir")
     if args.resume and not args.checkpoint:
         p.error("--resume needs --checkpoint")
+    if args.checkpoint_every and not args.checkpoint:
+        p.error("--checkpoint-every needs --checkpoint (its folder holds the periodic checkpoints)")
     if args.cpu_replicas is not None and args.distribute != "mirrored":
         p.error("--cpu-replicas needs --distribute mirrored")
+    if args.data_dir is not None and not os.path.exists(args.data_dir):
+        p.error(f"--data-dir {args.data_dir}: no such file or folder")
+    check_network_flags(p, depth=args.depth, width=args.width, dropout=args.dropout)
     return args
 
 
@@ -93,6 +97,8 @@ def main(argv=None):
     args = parse_args(argv)
     opts = {k: getattr(args, k) for k in DEFAULTS}
     t0 = time.perf_counter()
+    if opts["distribute"] == "none":  # a strategy must set up devices before TensorFlow starts
+        quiet_tensorflow()
     try:
         exp = build_experiment(**opts)
     except ResumeError as e:

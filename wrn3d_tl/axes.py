@@ -8,7 +8,7 @@ import numbers
 
 import numpy as np
 
-__all__ = ["is_int", "ensure_tuple_rep", "layout", "LAYOUTS"]
+__all__ = ["is_int", "ensure_tuple_rep", "layout", "LAYOUTS", "check_batch_shape"]
 
 LAYOUTS = {2: "NHWC", 3: "NDHWC"}
 
@@ -35,3 +35,15 @@ def layout(rank):
         return LAYOUTS[rank]
     except KeyError:
         raise ValueError(f"spatial rank must be 2 (NHWC) or 3 (NDHWC), got {rank!r}") from None
+
+
+def check_batch_shape(shape, input_shape, what):
+    """Raise the one ValueError every entry point gives for a batch whose shape is not
+    ``(batch,) + input_shape`` (``None`` entries of ``shape``, e.g. a traced batch size,
+    match anything); ``what`` names the caller ("train_step", "model", ...)."""
+    shape, input_shape = tuple(shape), tuple(input_shape)
+    if len(shape) == len(input_shape) + 1 and all(s is None or s == d for s, d in zip(shape[1:], input_shape)):
+        return
+    hint = " (a single volume? add a batch axis: x[None])" if shape == input_shape else ""
+    raise ValueError(f"{what}: x must have shape (batch,) + {input_shape} ({layout(len(input_shape) - 1)}), "
+                     f"got {shape}{hint}")

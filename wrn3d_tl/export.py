@@ -44,7 +44,7 @@ SIGNATURES = ("serving_default", "serving_uint8")
 
 def _resolve(trainer_or_model, normalization):
     """(model, config, normalisation dict or None) from a Trainer or a build_wrn model."""
-    from wrn3d_tl.model import WRNConfig
+    from wrn3d_tl.config import WRNConfig
 
     model = getattr(trainer_or_model, "model", None)
     if model is not None and isinstance(getattr(trainer_or_model, "config", None), WRNConfig):

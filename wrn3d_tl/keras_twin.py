@@ -13,6 +13,7 @@ whose name gets a ``_relu`` suffix:
 
     TensorLayer                 Keras
     input                       input (keras.Input)
+    input/check                 (none: keras.Input checks the batch shape itself)
     stem/conv                   stem_conv                    Conv{2,3}D
     group2/block1/bn1           group2_block1_bn1            BatchNormalization
                                 group2_block1_bn1_relu       ReLU
@@ -43,7 +44,7 @@ import keras
 import numpy as np
 
 from wrn3d_tl.layers import leaf_layers
-from wrn3d_tl.model import WRNConfig
+from wrn3d_tl.config import WRNConfig
 
 __all__ = ["build_keras_wrn", "keras_layer_name", "tl_to_keras", "keras_to_tl", "count_keras_params"]
 

@@ -11,9 +11,10 @@ import math
 import tensorflow as tf
 import tensorlayer as tl
 
-from wrn3d_tl.axes import ensure_tuple_rep, layout
+from wrn3d_tl.axes import check_batch_shape, ensure_tuple_rep, layout
 
-__all__ = ["HeNormal", "BatchNorm", "Conv", "GlobalAvgPool", "WideBasicBlock", "leaf_layers", "variable_name"]
+__all__ = ["HeNormal", "InputCheck", "BatchNorm", "Conv", "GlobalAvgPool", "WideBasicBlock", "leaf_layers",
+           "variable_name"]
 
 
 class HeNormal(tl.initializers.Initializer):
@@ -34,6 +35,35 @@ class HeNormal(tl.initializers.Initializer):
 
     def get_config(self):
         return {"seed": self.seed}
+
+
+class InputCheck(tl.layers.Layer):
+    """Passes a batch of shape (N,) + ``input_shape`` through unchanged; any other shape
+    raises ValueError (as ``Trainer.train_step`` does). Without it a convolution stack
+    accepts, e.g., one NDHWC volume without its batch axis and returns garbage.
+
+    The check reads the static shape, so it costs nothing inside a compiled function;
+    a shape unknown until run time is checked in the graph.
+    """
+
+    def __init__(self, input_shape, name=None):
+        super().__init__(name)
+        self.expected = tuple(int(d) for d in input_shape)
+
+    def build(self, inputs_shape):
+        pass
+
+    def forward(self, inputs):
+        if inputs.shape.rank is not None:
+            check_batch_shape(inputs.shape.as_list(), self.expected, "model")
+            return inputs
+        got = tf.shape(inputs)
+        n = len(self.expected)
+        ok = tf.logical_and(tf.equal(tf.size(got), n + 1),
+                            tf.reduce_all(tf.equal(tf.pad(got[1:], [[0, n]])[:n], self.expected)))
+        with tf.control_dependencies([tf.debugging.Assert(ok, [f"model: x must have shape (batch,) + "
+                                                               f"{self.expected}, got", got], summarize=16)]):
+            return tf.identity(inputs)
 
 
 def _spatial_rank(inputs_shape, layer_name):
@@ -219,8 +249,9 @@ class WideBasicBlock(tl.layers.Layer):
     -> [dropout] -> conv 3. Shortcut: the identity, or with ``projection=True`` a
     1-per-axis conv with the block's stride applied to the first BN-ReLU output, as in the
     paper's reference code. Which blocks project is the model's plan
-    (``wrn3d_tl.model.WRNConfig.blocks``), not decided here. Sub-layers are named ``{name}/bn1``, ``{name}/conv1``, ``{name}/bn2``,
-    ``{name}/dropout``, ``{name}/conv2``, ``{name}/shortcut`` (see ``leaf_layers``).
+    (``wrn3d_tl.config.WRNConfig.blocks``), not decided here. Sub-layers are named
+    ``{name}/bn1``, ``{name}/conv1``, ``{name}/bn2``, ``{name}/dropout``, ``{name}/conv2``,
+    ``{name}/shortcut`` (see ``leaf_layers``).
 
     With ``recompute=True`` the block keeps only its input for the backward pass and
     recomputes its activations there (``tf.recompute_grad``): less memory, more compute.

@@ -19,6 +19,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from wrn3d_tl.axes import check_batch_shape
 from wrn3d_tl.checkpoint import CheckpointError, CheckpointManager, read_checkpoint, write_checkpoint
 from wrn3d_tl.data import as_normalization
 from wrn3d_tl.layers import variable_name
@@ -221,13 +222,10 @@ class Trainer:
 
     def _check_batch(self, x, y, what="train_step"):
         """Validate and convert one batch; returns (float32 x, int64 y)."""
-        shape = (None,) + self.config.input_shape
         x = tf.convert_to_tensor(x)
         if not (x.dtype.is_floating or x.dtype.is_integer):
             raise ValueError(f"{what}: x must be numeric, got dtype {x.dtype.name}")
-        if x.shape.rank != len(shape) or tuple(x.shape[1:]) != shape[1:]:
-            raise ValueError(f"{what}: x must have shape (batch,) + {self.config.input_shape} "
-                             f"({self.config.layout}), got {tuple(x.shape)}")
+        check_batch_shape(x.shape, self.config.input_shape, what)
         y = tf.convert_to_tensor(y)
         if not y.dtype.is_integer:
             raise ValueError(f"{what}: y must hold integer class labels, got dtype {y.dtype.name}")

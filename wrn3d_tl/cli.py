@@ -1,0 +1,103 @@
+"""What the command-line tools share: one-line errors with exit status 2, every default
+in ``--help``, argument types that name the flag, and a quiet TensorFlow start.
+
+Used by ``wrn3d-predict``, ``wrn3d-export`` and the example scripts. Imports nothing
+heavy: ``--help`` and argument errors come back at once.
+"""
+
+import argparse
+import contextlib
+import os
+import sys
+
+__all__ = ["Parser", "positive_int", "non_negative_int", "positive_float", "non_negative_float", "existing_file",
+           "fail", "quiet_tensorflow"]
+
+
+class Parser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors are ONE line, ``prog: error: ...`` (exit
+    status 2, no usage block), and whose ``--help`` shows every default."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())}\n")
+
+
+def _number(text, cast, ok, rule):
+    try:
+        value = cast(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {rule}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {rule}, got {text!r}")
+    return value
+
+
+def positive_int(text):
+    """An argparse type: an int >= 1."""
+    return _number(text, int, lambda v: v >= 1, "a positive int")
+
+
+def non_negative_int(text):
+    """An argparse type: an int >= 0."""
+    return _number(text, int, lambda v: v >= 0, "an int >= 0")
+
+
+def positive_float(text):
+    """An argparse type: a finite float > 0."""
+    return _number(text, float, lambda v: 0 < v < float("inf"), "a number > 0")
+
+
+def non_negative_float(text):
+    """An argparse type: a finite float >= 0."""
+    return _number(text, float, lambda v: 0 <= v < float("inf"), "a number >= 0")
+
+
+def existing_file(text):
+    """An argparse type: the path of an existing file (not a folder)."""
+    if not os.path.exists(text):
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"{text}: is a folder, not a file")
+    return text
+
+
+def fail(prog, flag, value, message):
+    """Print ``prog: error: flag value: message`` as one line on stderr; returns 2."""
+    print(f"{prog}: error: {flag} {value}: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    return 2
+
+
+@contextlib.contextmanager
+def _stderr_to_devnull():
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def quiet_tensorflow():
+    """Import TensorFlow and probe its devices with stderr silenced, then return the module.
+
+    TensorFlow's C++ start-up writes lines (oneDNN notes, "Could not find cuda drivers",
+    "failed call to cuInit" on CPU-only machines) before its own log level applies; a
+    command-line tool's stderr should hold only the tool's own lines. Errors raised by the
+    import itself still surface as Python exceptions.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    with _stderr_to_devnull():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices("GPU")
+    return tf
