@@ -27,5 +27,6 @@ setup(
         "gpu": [TF.replace("tensorflow", "tensorflow[and-cuda]")],
         "test": ["pytest>=7", "psutil>=5.9", "hypothesis>=6.80"],
     },
-    entry_points={"console_scripts": ["wrn3d-predict = wrn3d_tl.predict:main"]},
+    entry_points={"console_scripts": ["wrn3d-predict = wrn3d_tl.predict:main",
+                                      "wrn3d-export = wrn3d_tl.export:main"]},
 )

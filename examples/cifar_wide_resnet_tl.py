@@ -46,9 +46,9 @@ def parse_args(argv=None):
     a("--tile-mode", choices=["repeat", "shift"], help="how images become volumes (docs/data.md)")
     a("--batch-size", type=_batch_size, help="global batch size, or 'auto': the largest that fits --memory-budget")
     a("--memory-budget", type=positive_float,
-      help="GiB for --batch-size auto: what one train step may ADD to the process (gradients, activations, "
-           "TensorFlow's working memory) on top of the data, model and optimizer already in memory; None: half of "
-           "this machine's RAM")
+      help="GiB for --batch-size auto: the training state and one step (weights, momentum, gradients, "
+           "activations, TensorFlow's working memory: estimate_memory's total). Not the whole process: the data and "
+           "TensorFlow itself come on top. None: half of this machine's RAM")
     a("--recompute", action="store_true", help="recompute block activations in the backward pass (less memory)")
     a("--lr", type=positive_float, help="base learning rate")
     a("--schedule", choices=["constant", "step", "cosine"],

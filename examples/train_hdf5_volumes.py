@@ -111,10 +111,12 @@ def main(argv=None):
     ckpt_dir = os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint_every else None
     run = dict(logdir=args.logdir, eval_data=val, checkpoint_dir=ckpt_dir,
                checkpoint_every=args.checkpoint_every or None)
+    settings = dict(lr=args.lr, schedule=args.schedule, total_steps=steps, mixed_precision=mp, seed=args.seed,
+                    batch_size=args.batch_size)
     trainer = None
     if args.resume:
         try:
-            trainer, path = resume(args.checkpoint, config, train, **run)
+            trainer, path = resume(args.checkpoint, config, train, settings=settings, **run)
         except ResumeError as e:
             sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e}")
         if trainer is not None:
@@ -123,8 +125,7 @@ def main(argv=None):
         import tensorflow as tf
 
         tf.random.set_seed(args.seed)  # the initial weights
-        trainer = Trainer(build_wrn(config), train, lr=args.lr, schedule=args.schedule, total_steps=steps,
-                          mixed_precision=mp, seed=args.seed, batch_size=args.batch_size, normalization=norm, **run)
+        trainer = Trainer(build_wrn(config), train, normalization=norm, **settings, **run)
     result = None
     t0 = time.perf_counter()
     while trainer.step < steps:

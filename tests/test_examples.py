@@ -40,8 +40,8 @@ def test_main_job_falls_back_loudly_trains_evaluates_and_resumes(example, tmp_pa
 
     monkeypatch.setattr(Trainer, "evaluate", recording_evaluate)
     ckpt = tmp_path / "run" / "last.h5"
-    result = example.main([*TINY, "--iters", "3", "--checkpoint", str(ckpt), "--logdir", str(tmp_path / "logs"),
-                           "--plot", str(tmp_path / "curves.png")])
+    result = example.main([*TINY, "--iters", "3", "--schedule", "constant", "--checkpoint", str(ckpt),
+                           "--logdir", str(tmp_path / "logs"), "--plot", str(tmp_path / "curves.png")])
     out = capsys.readouterr().out
     loud = [line for line in out.splitlines() if "SYNTHETIC" in line]
     assert len(loud) == 1 and loud[0].startswith("!!!")
@@ -66,7 +66,7 @@ def test_main_job_falls_back_loudly_trains_evaluates_and_resumes(example, tmp_pa
     assert f"test  loss {result['loss']:.4f}  accuracy {result['accuracy']:.4f}" in out
     assert ckpt.exists() and (tmp_path / "curves.png").exists()
 
-    example.main([*TINY, "--iters", "5", "--checkpoint", str(ckpt), "--resume"])
+    example.main([*TINY, "--iters", "5", "--schedule", "constant", "--checkpoint", str(ckpt), "--resume"])
     out = capsys.readouterr().out
     assert f"resumed from {ckpt} at step 3" in out
     assert [line.split()[1] for line in iteration_lines(out)] == ["4/5", "5/5"]
@@ -184,5 +184,5 @@ def test_train_hdf5_volumes_resumes_from_the_newest_verified_checkpoint(tmp_path
         cli.main([*common[:3], "16", *common[4:], "--iters", "5", "--resume"])
     message = str(exit_info.value.code)
     assert message.count("\n") == 0 and "--resume" in message and str(run / "last.h5") in message
-    assert "depth=10" in message and "depth=16" in message
+    assert "depth=16 (stored 10)" in message
     assert iteration_lines(capsys.readouterr().out) == []

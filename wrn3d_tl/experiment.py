@@ -101,14 +101,32 @@ def auto_batch_size(config, *, mixed_precision=None, recompute=False, replicas=1
     return min(batch, 4096)
 
 
-def resume(checkpoint, config, train_data, *, strategy=None, recompute=False, **overrides):
+# Trainer settings a resumed run must share with its checkpoint (they shape the path
+# already taken: the learning rates, the batches), and the flags that set them.
+RESUME_FIXED = {"lr": "--lr", "schedule": "--schedule", "warmup_steps": "--warmup-steps",
+                "weight_decay": "--weight-decay", "batch_size": "--batch-size", "seed": "--seed"}
+
+
+def resume(checkpoint, config, train_data, *, settings=None, strategy=None, recompute=False, **overrides):
     """Restore the newest verified checkpoint among ``checkpoint`` and the periodic
     ``ckpt-XXXXXXXX.h5`` files beside it; returns ``(trainer, path)``, or ``(None, None)``
     when there is none (damaged files are reported and skipped).
 
-    Raises ``ResumeError`` when the checkpoint's ``WRNConfig`` differs from ``config``.
-    ``train_data`` is skipped by the restored step: the pipelines are deterministic for
-    their seed, so the resumed run sees the batches an uninterrupted run would.
+    ``settings``: the trainer settings the command line asks for. What a resumed run does
+    with each, so that nothing is ignored silently:
+
+    * ``mixed_precision``: applied (weights are float32 in every precision);
+    * ``total_steps`` (``--iters``/``--epochs``): fewer steps than planned stop early on
+      the stored schedule; more steps extend a constant schedule; more steps on a decaying
+      schedule ("step", "cosine") are refused, since the learning rate would stay at the
+      schedule's final value (0 for cosine) for every added step;
+    * ``RESUME_FIXED`` settings (lr, schedule, warm-up, weight decay, batch size, seed) and
+      the ``WRNConfig``: must equal the stored ones.
+
+    Any conflict raises ``ResumeError``: one line naming each flag, its value and the
+    stored one. ``train_data`` is skipped by the restored step: the pipelines are
+    deterministic for their seed, so the resumed run sees the batches an uninterrupted
+    run would.
     """
     from wrn3d_tl.checkpoint import CheckpointManager, checkpoint_contents
     from wrn3d_tl.config import WRNConfig
@@ -118,12 +136,27 @@ def resume(checkpoint, config, train_data, *, strategy=None, recompute=False, **
     path = manager.newest_verified(also=[checkpoint])
     if path is None:
         return None, None
-    stored = WRNConfig.from_dict(checkpoint_contents(path)["config"])
-    if stored != config:
-        fields = [f.name for f in dataclasses.fields(WRNConfig) if getattr(stored, f.name) != getattr(config, f.name)]
-        raise ResumeError(f"--resume: {path} holds {stored.name} with "
-                          + ", ".join(f"{f}={getattr(stored, f)!r}" for f in fields)
-                          + " but the flags ask for " + ", ".join(f"{f}={getattr(config, f)!r}" for f in fields))
+    contents = checkpoint_contents(path)
+    stored, hp = WRNConfig.from_dict(contents["config"]), contents["trainer"]
+    conflicts = [f"{f.name}={getattr(config, f.name)!r} (stored {getattr(stored, f.name)!r})"
+                 for f in dataclasses.fields(WRNConfig) if getattr(stored, f.name) != getattr(config, f.name)]
+    settings = dict(settings or {})
+    for key, flag in RESUME_FIXED.items():
+        if key in settings and key in hp and settings[key] != hp[key]:
+            conflicts.append(f"{flag} {settings[key]} (stored {hp[key]!r})")
+    steps = settings.get("total_steps")
+    if steps is not None and hp.get("total_steps") is not None and steps > hp["total_steps"]:
+        if hp.get("schedule", "constant") != "constant":
+            conflicts.append(f"--iters/--epochs: {steps} steps (stored plan: {hp['total_steps']} steps on the "
+                             f"{hp['schedule']} schedule, whose learning rate would stay at its final value for "
+                             "every added step)")
+        else:
+            overrides["total_steps"] = steps
+    if conflicts:
+        raise ResumeError(f"--resume: {path} (step {contents['step']}) was trained with other settings: "
+                          + "; ".join(conflicts) + ". Resume with the stored values or start a new run")
+    if "mixed_precision" in settings:
+        overrides["mixed_precision"] = settings["mixed_precision"]
     trainer = Trainer.restore(path, train_data, strategy=strategy, recompute=recompute, **overrides)
     trainer.train_data = train_data.skip(trainer.step)
     return trainer, path
@@ -180,15 +213,15 @@ def build_experiment(**options):
     run = dict(logdir=o["logdir"], checkpoint_dir=ckpt_dir, checkpoint_every=o["checkpoint_every"] or None,
                eval_data=test_ds)
     trainer = resumed_from = None
+    settings = dict(lr=o["lr"], schedule=o["schedule"], total_steps=steps, warmup_steps=o["warmup_steps"],
+                    weight_decay=o["weight_decay"], mixed_precision=mp, seed=o["seed"], batch_size=batch_size)
     if o["resume"] and o["checkpoint"]:
-        trainer, resumed_from = resume(o["checkpoint"], config, train_ds, strategy=strategy,
+        trainer, resumed_from = resume(o["checkpoint"], config, train_ds, settings=settings, strategy=strategy,
                                        recompute=o["recompute"], **run)
     if trainer is None:
         with strategy.scope() if strategy else contextlib.nullcontext():
             model = build_wrn(config, recompute=o["recompute"])
-        trainer = Trainer(model, train_ds, strategy=strategy, lr=o["lr"], schedule=o["schedule"], total_steps=steps,
-                          warmup_steps=o["warmup_steps"], weight_decay=o["weight_decay"], mixed_precision=mp,
-                          seed=o["seed"], normalization=norm, batch_size=batch_size, **run)
+        trainer = Trainer(model, train_ds, strategy=strategy, normalization=norm, **settings, **run)
     return Experiment(trainer=trainer, steps=steps, data_source=source, resumed_from=resumed_from)
 
 

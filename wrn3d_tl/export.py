@@ -25,12 +25,14 @@ constants; without stats the volumes pass to the network unchanged. NaN/Inf inpu
 not checked by the graph: they give NaN outputs.
 
 The loaded object also has ``served.serve(volumes)`` / ``served.serve_uint8(volumes)``
-(the same functions) and ``served.metadata()``, a JSON string with the WRNConfig, the
+(the same functions) and ``served.metadata()``: a scalar string tensor holding JSON
+(``json.loads(served.metadata().numpy())`` gives the dict) with the WRNConfig, the
 normalisation, the input layout and the signature names.
 """
 
 import json
 import os
+import sys
 
 import numpy as np
 import tensorflow as tf
@@ -46,15 +48,21 @@ def _resolve(trainer_or_model, normalization):
     """(model, config, normalisation dict or None) from a Trainer or a build_wrn model."""
     from wrn3d_tl.config import WRNConfig
 
+    if isinstance(trainer_or_model, (str, os.PathLike)):  # a checkpoint file: weights and normalisation
+        from wrn3d_tl.predict import Predictor
+
+        trainer_or_model = Predictor(trainer_or_model)
     model = getattr(trainer_or_model, "model", None)
     if model is not None and isinstance(getattr(trainer_or_model, "config", None), WRNConfig):
         if normalization is None:
             normalization = getattr(trainer_or_model, "normalization", None)
+            if hasattr(trainer_or_model, "warn_if_normalization_unknown"):
+                trainer_or_model.warn_if_normalization_unknown("SavedModel")
     else:
         model = trainer_or_model
     config = getattr(model, "wrn_config", None)
     if not isinstance(config, WRNConfig):
-        raise TypeError("export_saved_model needs a wrn3d_tl Trainer or a model built by "
+        raise TypeError("export_saved_model needs a checkpoint path, a wrn3d_tl Trainer or a model built by "
                         f"wrn3d_tl.model.build_wrn, got {type(trainer_or_model).__name__}")
     return model, config, _norm_arrays(normalization, config)
 
@@ -101,7 +109,7 @@ class _ServingModule(tf.Module):
             got = tf.shape(volumes)
             ok = tf.logical_and(tf.equal(tf.size(got), n + 1),
                                 tf.reduce_all(tf.equal(tf.pad(got[1:], [[0, n]])[:n], expected)))
-            with tf.control_dependencies([tf.debugging.Assert(ok, [shape_error, got])]):
+            with tf.control_dependencies([tf.debugging.Assert(ok, [shape_error, got], summarize=16)]):
                 x = tf.identity(volumes)
             if mean is not None:
                 x = (x - tf.constant(mean)) / tf.constant(std)
@@ -130,7 +138,8 @@ def export_saved_model(trainer_or_model, path, *, normalization=None):
     """Write a SavedModel of a trained WRN to the folder ``path``; returns ``path``.
 
     Args:
-        trainer_or_model: a ``wrn3d_tl.train.Trainer`` (its ``model`` is exported and its
+        trainer_or_model: a checkpoint path (its weights and stored normalisation), a
+            ``wrn3d_tl.train.Trainer`` (its ``model`` is exported and its
             ``normalization`` is used unless ``normalization`` is given) or a
             ``tl.models.Model`` from ``wrn3d_tl.model.build_wrn``.
         path: output folder (created; an existing SavedModel there is overwritten).
@@ -175,3 +184,41 @@ def export_saved_model(trainer_or_model, path, *, normalization=None):
         for layer, mode in layer_modes:
             layer.is_train = mode
     return path
+
+
+def main(argv=None):
+    """The ``wrn3d-export`` command: ``wrn3d-export --checkpoint c.h5 --out DIR``; returns
+    the exit status (0 ok, 2 bad input, one line ``wrn3d-export: error: ...``)."""
+    from wrn3d_tl.cli import Parser, fail, quiet_tensorflow
+
+    p = Parser(prog="wrn3d-export", description="Export a wrn3d_tl checkpoint as a TensorFlow SavedModel that "
+               "takes raw volumes (its normalisation built in) and serves with TensorFlow alone.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint .h5 written by Trainer.save")
+    p.add_argument("--out", required=True, help="output folder of the SavedModel (an existing SavedModel there "
+                   "is replaced)")
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as e:
+        return e.code
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        return fail(p.prog, "--out", args.out, "is a file; give a folder for the SavedModel")
+    saved_model = os.path.join(args.out, "saved_model.pb")
+    if os.path.isdir(args.out) and os.listdir(args.out) and not os.path.exists(saved_model):
+        return fail(p.prog, "--out", args.out, "is a folder holding something other than a SavedModel; "
+                    "give a new or empty folder")
+    quiet_tensorflow()
+    try:
+        from wrn3d_tl.predict import Predictor
+
+        source = Predictor(args.checkpoint)
+    except (OSError, ValueError) as e:
+        return fail(p.prog, "--checkpoint", args.checkpoint, e)
+    export_saved_model(source, args.out)
+    print(f"{p.prog}: SavedModel of {source.config.name} from {args.checkpoint} -> {args.out} "
+          f"(normalisation {'built in' if source.normalization else 'none: feed normalised volumes'})",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -40,6 +40,25 @@ class MetricsLogger:
                     tf.summary.scalar(f"{split}/{key}", float(metrics[key]))
         self._tb.flush()
 
+    def truncate(self, step):
+        """Drop the CSV rows after ``step`` (a run resumed from an older checkpoint goes on
+        from there: without this the log would hold the abandoned steps and their eval rows
+        twice). Rewritten atomically; returns the number of rows dropped. TensorBoard's
+        event files are append-only; TensorBoard shows the newest value of a step."""
+        self._file.close()
+        with open(self.csv_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        keep = [row for row in rows if row.get("step", "").isdigit() and int(row["step"]) <= step]
+        tmp = self.csv_path + ".tmp"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(keep)
+        os.replace(tmp, self.csv_path)
+        self._file = open(self.csv_path, "a", newline="")
+        self._csv = csv.DictWriter(self._file, fieldnames=FIELDS, extrasaction="ignore")
+        return len(rows) - len(keep)
+
     def close(self):
         self._file.close()
         self._tb.close()

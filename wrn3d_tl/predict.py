@@ -23,7 +23,6 @@ overflow, empty input, missing file or key, a file that is not a checkpoint) rai
 prints them as one line ``wrn3d-predict: error: ...`` and exits with status 2.
 """
 
-import argparse
 import csv
 import os
 import sys
@@ -31,7 +30,9 @@ import sys
 import h5py
 import numpy as np
 
-__all__ = ["Predictor", "predict", "write_csv", "main"]
+from wrn3d_tl.cli import Parser, fail, positive_int, quiet_tensorflow
+
+__all__ = ["Predictor", "predict", "write_csv", "load_npy", "main"]
 
 _CLI = "wrn3d-predict"
 
@@ -170,6 +171,20 @@ class Predictor:
                 "logits": logits, "probabilities": probs}
 
 
+def load_npy(path):
+    """Memory-map a ``.npy`` file (never unpickling); ValueError naming the file when it is
+    not one (numpy's format starts with the bytes ``\\x93NUMPY``) or cannot be read."""
+    with open(path, "rb") as fh:
+        magic = fh.read(6)
+    if magic != b"\x93NUMPY":
+        raise ValueError(f"{path!r} is not a .npy file (it does not start with numpy's magic bytes \\x93NUMPY; "
+                         "save arrays with numpy.save)")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{path!r} is not a readable .npy array: {_one_line(e)}") from e
+
+
 class _open_volumes:
     """Context manager: (array-like, description) for a numpy array, a .npy path or an
     HDF5 path + key. Files are opened lazily (memory-mapped / h5py), read batch by batch."""
@@ -186,10 +201,7 @@ class _open_volumes:
             if os.path.isdir(path):
                 raise ValueError(f"volumes file {path!r} is a directory")
             if path.lower().endswith(".npy"):
-                try:
-                    return np.load(path, mmap_mode="r", allow_pickle=False), f"{path!r}"
-                except (ValueError, OSError, EOFError) as e:
-                    raise ValueError(f"{path!r} is not a readable .npy array: {_one_line(e)}") from e
+                return load_npy(path), f"{path!r}"
             if not h5py.is_hdf5(path):
                 raise ValueError(f"{path!r} is not an HDF5 file (pass a .npy file or an HDF5 file with volumes "
                                  f"at key {self.key!r})")
@@ -269,62 +281,55 @@ def write_csv(predictions, path, top_k=5):
 
 
 def _parser():
-    p = argparse.ArgumentParser(
-        prog=_CLI, description="Predict classes of raw volumes with a wrn3d_tl checkpoint; writes a CSV "
-        "(index, class, probability, top5, top5_probabilities).")
+    p = Parser(prog=_CLI, description="Predict classes of raw volumes with a wrn3d_tl checkpoint; writes a CSV "
+               "(index, class, probability, top5, top5_probabilities).")
     p.add_argument("--checkpoint", required=True, help="checkpoint .h5 written by Trainer.save")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--hdf5", help="HDF5 file holding the volumes (N, D, H, W, C) at --key")
     src.add_argument("--npy", help=".npy file holding the volumes (N, D, H, W, C)")
-    p.add_argument("--key", default="volumes", help="HDF5 dataset with the volumes (default: volumes)")
-    p.add_argument("--out", required=True, help="output CSV file")
-    p.add_argument("--batch-size", type=int, default=32, help="volumes per forward pass (default 32)")
-    p.add_argument("--top-k", type=int, default=5, help="classes ranked per volume (default 5)")
+    p.add_argument("--key", default="volumes", help="HDF5 dataset with the volumes")
+    p.add_argument("--out", required=True, help="output CSV file (a file name, not a folder)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="volumes per forward pass")
+    p.add_argument("--top-k", type=positive_int, default=5, help="classes ranked per volume")
     return p
 
 
 def main(argv=None):
-    """The ``wrn3d-predict`` command; returns the exit status (0 ok, 2 bad input)."""
+    """The ``wrn3d-predict`` command; returns the exit status (0 ok, 2 bad input).
+
+    Every argument is checked before the (slow) model load, and every error is one line
+    ``wrn3d-predict: error: ...`` on stderr."""
     try:
         args = _parser().parse_args(argv)
-    except SystemExit as e:  # argparse already printed usage and the message
+    except SystemExit as e:  # the parser already printed its one line (or the help)
         return e.code
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-    def fail(arg, value, exc):
-        print(f"{_CLI}: error: {arg} {value}: {_one_line(exc)}", file=sys.stderr)
-        return 2
-
-    for name, value in (("--batch-size", args.batch_size), ("--top-k", args.top_k)):
-        if value < 1:
-            return fail(name, value, "must be a positive int")
     out_dir = os.path.dirname(os.path.abspath(args.out))
+    if os.path.isdir(args.out):
+        return fail(_CLI, "--out", args.out, "is a folder; give the CSV file's name (e.g. preds.csv)")
     if not os.path.isdir(out_dir):
-        return fail("--out", args.out, f"folder {out_dir!r} does not exist")
+        return fail(_CLI, "--out", args.out, f"folder {out_dir!r} does not exist")
     src_arg, src = ("--hdf5", args.hdf5) if args.hdf5 is not None else ("--npy", args.npy)
-    if not os.path.isfile(src):  # before the (slow) model load
-        return fail(src_arg, src, "no such file")
-    if args.hdf5 is not None and not h5py.is_hdf5(src):
-        return fail(src_arg, src, "not an HDF5 file")
+    if not os.path.isfile(src):
+        return fail(_CLI, src_arg, src, "no such file")
+    try:
+        volumes = load_npy(src) if args.npy is not None else src
+        if args.hdf5 is not None and not h5py.is_hdf5(src):
+            raise ValueError("not an HDF5 file")
+    except (OSError, ValueError) as e:
+        return fail(_CLI, src_arg, src, e)
+    quiet_tensorflow()
     try:
         predictor = Predictor(args.checkpoint)
     except (OSError, ValueError) as e:  # FileNotFoundError, CheckpointError
-        return fail("--checkpoint", args.checkpoint, e)
+        return fail(_CLI, "--checkpoint", args.checkpoint, e)
     try:
-        if args.npy is not None:
-            try:
-                volumes = np.load(args.npy, mmap_mode="r", allow_pickle=False)
-            except (ValueError, OSError, EOFError) as e:
-                raise ValueError(f"not a readable .npy array: {_one_line(e)}") from e
-        else:
-            volumes = src
         out = predictor.predict(volumes, key=args.key, batch_size=args.batch_size, top_k=args.top_k)
     except (OSError, ValueError) as e:
-        return fail(src_arg, src, e)
+        return fail(_CLI, src_arg, src, e)
     try:
         write_csv(out, args.out, top_k=args.top_k)
     except OSError as e:
-        return fail("--out", args.out, e)
+        return fail(_CLI, "--out", args.out, e)
     n = len(out["class"])
     print(f"{_CLI}: {n} prediction(s) from {args.checkpoint} -> {args.out}", file=sys.stderr)
     return 0

@@ -15,13 +15,14 @@ already normalised (``wrn3d_tl.data`` pipelines do it), and integer labels ``y``
 
 import os
 import time
+import warnings
 
 import numpy as np
 import tensorflow as tf
 
 from wrn3d_tl.axes import check_batch_shape
 from wrn3d_tl.checkpoint import CheckpointError, CheckpointManager, read_checkpoint, write_checkpoint
-from wrn3d_tl.data import as_normalization
+from wrn3d_tl.data import as_normalization, normalization_of
 from wrn3d_tl.layers import variable_name
 from wrn3d_tl.logs import MetricsLogger, plot_metrics
 from wrn3d_tl.model import WRNConfig, build_wrn
@@ -109,6 +110,10 @@ class Trainer:
 
         norm = as_normalization(normalization, config.input_shape[-1], f"the model's input {config.input_shape}")
 
+        if mixed_precision == "fp16" and not tf.config.list_physical_devices("GPU"):
+            warnings.warn("wrn3d_tl: mixed_precision='fp16' with no GPU: CPUs run float16 convolutions many times "
+                          "slower than float32. fp16 is a GPU setting; on CPUs with AVX512_BF16/AMX use 'bf16'.",
+                          UserWarning, stacklevel=2)
         self.model = model
         self.config = config
         self.base_lr = float(lr)
@@ -120,6 +125,9 @@ class Trainer:
         self.seed = int(seed)
         self.batch_size = batch_size
         self.normalization = norm.to_dict() if norm is not None else None
+        # Whether the stats of the training data are known (given, or read off a tagged
+        # pipeline, "raw" included): saving a trainer whose stats are unknown warns.
+        self.normalization_known = norm is not None
         self.eval_data = eval_data
         self.strategy = strategy or tf.distribute.get_strategy()
         self.is_chief = _is_chief(self.strategy)
@@ -205,8 +213,30 @@ class Trainer:
                     .batch(self.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
         elif data is not None and not isinstance(data, tf.data.Dataset):
             raise TypeError(f"train_data must be a tf.data.Dataset, an (x, y) pair or None, got {type(data).__name__}")
+        self._adopt_normalization(data, "train_data")
         self._train_data = data
         self._iterator = None
+
+    def _adopt_normalization(self, data, what):
+        """Take the stats a tagged pipeline applies (``wrn3d_tl.data.normalization_of``):
+        the normalisation travels from the data to checkpoints, predict and export.
+        A pipeline whose stats differ from the trainer's is an error."""
+        known, stats = normalization_of(data)
+        if not known:
+            return
+        if stats is not None:
+            if self.normalization is None and what == "train_data":
+                self.normalization = as_normalization(stats, self.config.input_shape[-1], what).to_dict()
+            elif self.normalization is None or not (
+                    np.allclose(stats["mean"], self.normalization["mean"], rtol=1e-6)
+                    and np.allclose(stats["std"], self.normalization["std"], rtol=1e-6)):
+                raise ValueError(f"{what}: the pipeline normalises with mean {stats['mean']}, std {stats['std']}, "
+                                 f"but the trainer holds {self.normalization}; use the same stats for training, "
+                                 "evaluation and inference")
+        elif self.normalization is not None:
+            raise ValueError(f"{what}: the pipeline yields raw (unnormalised) batches, but the trainer normalises with "
+                             f"{self.normalization}; build the pipeline with the same normalization")
+        self.normalization_known = True
 
     def _next_batch(self):
         if self._train_data is None:
@@ -382,6 +412,7 @@ class Trainer:
             if self.eval_data is None:
                 raise ValueError("evaluate() without data needs the trainer's eval_data; pass data or set eval_data")
             data = self.eval_data
+        self._adopt_normalization(data, "evaluate")
         if isinstance(data, (tuple, list)):
             x_all, y_all = data
             if np.ndim(x_all) != len(self.config.input_shape) + 1:
@@ -430,9 +461,21 @@ class Trainer:
         weights, slots, state = self._state_arrays()
         if not self.is_chief:
             return None
+        self.warn_if_normalization_unknown("checkpoint")
         return write_checkpoint(path, config=self.config.to_dict(), trainer=self.hyperparameters(),
                                 step=self._step, normalization=self.normalization, weights=weights,
                                 optimizer=slots, state=state)
+
+    def warn_if_normalization_unknown(self, what):
+        """Warn (UserWarning) when this trainer holds no stats and its training data never
+        said which it applied: a checkpoint or export would then feed raw volumes to a
+        network that may have been trained on normalised ones."""
+        if self.normalization is None and not self.normalization_known:
+            warnings.warn(f"wrn3d_tl: this {what} holds no normalisation stats and the training data did not say "
+                          "which it used (arrays, or a dataset not built by wrn3d_tl.data). If the training batches "
+                          "were normalised, pass Trainer(normalization=...) or predictions from it will be wrong; "
+                          "pass the training pipeline from wrn3d_tl.data and the stats travel by themselves.",
+                          UserWarning, stacklevel=3)
 
     def _periodic_save(self):
         if self.save(self.checkpoints.path_for(self._step)) is not None:
@@ -466,6 +509,9 @@ class Trainer:
         self._lr_override = ck["trainer"].get("lr_override")
         if norm is not None:
             self.normalization = norm.to_dict()
+        self.normalization_known = True  # the checkpoint's stats (None: trained on raw volumes)
+        if self.logger:
+            self.logger.truncate(self._step)
         return self
 
     @classmethod

@@ -11,12 +11,13 @@ Public API:
   as_normalization                             -- validate stats from anywhere
   augment_image, augment_volume                -- WRN crop + flip (stateless)
   make_dataset                                 -- in-memory tf.data pipeline
+  normalization_of                             -- the stats a pipeline applies
   write_hdf5_volumes, hdf5_info, hdf5_dataset  -- HDF5 volume files
 """
 
 from .cifar import load_cifar, synthetic_cifar
 from .hdf5 import HDF5Info, hdf5_dataset, hdf5_info, write_hdf5_volumes
-from .pipeline import make_dataset
+from .pipeline import make_dataset, normalization_of
 from .transforms import (TILE_MODES, Normalization, as_normalization, augment_image,
                          augment_volume, compute_normalization, tile_to_volume)
 
@@ -31,6 +32,7 @@ __all__ = [
     "augment_image",
     "augment_volume",
     "make_dataset",
+    "normalization_of",
     "write_hdf5_volumes",
     "hdf5_info",
     "hdf5_dataset",

@@ -373,4 +373,4 @@ def hdf5_dataset(path, *, x_key: str = "volumes", y_key: str = "labels",
         ds = ds.rebatch(batch_size, drop_remainder=drop_remainder)
     ds = ds.map(_batch_transform(normalization, None, "repeat"),
                 num_parallel_calls=AUTOTUNE, deterministic=True)
-    return _finish(ds, n, batch_size, drop_remainder, repeat)
+    return _finish(ds, n, batch_size, drop_remainder, repeat, normalization)

@@ -26,7 +26,7 @@ from .transforms import (_check_positive_int, _check_tile_mode,
                          _crop_flip, _check_non_negative_int, as_normalization,
                          tile_to_volume)
 
-__all__ = ["make_dataset"]
+__all__ = ["make_dataset", "normalization_of"]
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -113,7 +113,7 @@ def _batch_transform(normalization, tile_depth, tile_mode):
     return transform
 
 
-def _finish(ds, n, batch_size, drop_remainder, repeat):
+def _finish(ds, n, batch_size, drop_remainder, repeat, normalization):
     ds = ds.prefetch(AUTOTUNE)
     if repeat:
         cardinality = tf.data.INFINITE_CARDINALITY
@@ -121,7 +121,23 @@ def _finish(ds, n, batch_size, drop_remainder, repeat):
         cardinality = n // batch_size
     else:
         cardinality = -(-n // batch_size)
-    return ds.apply(tf.data.experimental.assert_cardinality(cardinality))
+    ds = ds.apply(tf.data.experimental.assert_cardinality(cardinality))
+    ds.wrn3d_normalization = None if normalization is None else normalization.to_dict()
+    return ds
+
+
+def normalization_of(dataset):
+    """``(known, stats)``: the normalisation a wrn3d_tl pipeline applies to its batches.
+
+    ``make_dataset`` and ``hdf5_dataset`` tag the dataset they return with the stats they
+    apply (``dataset.wrn3d_normalization``: ``{"mean", "std"}`` in raw units, or None for
+    raw float32 batches), so a ``Trainer`` fed with it stores them for inference without
+    being told twice. Any other dataset, including one derived from a tagged one with
+    ``.map``/``.skip``/..., gives ``(False, None)``: unknown.
+    """
+    if isinstance(dataset, tf.data.Dataset) and hasattr(dataset, "wrn3d_normalization"):
+        return True, dataset.wrn3d_normalization
+    return False, None
 
 
 def _check_labels(y, n: int, name: str = "y") -> np.ndarray:
@@ -266,4 +282,4 @@ def make_dataset(x, y, *, batch_size: int, volume_depth=8,
         ds = ds.batch(batch_size, drop_remainder=drop_remainder)
         ds = ds.map(lambda i: transform(tf.gather(x_t, i), tf.gather(y_t, i)),
                     num_parallel_calls=AUTOTUNE, deterministic=True)
-    return _finish(ds, n, batch_size, drop_remainder, repeat)
+    return _finish(ds, n, batch_size, drop_remainder, repeat, normalization)

@@ -1,0 +1,278 @@
+"""A newcomer's usual mistakes (issue 11): each gives one clear line or the documented
+behaviour, never a silent wrong result."""
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from wrn3d_tl.model import WRNConfig, build_wrn
+from wrn3d_tl.train import Trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CFG = WRNConfig(depth=10, widen_factor=1, num_classes=3, input_shape=(2, 8, 8, 3))
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "examples", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def cifar_script():
+    return _script("cifar_wide_resnet_tl")
+
+
+@pytest.fixture(scope="module")
+def hdf5_script():
+    return _script("train_hdf5_volumes")
+
+
+def _one_line_exit(capsys, call):
+    with pytest.raises(SystemExit) as info:
+        call()
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# --------------------------------------------------------------- the model
+def test_model_refuses_a_volume_without_its_batch_axis_like_train_step():
+    tf.random.set_seed(0)
+    model = build_wrn(CFG)
+    trainer = Trainer(model, verbose=False)
+    one = np.zeros(CFG.input_shape, "float32")
+    with pytest.raises(ValueError) as from_model:
+        model(one, is_train=False)
+    with pytest.raises(ValueError) as from_step:
+        trainer.train_step(one, np.zeros(2, "int64"))
+    assert str(from_model.value).startswith("model: x must have shape (batch,) + (2, 8, 8, 3) (NDHWC), got (2, 8, 8, 3)")
+    assert str(from_model.value).split(": ", 1)[1] == str(from_step.value).split(": ", 1)[1]
+    with pytest.raises(ValueError, match=r"got \(4, 2, 8, 8, 1\)"):
+        model(np.zeros((4, 2, 8, 8, 1), "float32"), is_train=True)
+    # a shape unknown until run time is checked in the graph
+    fn = tf.function(lambda x: model(x, is_train=False), input_signature=[tf.TensorSpec(None, tf.float32)])
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"model: x must have shape"):
+        fn(tf.constant(one))
+    assert fn(tf.zeros((2,) + CFG.input_shape)).shape == (2, 3)
+
+
+# --------------------------------------------------------- the scripts' flags
+@pytest.mark.parametrize("argv,flag", [
+    (["--iters", "0"], "argument --iters: expected a positive int, got '0'"),
+    (["--epochs", "0"], "argument --epochs: expected a number > 0, got '0'"),
+    (["--depth", "11"], "--depth 11: must be an int of the form 6n + 4"),
+    (["--width", "0"], "--width 0: must be an int >= 1"),
+    (["--batch-size", "0"], "argument --batch-size: expected a positive int, got '0'"),
+    (["--dropout", "1"], "--dropout 1.0: must be a float in [0, 1)"),
+    (["--data-dir", "/no/such/folder"], "--data-dir /no/such/folder: no such file or folder"),
+    (["--checkpoint-every", "5"], "--checkpoint-every needs --checkpoint"),
+])
+def test_cifar_script_flags_fail_in_one_line(cifar_script, capsys, argv, flag):
+    line = _one_line_exit(capsys, lambda: cifar_script.parse_args(argv))
+    assert ": error: " in line and flag in line.split(": error: ", 1)[1]
+
+
+def test_hdf5_script_files_and_flags_fail_in_one_line_before_training(hdf5_script, tmp_path, capsys, monkeypatch):
+    import h5py
+
+    from wrn3d_tl.data import write_hdf5_volumes
+
+    write_hdf5_volumes(tmp_path / "ok.h5", np.zeros((4, 2, 8, 8, 1), "float32"), [0, 1, 1, 0], num_classes=2)
+    with h5py.File(tmp_path / "big_label.h5", "w") as f:
+        f["volumes"] = np.zeros((4, 2, 8, 8, 1), "float32")
+        f["labels"] = np.array([0, 1, 5, 1])
+    with h5py.File(tmp_path / "float_label.h5", "w") as f:
+        f["volumes"] = np.zeros((4, 2, 8, 8, 1), "float32")
+        f["labels"] = np.array([0.0, 1.0, 1.0, 0.0])
+    (tmp_path / "notes.txt").write_text("hello")
+    monkeypatch.setattr(Trainer, "__init__", lambda *a, **k: pytest.fail("training started"))
+    ok = str(tmp_path / "ok.h5")
+    cases = [
+        (["--train", str(tmp_path / "missing.h5")], "argument --train: " + str(tmp_path / "missing.h5") + ": no such file"),
+        (["--train", str(tmp_path / "big_label.h5"), "--num-classes", "3"], "labels go up to 5, outside --num-classes 3"),
+        (["--train", str(tmp_path / "float_label.h5")], "labels must be integers, got dtype float64"),
+        (["--train", str(tmp_path / "notes.txt")], "is not an HDF5 file"),
+        (["--train", ok, "--batch-size", "0"], "argument --batch-size: expected a positive int, got '0'"),
+        (["--train", ok, "--iters", "0"], "argument --iters: expected a positive int, got '0'"),
+        (["--train", ok, "--epochs", "0"], "argument --epochs: expected a number > 0, got '0'"),
+        (["--train", ok, "--depth", "11"], "--depth 11: must be an int of the form 6n + 4"),
+        (["--train", ok, "--width", "0"], "--width 0: must be an int >= 1"),
+    ]
+    for argv, expected in cases:
+        line = _one_line_exit(capsys, lambda: hdf5_script.main(argv))
+        assert ": error: " in line and expected in line, (argv, line)
+
+
+def test_help_is_fast_and_shows_every_default():
+    code = ("import runpy, sys\n"
+            "sys.argv = ['cifar_wide_resnet_tl.py', '--help']\n"
+            "try:\n    runpy.run_path({!r}, run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "print('TF-IMPORTED' if 'tensorflow' in sys.modules else 'TF-NOT-IMPORTED')\n")
+    for script in ("cifar_wide_resnet_tl.py", "train_hdf5_volumes.py"):
+        path = os.path.join(ROOT, "examples", script)
+        out = subprocess.run([sys.executable, "-c", code.format(path)], capture_output=True, text=True,
+                             timeout=60, cwd=ROOT).stdout
+        assert out.rstrip().endswith("TF-NOT-IMPORTED"), out[-300:]
+        assert "(default: 16)" in " ".join(out.split()) and "(default: 0.1)" in " ".join(out.split())
+    cifar = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "cifar_wide_resnet_tl.py"), "--help"],
+                           capture_output=True, text=True, timeout=60).stdout
+    cifar = " ".join(cifar.split())
+    assert "(default: step)" in cifar and "the HDF5 script defaults to cosine" in cifar
+    assert "Not the whole process" in cifar
+
+
+# ---------------------------------------------------------------- predict CLI
+@pytest.fixture
+def checkpoint(tmp_path):
+    tf.random.set_seed(0)
+    trainer = Trainer(build_wrn(CFG), normalization={"mean": [10.0, 20.0, 30.0], "std": [2.0, 4.0, 8.0]},
+                      verbose=False)
+    return trainer.save(tmp_path / "c.h5")
+
+
+def test_predict_cli_checks_out_and_input_type_before_inference(checkpoint, tmp_path, capsys, monkeypatch):
+    import wrn3d_tl.predict as predict
+
+    np.save(tmp_path / "x.npy", np.zeros((2,) + CFG.input_shape, "float32"))
+    (tmp_path / "notes.txt").write_text("a note, not an array")
+    (tmp_path / "outdir").mkdir()
+    monkeypatch.setattr(predict, "Predictor", lambda *a, **k: pytest.fail("the model was loaded"))
+    cases = [
+        (["--npy", str(tmp_path / "x.npy"), "--out", str(tmp_path / "outdir")], "--out", "is a folder"),
+        (["--npy", str(tmp_path / "notes.txt"), "--out", str(tmp_path / "p.csv")], "--npy",
+         "is not a .npy file (it does not start with numpy's magic bytes"),
+        (["--hdf5", str(tmp_path / "x.npy"), "--out", str(tmp_path / "p.csv")], "--hdf5", "not an HDF5 file"),
+    ]
+    for argv, flag, message in cases:
+        code = predict.main(["--checkpoint", checkpoint, *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and err[0].startswith(f"wrn3d-predict: error: {flag} "), err
+        assert message in err[0]
+    assert predict.main(["--checkpoint", checkpoint, "--npy", str(tmp_path / "x.npy"), "--out", "p.csv",
+                         "--batch-size", "0"]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "wrn3d-predict: error: argument --batch-size: expected a positive int, got '0'"
+
+
+def test_cli_stderr_holds_only_our_line(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((2,) + CFG.input_shape, "float32"))
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env["PYTHONPATH"] = ROOT
+    proc = subprocess.run([sys.executable, "-m", "wrn3d_tl.predict", "--checkpoint", str(tmp_path / "none.h5"),
+                           "--npy", str(tmp_path / "x.npy"), "--out", str(tmp_path / "p.csv")],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"wrn3d-predict: error: --checkpoint {tmp_path / 'none.h5'}: checkpoint '{tmp_path / 'none.h5'}' "
+        "does not exist"]
+
+
+def test_huge_finite_volumes_give_finite_logits_as_documented(checkpoint):
+    """docs/faults.md: finite but huge volumes are not refused by predict; what is refused
+    is a non-finite result."""
+    from wrn3d_tl.predict import predict
+
+    out = predict(checkpoint, np.full((2,) + CFG.input_shape, 3e38, "float32"))
+    assert np.all(np.isfinite(out["logits"])) and np.abs(out["logits"]).max() > 1e30
+    assert np.all(out["probability"] == 1.0)
+    text = open(os.path.join(ROOT, "docs", "faults.md")).read()
+    row = [line for line in text.splitlines() if line.startswith("| finite but huge volumes") and "predict" in line]
+    assert len(row) == 1 and "not refused" in row[0], row
+
+
+# ---------------------------------------------------- files, export and its CLI
+def test_write_hdf5_volumes_creates_its_folder(tmp_path):
+    from wrn3d_tl.data import write_hdf5_volumes
+
+    info = write_hdf5_volumes(tmp_path / "new" / "deeper" / "v.h5", np.zeros((2, 2, 8, 8, 1), "uint8"), [0, 1])
+    assert info.n == 2 and (tmp_path / "new" / "deeper" / "v.h5").is_file()
+
+
+def test_export_takes_a_checkpoint_path_and_the_cli_writes_a_servable_model(checkpoint, tmp_path, capsys):
+    from wrn3d_tl.export import export_saved_model, main
+    from wrn3d_tl.predict import predict
+
+    raw = np.random.default_rng(0).uniform(0, 60, (3,) + CFG.input_shape).astype("float32")
+    want = predict(checkpoint, raw)["logits"]
+    served = tf.saved_model.load(export_saved_model(checkpoint, str(tmp_path / "api")))
+    np.testing.assert_allclose(served.serve(tf.constant(raw))["logits"].numpy(), want, atol=1e-4, rtol=1e-4)
+    meta = json.loads(served.metadata().numpy())  # a scalar string tensor holding JSON
+    assert meta["normalization"] == {"mean": [10.0, 20.0, 30.0], "std": [2.0, 4.0, 8.0]} and meta["layout"] == "NDHWC"
+    assert main(["--checkpoint", checkpoint, "--out", str(tmp_path / "cli")]) == 0
+    cli = tf.saved_model.load(str(tmp_path / "cli"))
+    np.testing.assert_allclose(cli.signatures["serving_default"](volumes=tf.constant(raw))["logits"].numpy(), want,
+                               atol=1e-4, rtol=1e-4)
+    assert "wrn3d-export: SavedModel of WRN-10-1" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert main(["--checkpoint", checkpoint, "--out", str(tmp_path / "file")]) == 2
+    assert main(["--checkpoint", str(tmp_path / "none.h5"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == f"wrn3d-export: error: --out {tmp_path / 'file'}: is a file; give a folder for the SavedModel"
+    assert err[1].startswith(f"wrn3d-export: error: --checkpoint {tmp_path / 'none.h5'}: ")
+    # the graph's shape error shows the whole shape
+    with pytest.raises(tf.errors.InvalidArgumentError) as info:
+        cli.signatures["serving_default"](volumes=tf.zeros((2, 2, 8, 8, 1)))
+    assert "volumes must have shape (N,) + (2, 8, 8, 3) (NDHWC); got shape:] [2 2 8 8 1]" in str(info.value)
+
+
+# ------------------------------------------------------------------ --resume
+def test_resume_applies_precision_extends_constant_and_refuses_the_rest(cifar_script, tmp_path, capsys):
+    common = ["--dataset", "synthetic", "--synthetic-train", "64", "--synthetic-test", "16", "--depth", "10",
+              "--width", "1", "--volume-depth", "2", "--batch-size", "8", "--eval-samples", "16",
+              "--checkpoint", str(tmp_path / "run" / "last.h5"), "--logdir", str(tmp_path / "logs")]
+    cifar_script.main([*common, "--iters", "4", "--schedule", "step", "--checkpoint-every", "2"])
+    capsys.readouterr()
+    refusals = [
+        (["--iters", "4", "--schedule", "step", "--lr", "0.05", "--resume"], "--lr 0.05 (stored 0.1)"),
+        (["--iters", "4", "--schedule", "cosine", "--resume"], "--schedule cosine (stored 'step')"),
+        (["--iters", "8", "--schedule", "step", "--resume"], "--iters/--epochs: 8 steps (stored plan: 4 steps on the "
+                                                               "step schedule"),
+    ]
+    for extra, expected in refusals:
+        with pytest.raises(SystemExit) as info:
+            cifar_script.main([*common, *extra])
+        message = str(info.value.code)
+        assert "\n" not in message and "--resume" in message and expected in message, message
+    # fewer steps than planned: stops early on the stored schedule; precision may change
+    os.remove(tmp_path / "run" / "last.h5")
+    os.remove(tmp_path / "run" / "ckpt-00000004.h5")
+    cifar_script.main([*common, "--iters", "3", "--schedule", "step", "--mixed-precision", "bf16", "--resume"])
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "ckpt-00000002.h5 at step 2" in out and "precision bf16" in out
+    from wrn3d_tl.checkpoint import read_checkpoint
+
+    ck = read_checkpoint(tmp_path / "run" / "last.h5")
+    assert ck["step"] == 3 and ck["trainer"]["mixed_precision"] == "bf16" and ck["trainer"]["total_steps"] == 4
+    # the log goes on from the resumed step: steps 3 and 4 of the first run are gone, 3 is the new one
+    rows = list(csv.DictReader(open(tmp_path / "logs" / "metrics.csv")))
+    assert [(r["step"], r["split"]) for r in rows] == [("1", "train"), ("2", "train"), ("3", "train"), ("3", "eval")]
+
+
+def test_resume_extends_a_constant_schedule(cifar_script, tmp_path, capsys):
+    common = ["--dataset", "synthetic", "--synthetic-train", "64", "--synthetic-test", "16", "--depth", "10",
+              "--width", "1", "--volume-depth", "2", "--batch-size", "8", "--eval-samples", "16", "--schedule",
+              "constant", "--checkpoint", str(tmp_path / "last.h5")]
+    cifar_script.main([*common, "--iters", "2"])
+    cifar_script.main([*common, "--iters", "3", "--resume"])
+    out = capsys.readouterr().out
+    assert "at step 2" in out and "iter     3/3" in out
+    from wrn3d_tl.checkpoint import read_checkpoint
+
+    assert read_checkpoint(tmp_path / "last.h5")["trainer"]["total_steps"] == 3
+
+
+def test_fp16_on_a_cpu_says_so():
+    with pytest.warns(UserWarning, match="fp16 is a GPU setting; on CPUs with AVX512_BF16/AMX use 'bf16'"):
+        Trainer(build_wrn(CFG), mixed_precision="fp16", verbose=False)
