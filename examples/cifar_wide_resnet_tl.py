@@ -21,10 +21,9 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from wrn3d_tl.cli import (Parser, non_negative_float, non_negative_int, positive_float, positive_int,  # noqa: E402
-                          quiet_tensorflow)
-from wrn3d_tl.experiment import (DEFAULT_ITERS, DEFAULTS, ResumeError, build_experiment,  # noqa: E402,F401
-                                 check_network_flags, make_trainer)
+from wrn3d_tl.cli import (Parser, add_training_flags, check_training_flags, non_negative_float,  # noqa: E402
+                          non_negative_int, positive_float, positive_int, quiet_tensorflow)
+from wrn3d_tl.experiment import DEFAULT_ITERS, DEFAULTS, ResumeError, build_experiment, make_trainer  # noqa: E402,F401
 
 
 def _batch_size(text):
@@ -34,13 +33,13 @@ def _batch_size(text):
 def parse_args(argv=None):
     """The command line; every flag's default is in ``wrn3d_tl.experiment.DEFAULTS``. A bad
     flag exits with status 2 and one line naming it, before any data is read."""
-    p = Parser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0],
+               epilog="--schedule defaults to step, the paper's CIFAR recipe; examples/train_hdf5_volumes.py "
+                      "defaults to cosine, which needs no milestones for short runs of unknown length.")
     a = p.add_argument
     a("--dataset", choices=["cifar10", "cifar100", "synthetic"], help="cifar10 falls back to synthetic if absent")
     a("--data-dir", help="folder holding CIFAR (folder or .tar.gz); else $WRN3D_DATA_DIR, ~/.keras/datasets")
     a("--download", action="store_true", help="allow fetching CIFAR through keras.datasets")
-    a("--depth", type=int, help="WRN depth d = 6n + 4 (10, 16, 22, 28, 40, ...)")
-    a("--width", type=int, help="widening factor k >= 1")
     a("--dims", type=int, choices=[2, 3], help="3: tile images into volumes; 2: plain images")
     a("--volume-depth", type=positive_int, help="slices per volume (3D)")
     a("--tile-mode", choices=["repeat", "shift"], help="how images become volumes (docs/data.md)")
@@ -50,45 +49,26 @@ def parse_args(argv=None):
            "activations, TensorFlow's working memory: estimate_memory's total). Not the whole process: the data and "
            "TensorFlow itself come on top. None: half of this machine's RAM")
     a("--recompute", action="store_true", help="recompute block activations in the backward pass (less memory)")
-    a("--lr", type=positive_float, help="base learning rate")
-    a("--schedule", choices=["constant", "step", "cosine"],
-      help="step: the paper's x0.2 at 30%%, 60%%, 80%% (the CIFAR recipe; the HDF5 script defaults to cosine)")
     a("--warmup-steps", type=non_negative_int, help="linear learning-rate warm-up")
     a("--weight-decay", type=non_negative_float, help="L2 on convolution and dense kernels")
-    a("--dropout", type=float, help="dropout between a block's convolutions, in [0, 1)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--iters", type=positive_int, help=f"training iterations (None: {DEFAULT_ITERS}, or --epochs)")
-    g.add_argument("--epochs", type=positive_float, help="training epochs over the training split")
-    a("--eval-every", type=non_negative_int, help="evaluate every N iterations (0: only at the end)")
     a("--eval-samples", type=non_negative_int, help="test samples per evaluation (0: the whole test split)")
-    a("--checkpoint", help="checkpoint file written at every evaluation and at the end")
-    a("--checkpoint-every", type=non_negative_int,
-      help="also save {checkpoint dir}/ckpt-XXXXXXXX.h5 every N iterations (0: never)")
-    a("--resume", action="store_true", help="continue from the newest verified checkpoint: --checkpoint or a "
-      "ckpt-XXXXXXXX.h5 beside it")
-    a("--logdir", help="metrics.csv and TensorBoard scalars go here")
     a("--plot", help="PNG of loss/accuracy curves written at the end (needs --logdir)")
-    a("--mixed-precision", choices=["none", "bf16", "fp16"], help="bf16: CPUs with AVX512_BF16/AMX; fp16: GPUs")
-    a("--seed", type=int, help="data order, augmentation and initial weights")
     a("--distribute", choices=["none", "mirrored", "multiworker"],
       help="mirrored: every local GPU (or --cpu-replicas N CPUs); multiworker: the cluster in TF_CONFIG")
     a("--cpu-replicas", type=positive_int, help="with --distribute mirrored: N logical CPU devices (testing)")
     a("--collective-timeout", type=positive_float, help="multiworker: seconds before a stalled all-reduce aborts")
     a("--synthetic-train", type=positive_int, help="training samples of the synthetic set")
     a("--synthetic-test", type=positive_int, help="test samples of the synthetic set")
+    add_training_flags(p, iters_help=f"training iterations (None: {DEFAULT_ITERS}, or --epochs)")
     p.set_defaults(**DEFAULTS)
     args = p.parse_args(argv)
     if args.plot and not args.logdir:
         p.error("--plot needs --logdir")
-    if args.resume and not args.checkpoint:
-        p.error("--resume needs --checkpoint")
-    if args.checkpoint_every and not args.checkpoint:
-        p.error("--checkpoint-every needs --checkpoint (its folder holds the periodic checkpoints)")
+    check_training_flags(p, args)
     if args.cpu_replicas is not None and args.distribute != "mirrored":
         p.error("--cpu-replicas needs --distribute mirrored")
     if args.data_dir is not None and not os.path.exists(args.data_dir):
         p.error(f"--data-dir {args.data_dir}: no such file or folder")
-    check_network_flags(p, depth=args.depth, width=args.width, dropout=args.dropout)
     return args
 
 

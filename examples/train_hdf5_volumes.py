@@ -18,54 +18,32 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from wrn3d_tl.cli import (Parser, existing_file, non_negative_int, positive_float, positive_int,  # noqa: E402
-                          quiet_tensorflow)
-from wrn3d_tl.experiment import check_network_flags  # noqa: E402
+from wrn3d_tl.cli import (Parser, add_training_flags, check_training_flags, existing_file,  # noqa: E402
+                          positive_int, quiet_tensorflow)
 
 
 def parse_args(argv=None):
     """The command line. A bad flag or file exits with status 2 and one line naming it,
     before any volume is read."""
-    p = Parser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--train", required=True, type=existing_file, help="HDF5 file with the training volumes")
-    p.add_argument("--val", type=existing_file, help="HDF5 file evaluated at --eval-every and at the end")
-    p.add_argument("--x-key", default="volumes", help="dataset holding the volumes (N, D, H, W, C)")
-    p.add_argument("--y-key", default="labels", help="dataset holding the integer labels (N,)")
-    p.add_argument("--num-classes", type=positive_int,
-                   help="None: the file's num_classes attribute or max label + 1")
-    p.add_argument("--normalize", action="store_true", help="compute per-channel stats when the file has none")
-    p.add_argument("--depth", type=int, default=16, help="WRN depth d = 6n + 4 (10, 16, 22, 28, 40, ...)")
-    p.add_argument("--width", type=int, default=4, help="widening factor k >= 1")
-    p.add_argument("--dropout", type=float, default=0.0, help="dropout between a block's convolutions, in [0, 1)")
-    p.add_argument("--keep-depth", action="store_true", help="stride 1 along depth (anisotropic volumes)")
-    p.add_argument("--batch-size", type=positive_int, default=16, help="global batch size")
-    p.add_argument("--lr", type=positive_float, default=0.1, help="base learning rate")
-    # Cosine here, the paper's step schedule in the CIFAR job: runs on one's own volumes
-    # are short and of unknown length, where a smooth decay needs no tuning of milestones.
-    p.add_argument("--schedule", choices=["constant", "step", "cosine"], default="cosine",
-                   help="learning-rate schedule over the run")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--iters", type=positive_int, help="training iterations (None: one epoch, or --epochs)")
-    g.add_argument("--epochs", type=positive_float, help="training epochs over the training file")
-    p.add_argument("--eval-every", type=non_negative_int, default=0,
-                   help="evaluate --val every N iterations (0: at the end)")
-    p.add_argument("--depth-flip", action="store_true", help="also flip volumes along depth when augmenting")
-    p.add_argument("--no-augment", action="store_true", help="no random crop and flip")
-    p.add_argument("--checkpoint", help="written at every evaluation and at the end")
-    p.add_argument("--checkpoint-every", type=non_negative_int, default=0,
-                   help="also save {checkpoint dir}/ckpt-XXXXXXXX.h5 every N iterations (0: never)")
-    p.add_argument("--resume", action="store_true", help="continue from the newest verified checkpoint: "
-                   "--checkpoint or a ckpt-XXXXXXXX.h5 beside it")
-    p.add_argument("--logdir", help="metrics.csv and TensorBoard scalars go here")
-    p.add_argument("--mixed-precision", choices=["none", "bf16", "fp16"], default="none",
-                   help="bf16: CPUs with AVX512_BF16/AMX; fp16: GPUs")
-    p.add_argument("--seed", type=int, default=0, help="data order, augmentation and initial weights")
+    p = Parser(description=__doc__.split("\n\n")[0],
+               epilog="--schedule defaults to cosine: runs on one's own volumes are short and of unknown length, "
+                      "where a smooth decay needs no milestones; the CIFAR job keeps the paper's step schedule.")
+    a = p.add_argument
+    a("--train", required=True, type=existing_file, help="HDF5 file with the training volumes")
+    a("--val", type=existing_file, help="HDF5 file evaluated at --eval-every and at the end")
+    a("--x-key", help="dataset holding the volumes (N, D, H, W, C)")
+    a("--y-key", help="dataset holding the integer labels (N,)")
+    a("--num-classes", type=positive_int, help="None: the file's num_classes attribute or max label + 1")
+    a("--normalize", action="store_true", help="compute per-channel stats when the file has none")
+    a("--keep-depth", action="store_true", help="stride 1 along depth (anisotropic volumes)")
+    a("--batch-size", type=positive_int, help="global batch size")
+    a("--depth-flip", action="store_true", help="also flip volumes along depth when augmenting")
+    a("--no-augment", action="store_true", help="no random crop and flip")
+    add_training_flags(p, iters_help="training iterations (None: one epoch, or --epochs)")
+    p.set_defaults(x_key="volumes", y_key="labels", depth=16, width=4, dropout=0.0, batch_size=16, lr=0.1,
+                   schedule="cosine", eval_every=0, checkpoint_every=0, mixed_precision="none", seed=0)
     args = p.parse_args(argv)
-    if args.resume and not args.checkpoint:
-        p.error("--resume needs --checkpoint")
-    if args.checkpoint_every and not args.checkpoint:
-        p.error("--checkpoint-every needs --checkpoint (its folder holds the periodic checkpoints)")
-    check_network_flags(p, depth=args.depth, width=args.width, dropout=args.dropout)
+    check_training_flags(p, args)
     quiet_tensorflow()
     from wrn3d_tl.data import hdf5_info
 

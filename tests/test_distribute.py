@@ -148,6 +148,7 @@ def finish(procs, timeout):
                 p.wait()
 
 
+@pytest.mark.slow
 def test_two_workers_match_mirrored_over_two_cpus(tmp_path):
     mw = tmp_path / "mw"
     procs = start_workers(tmp_path, ["--iters", "3", "--checkpoint", str(mw / "last.h5"), "--logdir",
@@ -169,6 +170,7 @@ def test_two_workers_match_mirrored_over_two_cpus(tmp_path):
     assert "checkpoint:" in logs[0] and "checkpoint:" not in logs[1]
 
 
+@pytest.mark.slow
 def test_killed_worker_fails_the_other_fast_and_resume_completes(tmp_path):
     ckdir = tmp_path / "ck"
     args = ["--checkpoint", str(ckdir / "last.h5"), "--checkpoint-every", "1"]

@@ -149,6 +149,7 @@ def _check_folder_after_kill(folder):
 KILL_PLAN = ["random", "write", "random", "random", "write", "random"]
 
 
+@pytest.mark.slow
 def test_kill9_campaign(tmp_path, runs):
     rng = random.Random(20240611)  # the kill delays
     folder = str(tmp_path / "run")

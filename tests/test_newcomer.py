@@ -129,7 +129,7 @@ def test_help_is_fast_and_shows_every_default():
     cifar = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "cifar_wide_resnet_tl.py"), "--help"],
                            capture_output=True, text=True, timeout=60).stdout
     cifar = " ".join(cifar.split())
-    assert "(default: step)" in cifar and "the HDF5 script defaults to cosine" in cifar
+    assert "(default: step)" in cifar and "train_hdf5_volumes.py defaults to cosine" in cifar
     assert "Not the whole process" in cifar
 
 
@@ -179,17 +179,19 @@ def test_cli_stderr_holds_only_our_line(tmp_path):
         "does not exist"]
 
 
-def test_huge_finite_volumes_give_finite_logits_as_documented(checkpoint):
-    """docs/faults.md: finite but huge volumes are not refused by predict; what is refused
-    is a non-finite result."""
+def test_huge_finite_volumes_behave_as_documented(checkpoint):
+    """docs/faults.md: predict does not range-check finite inputs. Logits that stay finite
+    (however huge) are returned; logits that overflow are refused, naming the volume."""
     from wrn3d_tl.predict import predict
 
-    out = predict(checkpoint, np.full((2,) + CFG.input_shape, 3e38, "float32"))
-    assert np.all(np.isfinite(out["logits"])) and np.abs(out["logits"]).max() > 1e30
+    out = predict(checkpoint, np.full((2,) + CFG.input_shape, 1e25, "float32"))
+    assert np.all(np.isfinite(out["logits"])) and np.abs(out["logits"]).max() > 1e20
     assert np.all(out["probability"] == 1.0)
+    with pytest.raises(ValueError, match="volume 0 gives non-finite logits"):
+        predict(checkpoint, np.full((2,) + CFG.input_shape, 3e38, "float32"))
     text = open(os.path.join(ROOT, "docs", "faults.md")).read()
     row = [line for line in text.splitlines() if line.startswith("| finite but huge volumes") and "predict" in line]
-    assert len(row) == 1 and "not refused" in row[0], row
+    assert len(row) == 1 and "not range-checked" in row[0] and "gives non-finite logits" in row[0], row
 
 
 # ---------------------------------------------------- files, export and its CLI

@@ -11,7 +11,7 @@ import os
 import sys
 
 __all__ = ["Parser", "positive_int", "non_negative_int", "positive_float", "non_negative_float", "existing_file",
-           "fail", "quiet_tensorflow"]
+           "fail", "quiet_tensorflow", "add_training_flags", "check_training_flags"]
 
 
 class Parser(argparse.ArgumentParser):
@@ -63,6 +63,54 @@ def existing_file(text):
     if not os.path.isfile(text):
         raise argparse.ArgumentTypeError(f"{text}: is a folder, not a file")
     return text
+
+
+def add_training_flags(parser, *, iters_help):
+    """The flags both training scripts share: the network, the optimisation, the run's
+    length, checkpoints, precision and logs. Each script sets their defaults with
+    ``parser.set_defaults`` (``--help`` shows them)."""
+    a = parser.add_argument
+    a("--depth", type=int, help="WRN depth d = 6n + 4 (10, 16, 22, 28, 40, ...)")
+    a("--width", type=int, help="widening factor k >= 1")
+    a("--dropout", type=float, help="dropout between a block's convolutions, in [0, 1)")
+    a("--lr", type=positive_float, help="base learning rate")
+    a("--schedule", choices=["constant", "step", "cosine"],
+      help="learning-rate schedule; step: the paper's x0.2 at 30%%, 60%%, 80%% of the run; cosine: to 0 at its end")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--iters", type=positive_int, help=iters_help)
+    group.add_argument("--epochs", type=positive_float, help="training epochs over the training data")
+    a("--eval-every", type=non_negative_int, help="evaluate every N iterations (0: only at the end)")
+    a("--checkpoint", help="checkpoint file written at every evaluation and at the end")
+    a("--checkpoint-every", type=non_negative_int,
+      help="also save {checkpoint dir}/ckpt-XXXXXXXX.h5 every N iterations (0: never)")
+    a("--resume", action="store_true", help="continue from the newest verified checkpoint: --checkpoint or a "
+      "ckpt-XXXXXXXX.h5 beside it. Precision may change, a constant schedule may be extended; other settings "
+      "that differ from the checkpoint's are refused")
+    a("--logdir", help="metrics.csv and TensorBoard scalars go here")
+    a("--mixed-precision", choices=["none", "bf16", "fp16"], help="bf16: CPUs with AVX512_BF16/AMX; fp16: GPUs")
+    a("--seed", type=int, help="data order, augmentation and initial weights")
+
+
+def check_training_flags(parser, args):
+    """The shared flags' rules, checked after parsing and before any data is read; a
+    broken one ends the program through ``parser.error`` (one line naming the flag).
+    The network flags are checked by ``WRNConfig``'s own rules."""
+    from wrn3d_tl.config import WRNConfig
+
+    if args.resume and not args.checkpoint:
+        parser.error("--resume needs --checkpoint")
+    if args.checkpoint_every and not args.checkpoint:
+        parser.error("--checkpoint-every needs --checkpoint (its folder holds the periodic checkpoints)")
+    flags = {"depth": ("depth", args.depth), "width": ("widen_factor", args.width),
+             "dropout": ("dropout", args.dropout)}
+    try:
+        WRNConfig(**{field: value for field, value in flags.values()})
+    except ValueError as e:
+        for flag, (field, value) in flags.items():
+            prefix = f"WRNConfig.{field} "
+            if str(e).startswith(prefix):
+                parser.error(f"--{flag} {value}: {str(e)[len(prefix):]}")
+        raise
 
 
 def fail(prog, flag, value, message):

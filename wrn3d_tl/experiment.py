@@ -19,7 +19,7 @@ import dataclasses
 import os
 
 __all__ = ["DEFAULTS", "Experiment", "ResumeError", "build_experiment", "make_trainer", "load_data",
-           "auto_batch_size", "resume", "check_network_flags"]
+           "auto_batch_size", "resume"]
 
 # The options of make_trainer and of the main job's command line (flag names with "-").
 DEFAULTS = dict(dataset="cifar10", data_dir=None, download=False, depth=16, width=4, dims=3, volume_depth=8,
@@ -50,23 +50,6 @@ class Experiment:
     steps: int
     data_source: str
     resumed_from: str = None
-
-
-def check_network_flags(parser, **flags):
-    """Validate the network flags of a command line (``depth``, ``width``, ``dropout``)
-    with ``WRNConfig``'s own rules, before any data is read; a bad one ends the program
-    through ``parser.error`` naming the flag (``--depth 11: must be ...``)."""
-    from wrn3d_tl.config import WRNConfig
-
-    fields = {"depth": "depth", "width": "widen_factor", "dropout": "dropout"}
-    try:
-        WRNConfig(**{fields[k]: v for k, v in flags.items()})
-    except ValueError as e:
-        for flag, field in fields.items():
-            prefix = f"WRNConfig.{field} "
-            if str(e).startswith(prefix):
-                parser.error(f"--{flag} {flags[flag]}: {str(e)[len(prefix):]}")
-        raise
 
 
 def load_data(opts):
