@@ -567,3 +567,42 @@ def test_readme_flags_are_the_main_jobs(capsys):
     flags = set(re.findall(r"--[a-z][a-z0-9-]*", paragraph)) - {"--help"}
     missing = sorted(flags - set(_help_entries("cifar_wide_resnet_tl", capsys)))
     assert not missing, f"README flags the main job does not have: {missing}"
+
+
+def test_performance_summary_is_the_recorded_run():
+    """docs/performance.md's summary tables and XLA ratios are those of the JSON records of
+    the run they quote (benchmarks/results/2026-11-25-epyc-2core-bn4d.jsonl)."""
+    import json
+
+    text = (ROOT / "docs" / "performance.md").read_text(encoding="utf-8")
+    summary = text[text.index("## Summary"):text.index("## Machine")]
+    records = [json.loads(line) for line in open(ROOT / "benchmarks" / "results" / "2026-11-25-epyc-2core-bn4d.jsonl")]
+    steps = {(r["config"], r["impl"], r["precision"]): r for r in records if r["kind"] == "step"}
+    (ratios,) = [r["ratios"] for r in records if r["kind"] == "summary"]
+    configs = {"WRN-16-4 3D": "wrn16-4-3d", "WRN-40-4 2D": "wrn40-4-2d", "WRN-10-2 3D": "wrn10-2-3d"}
+
+    def same(documented, value):  # documented with as many decimals as it shows
+        documented = documented.strip().strip("*").rstrip("x%")
+        decimals = len(documented.split(".")[1]) if "." in documented else 0
+        return f"{value:.{decimals}f}" == documented
+
+    rows = re.findall(r"^\| (WRN-\d+-\d+ [23]D), [^|]* \| ([^|]+) \| ([^|]+) \| ([^|]+) \|$", summary, re.M)
+    assert len(rows) == 3
+    for label, *cells in rows:
+        for impl, cell in zip(("wrn3d_tl", "keras", "torch"), cells):
+            for precision, documented in zip(("fp32", "bf16"), cell.split("/")):
+                value = steps[(configs[label], impl, precision)]["train"]["samples_per_s"]
+                assert same(documented, value), (label, impl, precision, documented, value)
+    ratio_rows = {"wrn3d_tl fp32 / best of Keras, PyTorch": "fp32/train/wrn3d_tl_vs_best",
+                  "fp32 achieved GFLOP/s / fp32 matmul peak": "fp32_of_matmul_peak",
+                  "bf16 / fp32 throughput": "bf16_over_fp32",
+                  "step time fed by the `tf.data` pipeline / on a pre-made batch": "pipeline_over_premade"}
+    for name, key in ratio_rows.items():
+        cells = re.search(rf"^\| {re.escape(name)} \| ([^|]+) \| ([^|]+) \| ([^|]+) \|$", summary, re.M).groups()
+        for config, documented in zip(configs.values(), cells):
+            value = ratios[f"{config}/{key}"] * (100 if documented.strip().strip("*").endswith("%") else 1)
+            assert same(documented, value), (name, config, documented, value)
+    xla = {c: steps[(c, "wrn3d_tl+xla", "fp32")]["train"]["median_s"] / steps[(c, "wrn3d_tl", "fp32")]["train"]["median_s"]
+           for c in configs.values()}
+    assert (f"{xla['wrn16-4-3d']:.1f}x (WRN-16-4 3D) to {xla['wrn10-2-3d']:.1f}x (WRN-10-2 3D) slower in this run "
+            f"({xla['wrn40-4-2d']:.1f}x on WRN-40-4 2D)") in " ".join(summary.split())

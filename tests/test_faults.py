@@ -7,6 +7,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -133,7 +134,7 @@ def _check_folder_after_kill(folder):
     assert trainer.step == step
     assert trainer.normalization is not None
     for name in leftovers:  # a half-written file must never pass for a checkpoint
-        m = re.match(r"^\.(ckpt-\d{8}\.h5)\.tmp-\d+$", name)
+        m = re.match(rf"^\.(ckpt-\d{{8}}\.h5)\.tmp-{re.escape(socket.gethostname())}-\d+$", name)
         assert m, f"unexpected temp file {name}"
         try:
             ck = read_checkpoint(os.path.join(folder, name))
