@@ -17,6 +17,7 @@ import ast
 import dataclasses
 import importlib.util
 import inspect
+import json
 import os
 import re
 import shlex
@@ -225,6 +226,7 @@ def _check_export(ns, workdir, store):
 
 def _check_served(ns, workdir, store):
     assert ns["classes"].shape == (6,) and ns["out"]["logits"].shape == (6, CFG_KW["num_classes"])
+    assert ns["meta"]["layout"] == "NDHWC" and set(ns["meta"]["normalization"]) == {"mean", "std"}
 
 
 def _check_predicted(ns, workdir, store):
@@ -271,7 +273,7 @@ PYTHON_BLOCKS = {
         needs=("periodic",), check=_check_manager),
     ("docs/using-a-trained-model.md", "from wrn3d_tl.train import Trainer"): Py(
         needs=("checkpoints",), check=_check_export),
-    ("docs/using-a-trained-model.md", "import numpy as np, tensorflow as tf"): Py(
+    ("docs/using-a-trained-model.md", "import json"): Py(
         needs=("exported", "volumes"), check=_check_served),
     ("docs/using-a-trained-model.md", "from wrn3d_tl.predict import predict, Predictor"): Py(
         needs=("checkpoints", "predict_files", "volumes"), check=_check_predicted),
@@ -308,6 +310,14 @@ def _check_hdf5_cli(workdir):
     assert read_checkpoint(str(workdir / "runs" / "wrn.h5"))["step"] == 2
 
 
+def _check_export_cli(workdir):
+    import tensorflow as tf
+
+    served = tf.saved_model.load(str(workdir / "exported" / "wrn-cli"))
+    meta = json.loads(served.metadata().numpy())
+    assert meta["format"] == "wrn3d_tl-saved-model" and meta["normalization"] is not None
+
+
 def _check_predict_csv(workdir):
     import csv
 
@@ -335,6 +345,8 @@ BASH_RUN = {
               ("python -m wrn3d_tl.predict ...", "python -m wrn3d_tl.predict --checkpoint c.h5 --npy data.npy "
                                                  "--out preds_module.csv")),
         check=_check_predict_csv),
+    "wrn3d-export --checkpoint runs/last.h5 --out exported/wrn-cli": Bash(
+        needs=("checkpoints",), check=_check_export_cli),
 }
 
 # Mirrored by existing tests (running them here would take minutes or need several
@@ -378,6 +390,10 @@ def _run_in_process(argv):
         from wrn3d_tl import predict
 
         main, args = predict.main, argv[1:] if argv[0] == "wrn3d-predict" else argv[3:]
+    elif argv[0] == "wrn3d-export":
+        from wrn3d_tl import export
+
+        main, args = export.main, argv[1:]
     else:
         raise AssertionError(f"tests/test_docs.py does not know how to run {argv!r}")
     try:
