@@ -119,7 +119,7 @@ def runs():
 
 def _check_folder_after_kill(folder):
     """After a SIGKILL: every complete checkpoint verifies, the newest restores, temp files
-    are ignored by latest_checkpoint and are themselves either refused or complete."""
+    are ignored by CheckpointManager.latest and are themselves either refused or complete."""
     names = sorted(os.listdir(folder))
     leftovers = [n for n in names if ".tmp-" in n]
     complete = [n for n in names if _CKPT.match(n)]
