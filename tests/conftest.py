@@ -1,5 +1,6 @@
 """Shared test set-up: quiet TensorFlow, two logical CPUs for tf.distribute tests."""
 
+import importlib.util
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -30,3 +31,30 @@ def two_cpu_strategy():
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def load_example():
+    """``load_example("cifar_wide_resnet_tl")``: import examples/<name>.py as a module (the
+    scripts are not a package; each call gives a fresh module)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(name, os.path.join(root, "examples", f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.fixture(scope="module")
+def cifar_script(load_example):
+    """examples/cifar_wide_resnet_tl.py as a module (main, parse_args, make_trainer)."""
+    return load_example("cifar_wide_resnet_tl")
+
+
+@pytest.fixture(scope="module")
+def hdf5_script(load_example):
+    """examples/train_hdf5_volumes.py as a module (main, parse_args)."""
+    return load_example("train_hdf5_volumes")

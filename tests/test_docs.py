@@ -375,17 +375,10 @@ def _commands(text):
     return [argv for argv in (shlex.split(line, comments=True) for line in text.splitlines()) if argv]
 
 
-def _load_example(name):
-    spec = importlib.util.spec_from_file_location(f"_docs_{name}", ROOT / "examples" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _run_in_process(argv):
+def _run_in_process(argv, load_example):
     """Run one documented command through its script's main(argv); returns the exit status."""
     if argv[0] == "python" and len(argv) > 1 and re.fullmatch(r"examples/\w+\.py", argv[1]):
-        main, args = _load_example(Path(argv[1]).stem).main, argv[2:]
+        main, args = load_example(Path(argv[1]).stem).main, argv[2:]
     elif argv[0] == "wrn3d-predict" or argv[:3] == ["python", "-m", "wrn3d_tl.predict"]:
         from wrn3d_tl import predict
 
@@ -404,7 +397,7 @@ def _run_in_process(argv):
 
 
 @pytest.mark.parametrize("block", blocks_of("bash"), ids=lambda b: b.id)
-def test_bash_block_is_run_or_mirrored(block, store, tmp_path, monkeypatch):
+def test_bash_block_is_run_or_mirrored(block, store, tmp_path, monkeypatch, load_example):
     key = block.first_line
     if key in BASH_MAPPED:
         assert key not in BASH_RUN
@@ -421,7 +414,7 @@ def test_bash_block_is_run_or_mirrored(block, store, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     prepare(spec.needs, store, tmp_path, monkeypatch)
     for argv in _commands(text):
-        assert _run_in_process(argv) == 0, f"{block.id}: {shlex.join(argv)} failed"
+        assert _run_in_process(argv, load_example) == 0, f"{block.id}: {shlex.join(argv)} failed"
     if spec.check is not None:
         spec.check(tmp_path)
 
@@ -558,30 +551,30 @@ def test_documented_trainer_signature_is_the_real_one():
             assert ast.literal_eval(default.split("|")[0]) == real[name], p
 
 
-def _help_entries(script, capsys):
+def _help_entries(script, capsys, load_example):
     """``--help`` of an example script: {first option string: its help entry}."""
     capsys.readouterr()
     with pytest.raises(SystemExit):
-        _load_example(script).parse_args(["--help"])
+        load_example(script).parse_args(["--help"])
     text = capsys.readouterr().out
     entries = re.split(r"\n  (?=-)", text[text.index("options:"):])[1:]
     return {e.split()[0].rstrip(","): " ".join(e.split()) for e in entries}
 
 
 @pytest.mark.parametrize("script", ["cifar_wide_resnet_tl", "train_hdf5_volumes"])
-def test_example_help_shows_every_default(script, capsys):
+def test_example_help_shows_every_default(script, capsys, load_example):
     """README: "`--help` lists them all, with their defaults" (and the HDF5 example's too)."""
-    entries = _help_entries(script, capsys)
+    entries = _help_entries(script, capsys, load_example)
     without = [flag for flag, entry in entries.items() if flag != "-h" and "(default: " not in entry]
     assert not without, f"{script} --help shows no default for {without}"
 
 
-def test_readme_flags_are_the_main_jobs(capsys):
+def test_readme_flags_are_the_main_jobs(capsys, load_example):
     """Every flag the README lists for the main job is one of its flags."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     paragraph = readme[readme.index("Useful flags:"):readme.index("### Stepping the trainer")]
     flags = set(re.findall(r"--[a-z][a-z0-9-]*", paragraph)) - {"--help"}
-    missing = sorted(flags - set(_help_entries("cifar_wide_resnet_tl", capsys)))
+    missing = sorted(flags - set(_help_entries("cifar_wide_resnet_tl", capsys, load_example)))
     assert not missing, f"README flags the main job does not have: {missing}"
 
 

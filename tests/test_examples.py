@@ -1,7 +1,6 @@
 """The main job (examples/cifar_wide_resnet_tl.py): iteration lines, evaluation, the
 synthetic fallback line, checkpoints and --resume, the outside-controller pattern."""
 
-import importlib.util
 import os
 
 import pytest
@@ -10,20 +9,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--depth", "10", "--width", "1", "--volume-depth", "2", "--batch-size", "8", "--eval-samples", "20"]
 
 
-@pytest.fixture(scope="module")
-def example():
-    spec = importlib.util.spec_from_file_location("cifar_wide_resnet_tl",
-                                                  os.path.join(ROOT, "examples", "cifar_wide_resnet_tl.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def iteration_lines(text):
     return [line for line in text.splitlines() if line.startswith("iter ")]
 
 
-def test_main_job_falls_back_loudly_trains_evaluates_and_resumes(example, tmp_path, capsys, monkeypatch):
+def test_main_job_falls_back_loudly_trains_evaluates_and_resumes(cifar_script, tmp_path, capsys, monkeypatch):
     import numpy as np
 
     from wrn3d_tl.train import Trainer
@@ -40,7 +30,7 @@ def test_main_job_falls_back_loudly_trains_evaluates_and_resumes(example, tmp_pa
 
     monkeypatch.setattr(Trainer, "evaluate", recording_evaluate)
     ckpt = tmp_path / "run" / "last.h5"
-    result = example.main([*TINY, "--iters", "3", "--schedule", "constant", "--checkpoint", str(ckpt),
+    result = cifar_script.main([*TINY, "--iters", "3", "--schedule", "constant", "--checkpoint", str(ckpt),
                            "--logdir", str(tmp_path / "logs"), "--plot", str(tmp_path / "curves.png")])
     out = capsys.readouterr().out
     loud = [line for line in out.splitlines() if "SYNTHETIC" in line]
@@ -66,19 +56,19 @@ def test_main_job_falls_back_loudly_trains_evaluates_and_resumes(example, tmp_pa
     assert f"test  loss {result['loss']:.4f}  accuracy {result['accuracy']:.4f}" in out
     assert ckpt.exists() and (tmp_path / "curves.png").exists()
 
-    example.main([*TINY, "--iters", "5", "--schedule", "constant", "--checkpoint", str(ckpt), "--resume"])
+    cifar_script.main([*TINY, "--iters", "5", "--schedule", "constant", "--checkpoint", str(ckpt), "--resume"])
     out = capsys.readouterr().out
     assert f"resumed from {ckpt} at step 3" in out
     assert [line.split()[1] for line in iteration_lines(out)] == ["4/5", "5/5"]
 
 
-def test_resumed_run_sees_the_same_batches_as_an_uninterrupted_one(example, tmp_path, capsys):
+def test_resumed_run_sees_the_same_batches_as_an_uninterrupted_one(cifar_script, tmp_path, capsys):
     from wrn3d_tl.checkpoint import read_checkpoint
 
     common = [*TINY, "--dataset", "synthetic", "--schedule", "constant"]
-    example.main([*common, "--iters", "4", "--checkpoint", str(tmp_path / "straight.h5")])
-    example.main([*common, "--iters", "2", "--checkpoint", str(tmp_path / "split.h5")])
-    example.main([*common, "--iters", "4", "--checkpoint", str(tmp_path / "split.h5"), "--resume"])
+    cifar_script.main([*common, "--iters", "4", "--checkpoint", str(tmp_path / "straight.h5")])
+    cifar_script.main([*common, "--iters", "2", "--checkpoint", str(tmp_path / "split.h5")])
+    cifar_script.main([*common, "--iters", "4", "--checkpoint", str(tmp_path / "split.h5"), "--resume"])
     capsys.readouterr()
     a, b = read_checkpoint(tmp_path / "straight.h5"), read_checkpoint(tmp_path / "split.h5")
     assert a["step"] == b["step"] == 4
@@ -86,8 +76,8 @@ def test_resumed_run_sees_the_same_batches_as_an_uninterrupted_one(example, tmp_
         assert abs(a["weights"][k] - b["weights"][k]).max() < 1e-5, k
 
 
-def test_outside_code_steps_the_trainer(example):
-    trainer = example.make_trainer(dataset="synthetic", depth=10, width=1, volume_depth=2, batch_size=8,
+def test_outside_code_steps_the_trainer(cifar_script):
+    trainer = cifar_script.make_trainer(dataset="synthetic", depth=10, width=1, volume_depth=2, batch_size=8,
                                    synthetic_train=64, synthetic_test=16)
     steps = [trainer.train_step() for _ in range(3)]
     trainer.learning_rate = 0.01
@@ -95,39 +85,35 @@ def test_outside_code_steps_the_trainer(example):
     assert [s["step"] for s in steps] == [1, 2, 3]
     assert trainer.evaluate(trainer.eval_data)["samples"] == 16
     with pytest.raises(TypeError, match="unknown options"):
-        example.make_trainer(colour="red")
+        cifar_script.make_trainer(colour="red")
 
 
-def test_batch_size_auto_fits_the_budget(example, capsys):
+def test_batch_size_auto_fits_the_budget(cifar_script, capsys):
     from wrn3d_tl.memory import estimate_memory
 
-    trainer = example.make_trainer(dataset="synthetic", depth=10, width=1, volume_depth=2, batch_size="auto",
+    trainer = cifar_script.make_trainer(dataset="synthetic", depth=10, width=1, volume_depth=2, batch_size="auto",
                                    memory_budget=0.5, synthetic_train=64, synthetic_test=16)
     b = trainer.batch_size
     assert "--batch-size auto: " in capsys.readouterr().out
-    assert estimate_memory(trainer.config, b)["total"] <= 0.5 * 2 ** 30 < estimate_memory(trainer.config, b + 1)["total"]
+    budget = 0.5 * 2 ** 30
+    assert estimate_memory(trainer.config, b)["total"] <= budget < estimate_memory(trainer.config, b + 1)["total"]
     assert trainer.train_step()["step"] == 1
 
 
-def test_train_hdf5_volumes_cli(tmp_path, capsys):
+def test_train_hdf5_volumes_cli(hdf5_script, tmp_path, capsys):
     import numpy as np
 
     from wrn3d_tl.checkpoint import read_checkpoint
     from wrn3d_tl.data import write_hdf5_volumes
-
-    spec = importlib.util.spec_from_file_location("train_hdf5_volumes",
-                                                  os.path.join(ROOT, "examples", "train_hdf5_volumes.py"))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, 24)
     volumes = (rng.normal(size=(24, 4, 12, 12, 2)) * 10 + 50 + labels[:, None, None, None, None] * 20)
     write_hdf5_volumes(tmp_path / "train.h5", volumes.astype("float32"), labels, normalization="compute",
                        num_classes=3)
     write_hdf5_volumes(tmp_path / "val.h5", volumes[:8].astype("float32"), labels[:8], num_classes=3)
-    result = cli.main(["--train", str(tmp_path / "train.h5"), "--val", str(tmp_path / "val.h5"), "--depth", "10",
-                       "--width", "1", "--batch-size", "8", "--iters", "4", "--keep-depth",
-                       "--checkpoint", str(tmp_path / "wrn.h5")])
+    result = hdf5_script.main(["--train", str(tmp_path / "train.h5"), "--val", str(tmp_path / "val.h5"),
+                               "--depth", "10", "--width", "1", "--batch-size", "8", "--iters", "4", "--keep-depth",
+                               "--checkpoint", str(tmp_path / "wrn.h5")])
     out = capsys.readouterr().out
     assert "24 volumes of (4, 12, 12, 2)" in out and "3 classes" in out and "from the file" in out
     assert len(iteration_lines(out)) == 4 and "val   step 4" in out
@@ -146,42 +132,37 @@ def _damage(path):
         f.write(bytes([byte[0] ^ 0xFF]))
 
 
-def test_train_hdf5_volumes_resumes_from_the_newest_verified_checkpoint(tmp_path, capsys):
+def test_train_hdf5_volumes_resumes_from_the_newest_verified_checkpoint(hdf5_script, tmp_path, capsys):
     import numpy as np
 
     from wrn3d_tl.checkpoint import read_checkpoint
     from wrn3d_tl.data import write_hdf5_volumes
-
-    spec = importlib.util.spec_from_file_location("train_hdf5_volumes",
-                                                  os.path.join(ROOT, "examples", "train_hdf5_volumes.py"))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     rng = np.random.default_rng(1)
     write_hdf5_volumes(tmp_path / "train.h5", rng.normal(size=(16, 4, 8, 8, 1)).astype("float32"),
                        rng.integers(0, 2, 16), num_classes=2)
     run = tmp_path / "run"
     common = ["--train", str(tmp_path / "train.h5"), "--depth", "10", "--width", "1", "--batch-size", "4",
               "--schedule", "constant", "--no-augment", "--checkpoint", str(run / "last.h5")]
-    cli.main([*common, "--iters", "3", "--checkpoint-every", "1"])
+    hdf5_script.main([*common, "--iters", "3", "--checkpoint-every", "1"])
     assert sorted(os.listdir(run)) == ["ckpt-00000001.h5", "ckpt-00000002.h5", "ckpt-00000003.h5", "last.h5"]
     _damage(run / "last.h5")
     _damage(run / "ckpt-00000003.h5")
     capsys.readouterr()
-    cli.main([*common, "--iters", "4", "--resume"])
+    hdf5_script.main([*common, "--iters", "4", "--resume"])
     captured = capsys.readouterr()
     assert f"resumed from {run / 'ckpt-00000002.h5'} at step 2" in captured.out
     assert [line.split()[1] for line in iteration_lines(captured.out)] == ["3/4", "4/4"]
     assert captured.err.count("skipping damaged checkpoint") == 2
     assert read_checkpoint(run / "last.h5")["step"] == 4
     # the same run uninterrupted reaches the same weights (the stream skips the used batches)
-    cli.main([*common[:-1], str(tmp_path / "straight.h5"), "--iters", "4"])
+    hdf5_script.main([*common[:-1], str(tmp_path / "straight.h5"), "--iters", "4"])
     a, b = read_checkpoint(run / "last.h5"), read_checkpoint(tmp_path / "straight.h5")
     for k in a["weights"]:
         np.testing.assert_allclose(a["weights"][k], b["weights"][k], atol=1e-5, err_msg=k)
     # a checkpoint of another network: one clear line, no training
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        cli.main([*common[:3], "16", *common[4:], "--iters", "5", "--resume"])
+        hdf5_script.main([*common[:3], "16", *common[4:], "--iters", "5", "--resume"])
     message = str(exit_info.value.code)
     assert message.count("\n") == 0 and "--resume" in message and str(run / "last.h5") in message
     assert "depth=16 (stored 10)" in message

@@ -2,7 +2,6 @@
 behaviour, never a silent wrong result."""
 
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,23 +16,6 @@ from wrn3d_tl.train import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = WRNConfig(depth=10, widen_factor=1, num_classes=3, input_shape=(2, 8, 8, 3))
-
-
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "examples", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def cifar_script():
-    return _script("cifar_wide_resnet_tl")
-
-
-@pytest.fixture(scope="module")
-def hdf5_script():
-    return _script("train_hdf5_volumes")
 
 
 def _one_line_exit(capsys, call):
@@ -56,7 +38,8 @@ def test_model_refuses_a_volume_without_its_batch_axis_like_train_step():
         model(one, is_train=False)
     with pytest.raises(ValueError) as from_step:
         trainer.train_step(one, np.zeros(2, "int64"))
-    assert str(from_model.value).startswith("model: x must have shape (batch,) + (2, 8, 8, 3) (NDHWC), got (2, 8, 8, 3)")
+    assert str(from_model.value).startswith(
+        "model: x must have shape (batch,) + (2, 8, 8, 3) (NDHWC), got (2, 8, 8, 3)")
     assert str(from_model.value).split(": ", 1)[1] == str(from_step.value).split(": ", 1)[1]
     with pytest.raises(ValueError, match=r"got \(4, 2, 8, 8, 1\)"):
         model(np.zeros((4, 2, 8, 8, 1), "float32"), is_train=True)
@@ -99,8 +82,10 @@ def test_hdf5_script_files_and_flags_fail_in_one_line_before_training(hdf5_scrip
     monkeypatch.setattr(Trainer, "__init__", lambda *a, **k: pytest.fail("training started"))
     ok = str(tmp_path / "ok.h5")
     cases = [
-        (["--train", str(tmp_path / "missing.h5")], "argument --train: " + str(tmp_path / "missing.h5") + ": no such file"),
-        (["--train", str(tmp_path / "big_label.h5"), "--num-classes", "3"], "labels go up to 5, outside --num-classes 3"),
+        (["--train", str(tmp_path / "missing.h5")],
+         "argument --train: " + str(tmp_path / "missing.h5") + ": no such file"),
+        (["--train", str(tmp_path / "big_label.h5"), "--num-classes", "3"],
+         "labels go up to 5, outside --num-classes 3"),
         (["--train", str(tmp_path / "float_label.h5")], "labels must be integers, got dtype float64"),
         (["--train", str(tmp_path / "notes.txt")], "is not an HDF5 file"),
         (["--train", ok, "--batch-size", "0"], "argument --batch-size: expected a positive int, got '0'"),
