@@ -304,7 +304,7 @@ def _bad_cases(tmp, ckpt):
         (["--npy", npy("empty.npy", np.zeros((0,) + SHAPE, np.float32))], r"--npy .*empty\.npy.*no volumes"),
         (["--hdf5", str(tmp / "missing.h5")], r"--hdf5 .*missing\.h5: no such file"),
         (["--hdf5", paths["good"], "--key", "nokey"], r"--hdf5 .*good\.h5.*no dataset at key 'nokey'"),
-        (["--npy", str(text)], r"--npy .*notes\.txt.*not a readable \.npy"),
+        (["--npy", str(text)], r"--npy .*notes\.txt.*is not a \.npy file \(it does not start with numpy's magic"),
         (["--hdf5", paths["good"], "--checkpoint", paths["good"]],
          r"--checkpoint .*good\.h5.*not a wrn3d_tl checkpoint"),
         (["--hdf5", paths["good"], "--checkpoint", str(text)], r"--checkpoint .*notes\.txt.*not a readable HDF5"),
