@@ -310,7 +310,7 @@ def _bad_cases(tmp, ckpt):
         (["--hdf5", paths["good"], "--checkpoint", str(text)], r"--checkpoint .*notes\.txt.*not a readable HDF5"),
         (["--hdf5", paths["good"], "--checkpoint", str(tmp / "nockpt.h5")],
          r"--checkpoint .*nockpt\.h5.*does not exist"),
-        (["--hdf5", paths["good"], "--batch-size", "0"], r"--batch-size 0: must be a positive int"),
+        (["--hdf5", paths["good"], "--batch-size", "0"], r"argument --batch-size: expected a positive int, got '0'"),
         (["--hdf5", paths["good"], "--out", str(tmp / "nodir" / "p.csv")], r"--out .*nodir.*does not exist"),
     ]
 
