@@ -21,9 +21,9 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from wrn3d_tl.cli import (Parser, add_training_flags, check_training_flags, non_negative_float,  # noqa: E402
+from wrn3d_tl.cli import (Parser, add_training_flags, check_training_flags, die, non_negative_float,  # noqa: E402
                           non_negative_int, positive_float, positive_int, quiet_tensorflow)
-from wrn3d_tl.experiment import DEFAULT_ITERS, DEFAULTS, ResumeError, build_experiment, make_trainer  # noqa: E402,F401
+from wrn3d_tl.experiment import DEFAULT_ITERS, DEFAULTS, build_experiment, make_trainer  # noqa: E402,F401
 
 
 def _batch_size(text):
@@ -64,6 +64,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.plot and not args.logdir:
         p.error("--plot needs --logdir")
+    if args.plot and os.path.isdir(args.plot):
+        p.error(f"--plot {args.plot}: is a folder; give the PNG file's name")
     check_training_flags(p, args)
     if args.cpu_replicas is not None and args.distribute != "mirrored":
         p.error("--cpu-replicas needs --distribute mirrored")
@@ -81,11 +83,13 @@ def main(argv=None):
         quiet_tensorflow()
     try:
         exp = build_experiment(**opts)
-    except ResumeError as e:
-        sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e}")
+    except (FileNotFoundError, ValueError) as e:  # missing data, a bad option, a conflicting checkpoint
+        die(e)
     trainer, steps = exp.trainer, exp.steps
     if exp.resumed_from:
         print(f"resumed from {exp.resumed_from} at step {trainer.step}", flush=True)
+        if trainer.step >= steps:
+            print(f"nothing to train: the checkpoint is at step {trainer.step}, the run plans {steps}", flush=True)
     cfg = trainer.config
     print(f"{cfg.name} {cfg.spatial_rank}D, input {cfg.input_shape}, {exp.data_source}, "
           f"batch {trainer.batch_size}, {steps} iterations, schedule {trainer.schedule}", flush=True)

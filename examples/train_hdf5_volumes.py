@@ -18,7 +18,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from wrn3d_tl.cli import (Parser, add_training_flags, check_training_flags, existing_file,  # noqa: E402
+from wrn3d_tl.cli import (Parser, add_training_flags, check_training_flags, die, existing_file,  # noqa: E402
                           positive_int, quiet_tensorflow)
 
 
@@ -50,22 +50,20 @@ def parse_args(argv=None):
     for flag, path in (("--train", args.train), ("--val", args.val)):
         if path is not None:
             try:  # reads the labels and attributes only: every file error before training starts
-                info = hdf5_info(path, args.x_key, args.y_key)
-                if args.num_classes and info.num_classes > args.num_classes:
-                    raise ValueError(f"labels go up to {info.num_classes - 1}, outside --num-classes "
-                                     f"{args.num_classes}")
+                hdf5_info(path, args.x_key, args.y_key)
             except (OSError, ValueError) as e:
                 p.error(f"{flag} {path}: {e}")
     return args
 
 
-def main(argv=None):
-    """Train; returns the last validation metrics (or None without --val)."""
-    args = parse_args(argv)
+def build(args):
+    """Data, config and trainer from the flags: ``(trainer, steps, val)``. Raises ValueError
+    (``ResumeError`` among them) naming what does not fit."""
     import h5py
 
+    from wrn3d_tl.checkpoint import CheckpointManager
     from wrn3d_tl.data import compute_normalization, hdf5_dataset, hdf5_info
-    from wrn3d_tl.experiment import ResumeError, resume
+    from wrn3d_tl.experiment import find_resume_point, plan_steps, precision, resume
     from wrn3d_tl.model import WRNConfig, build_wrn
     from wrn3d_tl.train import Trainer
 
@@ -77,33 +75,44 @@ def main(argv=None):
             norm = compute_normalization(f[args.x_key])
     print(f"{args.train}: {info.n} volumes of {info.volume_shape} {info.dtype}, {num_classes} classes, "
           f"normalisation {'from the file' if info.normalization else 'computed' if norm else 'none'}", flush=True)
+    val_shape = hdf5_info(args.val, args.x_key, args.y_key).volume_shape if args.val else info.volume_shape
+    if val_shape != info.volume_shape:
+        raise ValueError(f"--val {args.val}: its volumes have shape {val_shape}, the training volumes "
+                         f"{info.volume_shape}")
     data = dict(x_key=args.x_key, y_key=args.y_key, num_classes=num_classes, normalization=norm)
     train = hdf5_dataset(args.train, batch_size=args.batch_size, training=True, seed=args.seed, repeat=True,
                          drop_remainder=True, augment=not args.no_augment, depth_flip=args.depth_flip, **data)
     val = hdf5_dataset(args.val, batch_size=args.batch_size, **data) if args.val else None
-    steps = args.iters or max(1, int((args.epochs or 1) * (info.n // args.batch_size)))
     strides = (1, (1, 2, 2), (1, 2, 2)) if args.keep_depth else (1, 2, 2)
     config = WRNConfig(depth=args.depth, widen_factor=args.width, num_classes=num_classes,
                        input_shape=tuple(info.volume_shape), dropout=args.dropout, group_strides=strides)
-    mp = None if args.mixed_precision == "none" else args.mixed_precision
-    ckpt_dir = os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint_every else None
-    run = dict(logdir=args.logdir, eval_data=val, checkpoint_dir=ckpt_dir,
-               checkpoint_every=args.checkpoint_every or None)
-    settings = dict(lr=args.lr, schedule=args.schedule, total_steps=steps, mixed_precision=mp, seed=args.seed,
-                    batch_size=args.batch_size)
-    trainer = None
-    if args.resume:
-        try:
-            trainer, path = resume(args.checkpoint, config, train, settings=settings, **run)
-        except ResumeError as e:
-            sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e}")
-        if trainer is not None:
-            print(f"resumed from {path} at step {trainer.step}", flush=True)
-    if trainer is None:
+    point = find_resume_point(args.checkpoint) if args.resume else (None, None)
+    stored_steps = point[1]["trainer"].get("total_steps") if point[0] else None
+    steps = plan_steps(info.n, args.batch_size, iters=args.iters, epochs=args.epochs, default=stored_steps)
+    run = dict(logdir=args.logdir, eval_data=val, checkpoint_every=args.checkpoint_every or None,
+               checkpoint_dir=CheckpointManager.beside(args.checkpoint).directory if args.checkpoint_every else None)
+    settings = dict(lr=args.lr, schedule=args.schedule, total_steps=steps, seed=args.seed, batch_size=args.batch_size,
+                    mixed_precision=precision(args.mixed_precision))
+    if point[0]:
+        trainer = resume(point, config, train, settings=settings, **run)
+        print(f"resumed from {point[0]} at step {trainer.step}", flush=True)
+        if trainer.step >= steps:
+            print(f"nothing to train: the checkpoint is at step {trainer.step}, the run plans {steps}", flush=True)
+    else:
         import tensorflow as tf
 
         tf.random.set_seed(args.seed)  # the initial weights
         trainer = Trainer(build_wrn(config), train, normalization=norm, **settings, **run)
+    return trainer, steps, val
+
+
+def main(argv=None):
+    """Train; returns the last validation metrics (or None without --val)."""
+    args = parse_args(argv)
+    try:
+        trainer, steps, val = build(args)
+    except (OSError, ValueError) as e:  # a file or flag that does not fit, a conflicting checkpoint
+        die(e)
     result = None
     t0 = time.perf_counter()
     while trainer.step < steps:

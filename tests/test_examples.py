@@ -163,7 +163,8 @@ def test_train_hdf5_volumes_resumes_from_the_newest_verified_checkpoint(hdf5_scr
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         hdf5_script.main([*common[:3], "16", *common[4:], "--iters", "5", "--resume"])
-    message = str(exit_info.value.code)
-    assert message.count("\n") == 0 and "--resume" in message and str(run / "last.h5") in message
-    assert "depth=16 (stored 10)" in message
-    assert iteration_lines(capsys.readouterr().out) == []
+    captured = capsys.readouterr()
+    message = captured.err.strip()
+    assert exit_info.value.code == 2 and message.count("\n") == 0 and ": error: --resume: " in message
+    assert str(run / "last.h5") in message and "--depth: depth=16 (stored 10)" in message
+    assert iteration_lines(captured.out) == []

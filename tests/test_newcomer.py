@@ -72,6 +72,8 @@ def test_hdf5_script_files_and_flags_fail_in_one_line_before_training(hdf5_scrip
     from wrn3d_tl.data import write_hdf5_volumes
 
     write_hdf5_volumes(tmp_path / "ok.h5", np.zeros((4, 2, 8, 8, 1), "float32"), [0, 1, 1, 0], num_classes=2)
+    write_hdf5_volumes(tmp_path / "other_shape.h5", np.zeros((4, 2, 12, 12, 1), "float32"), [0, 1, 1, 0])
+    write_hdf5_volumes(tmp_path / "one_class.h5", np.zeros((4, 2, 8, 8, 1), "float32"), [0, 0, 0, 0])
     with h5py.File(tmp_path / "big_label.h5", "w") as f:
         f["volumes"] = np.zeros((4, 2, 8, 8, 1), "float32")
         f["labels"] = np.array([0, 1, 5, 1])
@@ -85,7 +87,12 @@ def test_hdf5_script_files_and_flags_fail_in_one_line_before_training(hdf5_scrip
         (["--train", str(tmp_path / "missing.h5")],
          "argument --train: " + str(tmp_path / "missing.h5") + ": no such file"),
         (["--train", str(tmp_path / "big_label.h5"), "--num-classes", "3"],
-         "labels go up to 5, outside --num-classes 3"),
+         "key 'labels': label 5 at index 2 is >= num_classes = 3"),
+        (["--train", ok, "--val", str(tmp_path / "other_shape.h5")],
+         "its volumes have shape (2, 12, 12, 1), the training volumes (2, 8, 8, 1)"),
+        (["--train", str(tmp_path / "one_class.h5")], "num_classes must be an int >= 2"),
+        (["--train", ok, "--checkpoint", str(tmp_path)], "is a folder; give the checkpoint file's name"),
+        (["--train", ok, "--resume"], "--resume needs --checkpoint"),
         (["--train", str(tmp_path / "float_label.h5")], "labels must be integers, got dtype float64"),
         (["--train", str(tmp_path / "notes.txt")], "is not an HDF5 file"),
         (["--train", ok, "--batch-size", "0"], "argument --batch-size: expected a positive int, got '0'"),
@@ -228,10 +235,9 @@ def test_resume_applies_precision_extends_constant_and_refuses_the_rest(cifar_sc
                                                                "step schedule"),
     ]
     for extra, expected in refusals:
-        with pytest.raises(SystemExit) as info:
-            cifar_script.main([*common, *extra])
-        message = str(info.value.code)
-        assert "\n" not in message and "--resume" in message and expected in message, message
+        message = _one_line_exit(capsys, lambda: cifar_script.main([*common, *extra]))
+        assert ": error: --resume: " in message and expected in message, message
+        assert "iter " not in capsys.readouterr().out
     # fewer steps than planned: stops early on the stored schedule; precision may change
     os.remove(tmp_path / "run" / "last.h5")
     os.remove(tmp_path / "run" / "ckpt-00000004.h5")
@@ -318,3 +324,108 @@ def test_documented_hdf5_training_then_predict_export_and_twin_agree(tmp_path, m
     want = trainer.model((raw - np.float32(norm["mean"])) / np.float32(norm["std"]), is_train=False).numpy()
     np.testing.assert_allclose(np.asarray(twin["logits"]), want, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(np.asarray(twin["logits"]).argmax(-1), predicted["class"])
+
+
+# ------------------------------------------ normalisation: carried, compared, warned
+def _volumes(n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.uniform(0, 255, (n,) + CFG.input_shape)).astype("float32"), rng.integers(0, 3, n)
+
+
+def test_pipeline_stats_travel_and_a_mismatch_is_refused(tmp_path):
+    import warnings
+
+    from wrn3d_tl.checkpoint import CheckpointError
+    from wrn3d_tl.data import compute_normalization, make_dataset, normalization_of
+
+    x, y = _volumes()
+    norm = compute_normalization(x)
+    tagged = make_dataset(x, y, batch_size=4, volume_depth=None, normalization=norm, training=True,
+                          repeat=True)
+    assert normalization_of(tagged) == (True, norm.to_dict())
+    assert normalization_of(tagged.skip(1)) == (False, None)  # derived datasets carry no tag
+    raw = make_dataset(x, y, batch_size=4, volume_depth=None, training=False)
+    assert normalization_of(raw) == (True, None)
+
+    tf.random.set_seed(0)
+    t = Trainer(build_wrn(CFG), train_data=tagged, verbose=False)
+    assert t.normalization == norm.to_dict() and t.normalization_known
+    with pytest.raises(ValueError, match=r"evaluate: the pipeline's batches are normalised with nothing \(raw\)"):
+        t.evaluate(raw)
+    other = {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}
+    with pytest.raises(ValueError, match="train_data: the pipeline's batches are normalised with"):
+        Trainer(build_wrn(CFG), train_data=tagged, normalization=other, verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # known stats: no warning
+        path = t.save(tmp_path / "c.h5")
+    # restoring with a pipeline of other stats is refused; without a pipeline the stored ones are taken
+    with pytest.raises(CheckpointError, match="was trained on batches normalised with"):
+        Trainer.restore(path, make_dataset(x, y, batch_size=4, volume_depth=None, normalization=other,
+                                           training=True), verbose=False)
+    assert Trainer.restore(path, verbose=False).normalization == norm.to_dict()
+
+
+def test_saving_without_known_stats_warns(tmp_path):
+    import warnings
+
+    from wrn3d_tl.export import export_saved_model
+
+    x, y = _volumes()
+    tf.random.set_seed(0)
+    t = Trainer(build_wrn(CFG), train_data=(x, y), batch_size=4, verbose=False)  # plain arrays: stats unknown
+    with pytest.warns(UserWarning, match="this checkpoint holds no normalisation stats"):
+        t.save(tmp_path / "c.h5")
+    with pytest.warns(UserWarning, match="this SavedModel holds no normalisation stats"):
+        export_saved_model(t, str(tmp_path / "sm"))
+    raw = Trainer(build_wrn(CFG), verbose=False)
+    from wrn3d_tl.data import make_dataset
+
+    raw.train_data = make_dataset(x, y, batch_size=4, volume_depth=None, training=True)  # tagged raw: known to be raw
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        raw.save(tmp_path / "raw.h5")
+
+
+def test_resume_checks_the_pipeline_stats_and_switching_to_fp16_starts_at_the_initial_scale(tmp_path):
+    from wrn3d_tl.data import compute_normalization, make_dataset
+    from wrn3d_tl.experiment import ResumeError, find_resume_point, resume
+    from wrn3d_tl.optim import LossScale
+
+    x, y = _volumes()
+    norm = compute_normalization(x)
+    data = make_dataset(x, y, batch_size=4, volume_depth=None, normalization=norm, training=True, repeat=True)
+    tf.random.set_seed(0)
+    t = Trainer(build_wrn(CFG), train_data=data, verbose=False)
+    t.train_step()
+    t.save(tmp_path / "last.h5")
+    point = find_resume_point(tmp_path / "last.h5")
+    assert point[0] == str(tmp_path / "last.h5") and point[1]["step"] == 1
+    other = make_dataset(x * 2, y, batch_size=4, volume_depth=None, normalization=compute_normalization(x * 2),
+                         training=True)
+    with pytest.raises(ResumeError, match="the training data's normalisation"):
+        resume(point, CFG, other, verbose=False)
+    with pytest.warns(UserWarning, match="fp16"):
+        r = resume(point, CFG, data, settings={"mixed_precision": "fp16"}, verbose=False)
+    assert r.mixed_precision == "fp16" and r.loss_scale.scale.numpy() == LossScale.INITIAL and r.step == 1
+
+
+def test_resume_keeps_the_stored_plan_and_auto_batch(cifar_script, tmp_path, capsys):
+    common = ["--dataset", "synthetic", "--synthetic-train", "64", "--synthetic-test", "16", "--depth", "10",
+              "--width", "1", "--volume-depth", "2", "--eval-samples", "16", "--schedule", "step",
+              "--checkpoint", str(tmp_path / "last.h5")]
+    cifar_script.main([*common, "--batch-size", "8", "--iters", "3"])
+    capsys.readouterr()
+    # no --iters: the stored plan (3 steps), so nothing is left to train; auto: the stored batch
+    cifar_script.main([*common, "--batch-size", "auto", "--resume"])
+    out = capsys.readouterr().out
+    assert "--batch-size auto: 8 (the resumed run's)" in out
+    assert "nothing to train: the checkpoint is at step 3, the run plans 3" in out and "iter " not in out
+
+
+def test_cifar_script_data_and_option_errors_are_one_line(cifar_script, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    line = _one_line_exit(capsys, lambda: cifar_script.main(["--data-dir", str(tmp_path / "empty")]))
+    assert ": error: " in line and "cifar" in line.lower() and str(tmp_path / "empty") in line
+    line = _one_line_exit(capsys, lambda: cifar_script.main(["--dataset", "synthetic", "--synthetic-train", "16",
+                                                             "--dropout", "0.3", "--recompute"]))
+    assert "--recompute needs --dropout 0" in line

@@ -227,6 +227,12 @@ class CheckpointManager:
         self.keep = keep
         self.report = report or (lambda line: print(line, file=sys.stderr, flush=True))
 
+    @classmethod
+    def beside(cls, path, **kwargs):
+        """The manager of the folder holding ``path`` (a run's ``--checkpoint`` file): its
+        periodic checkpoints are written next to it."""
+        return cls(os.path.dirname(os.path.abspath(os.fspath(path))), **kwargs)
+
     def path_for(self, step):
         """The file name of the periodic checkpoint at ``step``."""
         return os.path.join(self.directory, f"ckpt-{int(step):08d}.h5")

@@ -11,7 +11,7 @@ import os
 import sys
 
 __all__ = ["Parser", "positive_int", "non_negative_int", "positive_float", "non_negative_float", "existing_file",
-           "fail", "quiet_tensorflow", "add_training_flags", "check_training_flags"]
+           "fail", "die", "quiet_tensorflow", "add_training_flags", "check_training_flags"]
 
 
 class Parser(argparse.ArgumentParser):
@@ -101,6 +101,10 @@ def check_training_flags(parser, args):
         parser.error("--resume needs --checkpoint")
     if args.checkpoint_every and not args.checkpoint:
         parser.error("--checkpoint-every needs --checkpoint (its folder holds the periodic checkpoints)")
+    if args.checkpoint and os.path.isdir(args.checkpoint):
+        parser.error(f"--checkpoint {args.checkpoint}: is a folder; give the checkpoint file's name (e.g. run/last.h5)")
+    if args.logdir and os.path.exists(args.logdir) and not os.path.isdir(args.logdir):
+        parser.error(f"--logdir {args.logdir}: is a file; give a folder for the logs")
     flags = {"depth": ("depth", args.depth), "width": ("widen_factor", args.width),
              "dropout": ("dropout", args.dropout)}
     try:
@@ -111,6 +115,14 @@ def check_training_flags(parser, args):
             if str(e).startswith(prefix):
                 parser.error(f"--{flag} {value}: {str(e)[len(prefix):]}")
         raise
+
+
+def die(message, prog=None):
+    """End a command-line program with ONE line ``prog: error: message`` on stderr and
+    exit status 2 (``prog`` defaults to the script's name)."""
+    prog = prog or os.path.basename(sys.argv[0])
+    print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def fail(prog, flag, value, message):

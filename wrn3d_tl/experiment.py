@@ -19,7 +19,7 @@ import dataclasses
 import os
 
 __all__ = ["DEFAULTS", "Experiment", "ResumeError", "build_experiment", "make_trainer", "load_data",
-           "auto_batch_size", "resume"]
+           "auto_batch_size", "find_resume_point", "resume", "plan_steps", "precision"]
 
 # The options of make_trainer and of the main job's command line (flag names with "-").
 DEFAULTS = dict(dataset="cifar10", data_dir=None, download=False, depth=16, width=4, dims=3, volume_depth=8,
@@ -88,12 +88,36 @@ def auto_batch_size(config, *, mixed_precision=None, recompute=False, replicas=1
 # already taken: the learning rates, the batches), and the flags that set them.
 RESUME_FIXED = {"lr": "--lr", "schedule": "--schedule", "warmup_steps": "--warmup-steps",
                 "weight_decay": "--weight-decay", "batch_size": "--batch-size", "seed": "--seed"}
+# WRNConfig fields -> the flag that sets each (input_shape comes from the data).
+CONFIG_FLAGS = {"depth": "--depth", "widen_factor": "--width", "dropout": "--dropout", "group_strides": "--keep-depth",
+                "num_classes": "the data's classes", "input_shape": "the data's volume shape"}
 
 
-def resume(checkpoint, config, train_data, *, settings=None, strategy=None, recompute=False, **overrides):
-    """Restore the newest verified checkpoint among ``checkpoint`` and the periodic
-    ``ckpt-XXXXXXXX.h5`` files beside it; returns ``(trainer, path)``, or ``(None, None)``
-    when there is none (damaged files are reported and skipped).
+def plan_steps(n_train, batch_size, *, iters=None, epochs=None, default=None):
+    """How many iterations a run plans: ``iters``; else ``epochs`` over ``n_train`` samples
+    (at least one step per epoch); else ``default`` (None: one epoch)."""
+    if iters is not None:
+        return int(iters)
+    per_epoch = max(1, n_train // batch_size)
+    if epochs is not None:
+        return max(1, int(epochs * per_epoch))
+    return per_epoch if default is None else int(default)
+
+
+def find_resume_point(checkpoint):
+    """``(path, contents)`` of the newest verified checkpoint among ``checkpoint`` and the
+    periodic ``ckpt-XXXXXXXX.h5`` files beside it (damaged ones reported and skipped), or
+    ``(None, None)``. ``contents``: ``checkpoint_contents`` (config, trainer, step,
+    normalization)."""
+    from wrn3d_tl.checkpoint import CheckpointManager, checkpoint_contents
+
+    path = CheckpointManager.beside(checkpoint).newest_verified(also=[checkpoint])
+    return (path, checkpoint_contents(path)) if path else (None, None)
+
+
+def resume(point, config, train_data, *, settings=None, strategy=None, recompute=False, **overrides):
+    """Restore the trainer of ``point`` (from ``find_resume_point``) after checking that the
+    run asks for the same thing; returns the trainer.
 
     ``settings``: the trainer settings the command line asks for. What a resumed run does
     with each, so that nothing is ignored silently:
@@ -103,30 +127,31 @@ def resume(checkpoint, config, train_data, *, settings=None, strategy=None, reco
       the stored schedule; more steps extend a constant schedule; more steps on a decaying
       schedule ("step", "cosine") are refused, since the learning rate would stay at the
       schedule's final value (0 for cosine) for every added step;
-    * ``RESUME_FIXED`` settings (lr, schedule, warm-up, weight decay, batch size, seed) and
-      the ``WRNConfig``: must equal the stored ones.
+    * ``RESUME_FIXED`` settings (lr, schedule, warm-up, weight decay, batch size, seed),
+      the ``WRNConfig`` and the normalisation ``train_data`` applies: must equal the
+      stored ones.
 
     Any conflict raises ``ResumeError``: one line naming each flag, its value and the
     stored one. ``train_data`` is skipped by the restored step: the pipelines are
     deterministic for their seed, so the resumed run sees the batches an uninterrupted
     run would.
     """
-    from wrn3d_tl.checkpoint import CheckpointManager, checkpoint_contents
     from wrn3d_tl.config import WRNConfig
+    from wrn3d_tl.data import normalization_of, same_normalization
     from wrn3d_tl.train import Trainer
 
-    manager = CheckpointManager(os.path.dirname(os.path.abspath(checkpoint)))
-    path = manager.newest_verified(also=[checkpoint])
-    if path is None:
-        return None, None
-    contents = checkpoint_contents(path)
+    path, contents = point
     stored, hp = WRNConfig.from_dict(contents["config"]), contents["trainer"]
-    conflicts = [f"{f.name}={getattr(config, f.name)!r} (stored {getattr(stored, f.name)!r})"
+    conflicts = [f"{CONFIG_FLAGS.get(f.name, f.name)}: {f.name}={getattr(config, f.name)!r} "
+                 f"(stored {getattr(stored, f.name)!r})"
                  for f in dataclasses.fields(WRNConfig) if getattr(stored, f.name) != getattr(config, f.name)]
     settings = dict(settings or {})
     for key, flag in RESUME_FIXED.items():
         if key in settings and key in hp and settings[key] != hp[key]:
             conflicts.append(f"{flag} {settings[key]} (stored {hp[key]!r})")
+    known, stats = normalization_of(train_data)
+    if known and not same_normalization(stats, contents["normalization"]):
+        conflicts.append(f"the training data's normalisation {stats} (stored {contents['normalization']})")
     steps = settings.get("total_steps")
     if steps is not None and hp.get("total_steps") is not None and steps > hp["total_steps"]:
         if hp.get("schedule", "constant") != "constant":
@@ -142,7 +167,7 @@ def resume(checkpoint, config, train_data, *, settings=None, strategy=None, reco
         overrides["mixed_precision"] = settings["mixed_precision"]
     trainer = Trainer.restore(path, train_data, strategy=strategy, recompute=recompute, **overrides)
     trainer.train_data = train_data.skip(trainer.step)
-    return trainer, path
+    return trainer
 
 
 def build_experiment(**options):
@@ -151,7 +176,9 @@ def build_experiment(**options):
     Keyword arguments are the main job's flags with underscores (see ``DEFAULTS``);
     unknown ones raise TypeError. Returns an ``Experiment``. With ``resume=True`` and a
     ``checkpoint``, the trainer continues from the newest verified checkpoint (see
-    ``resume``); a checkpoint of another config raises ``ResumeError``.
+    ``resume``; a resumed run with ``batch_size="auto"`` keeps the stored batch size, and
+    without ``iters``/``epochs`` the stored plan). Missing data raises FileNotFoundError,
+    a bad option or a conflicting checkpoint ValueError (``ResumeError``).
     """
     unknown = set(options) - set(DEFAULTS)
     if unknown:
@@ -164,11 +191,14 @@ def build_experiment(**options):
 
     import tensorflow as tf
 
+    from wrn3d_tl.checkpoint import CheckpointManager
     from wrn3d_tl.data import compute_normalization, make_dataset
     from wrn3d_tl.model import WRNConfig, build_wrn
     from wrn3d_tl.train import Trainer
 
     tf.random.set_seed(o["seed"])
+    point = find_resume_point(o["checkpoint"]) if o["resume"] and o["checkpoint"] else (None, None)
+    stored = point[1]["trainer"] if point[0] else {}
     (xtr, ytr), (xte, yte), num_classes, source = load_data(o)
     if o["eval_samples"]:
         xte, yte = xte[:o["eval_samples"]], yte[:o["eval_samples"]]
@@ -176,36 +206,41 @@ def build_experiment(**options):
     shape = ((depth,) if depth else ()) + tuple(xtr.shape[1:])
     config = WRNConfig(depth=o["depth"], widen_factor=o["width"], num_classes=num_classes, input_shape=shape,
                        dropout=o["dropout"])
-    mp = None if o["mixed_precision"] in (None, "none") else o["mixed_precision"]
+    if o["recompute"] and o["dropout"] > 0:
+        raise ValueError("--recompute needs --dropout 0 (a recomputed dropout mask would differ from the forward one)")
+    mp = precision(o["mixed_precision"])
     batch_size = o["batch_size"]
     if batch_size == "auto":
-        batch_size = auto_batch_size(config, mixed_precision=mp, recompute=o["recompute"],
-                                     replicas=strategy.num_replicas_in_sync if strategy else 1,
-                                     memory_budget=o["memory_budget"])
-        print(f"--batch-size auto: {batch_size}", flush=True)
-    if o["epochs"] is not None:
-        steps = max(1, int(o["epochs"] * max(1, len(xtr) // batch_size)))
-    else:
-        steps = o["iters"] if o["iters"] is not None else DEFAULT_ITERS
+        batch_size = stored.get("batch_size") or auto_batch_size(
+            config, mixed_precision=mp, recompute=o["recompute"],
+            replicas=strategy.num_replicas_in_sync if strategy else 1, memory_budget=o["memory_budget"])
+        print(f"--batch-size auto: {batch_size}" + (" (the resumed run's)" if stored else ""), flush=True)
+    steps = plan_steps(len(xtr), batch_size, iters=o["iters"], epochs=o["epochs"],
+                       default=stored.get("total_steps") or DEFAULT_ITERS)
     norm = compute_normalization(xtr)
     common = dict(volume_depth=depth, tile_mode=o["tile_mode"], normalization=norm, seed=o["seed"])
     train_ds = make_dataset(xtr, ytr, batch_size=batch_size, training=True, drop_remainder=True,
                             repeat=True, **common)
     test_ds = make_dataset(xte, yte, batch_size=100, training=False, **common)
-    ckpt_dir = os.path.dirname(os.path.abspath(o["checkpoint"])) if o["checkpoint"] and o["checkpoint_every"] else None
+    ckpt_dir = CheckpointManager.beside(o["checkpoint"]).directory if o["checkpoint_every"] else None
     run = dict(logdir=o["logdir"], checkpoint_dir=ckpt_dir, checkpoint_every=o["checkpoint_every"] or None,
                eval_data=test_ds)
-    trainer = resumed_from = None
     settings = dict(lr=o["lr"], schedule=o["schedule"], total_steps=steps, warmup_steps=o["warmup_steps"],
                     weight_decay=o["weight_decay"], mixed_precision=mp, seed=o["seed"], batch_size=batch_size)
-    if o["resume"] and o["checkpoint"]:
-        trainer, resumed_from = resume(o["checkpoint"], config, train_ds, settings=settings, strategy=strategy,
-                                       recompute=o["recompute"], **run)
-    if trainer is None:
+    if point[0]:
+        trainer = resume(point, config, train_ds, settings=settings, strategy=strategy, recompute=o["recompute"],
+                         **run)
+    else:
         with strategy.scope() if strategy else contextlib.nullcontext():
             model = build_wrn(config, recompute=o["recompute"])
         trainer = Trainer(model, train_ds, strategy=strategy, normalization=norm, **settings, **run)
-    return Experiment(trainer=trainer, steps=steps, data_source=source, resumed_from=resumed_from)
+    return Experiment(trainer=trainer, steps=steps, data_source=source, resumed_from=point[0])
+
+
+def precision(flag):
+    """The ``--mixed-precision`` flag's value as ``Trainer(mixed_precision=...)`` takes it
+    ("none" -> None)."""
+    return None if flag in (None, "none") else flag
 
 
 def make_trainer(**options):

@@ -213,7 +213,10 @@ def main(argv=None):
         source = Predictor(args.checkpoint)
     except (OSError, ValueError) as e:
         return fail(p.prog, "--checkpoint", args.checkpoint, e)
-    export_saved_model(source, args.out)
+    try:
+        export_saved_model(source, args.out)
+    except OSError as e:
+        return fail(p.prog, "--out", args.out, e)
     print(f"{p.prog}: SavedModel of {source.config.name} from {args.checkpoint} -> {args.out} "
           f"(normalisation {'built in' if source.normalization else 'none: feed normalised volumes'})",
           file=sys.stderr)

@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from wrn3d_tl.axes import check_batch_shape
 from wrn3d_tl.checkpoint import CheckpointError, CheckpointManager, read_checkpoint, write_checkpoint
-from wrn3d_tl.data import as_normalization, normalization_of
+from wrn3d_tl.data import as_normalization, normalization_of, same_normalization
 from wrn3d_tl.layers import variable_name
 from wrn3d_tl.logs import MetricsLogger, plot_metrics
 from wrn3d_tl.model import WRNConfig, build_wrn
@@ -218,25 +218,21 @@ class Trainer:
         self._iterator = None
 
     def _adopt_normalization(self, data, what):
-        """Take the stats a tagged pipeline applies (``wrn3d_tl.data.normalization_of``):
-        the normalisation travels from the data to checkpoints, predict and export.
-        A pipeline whose stats differ from the trainer's is an error."""
+        """A tagged pipeline (``wrn3d_tl.data.normalization_of``) says which stats its batches
+        carry. As ``train_data`` they become the trainer's when it holds none, so they travel
+        to checkpoints, predict and export; stats that differ from the trainer's known ones
+        are an error, for training and evaluation data alike."""
         known, stats = normalization_of(data)
         if not known:
             return
-        if stats is not None:
-            if self.normalization is None and what == "train_data":
-                self.normalization = as_normalization(stats, self.config.input_shape[-1], what).to_dict()
-            elif self.normalization is None or not (
-                    np.allclose(stats["mean"], self.normalization["mean"], rtol=1e-6)
-                    and np.allclose(stats["std"], self.normalization["std"], rtol=1e-6)):
-                raise ValueError(f"{what}: the pipeline normalises with mean {stats['mean']}, std {stats['std']}, "
-                                 f"but the trainer holds {self.normalization}; use the same stats for training, "
-                                 "evaluation and inference")
-        elif self.normalization is not None:
-            raise ValueError(f"{what}: the pipeline yields raw (unnormalised) batches, but the trainer normalises with "
-                             f"{self.normalization}; build the pipeline with the same normalization")
-        self.normalization_known = True
+        if what == "train_data" and not self.normalization_known:
+            norm = as_normalization(stats, self.config.input_shape[-1], f"the model's input {self.config.input_shape}")
+            self.normalization = None if norm is None else norm.to_dict()
+            self.normalization_known = True
+        elif self.normalization_known and not same_normalization(stats, self.normalization):
+            raise ValueError(f"{what}: the pipeline's batches are normalised with {stats or 'nothing (raw)'}, but the "
+                             f"trainer's with {self.normalization or 'nothing (raw)'}; use the same stats for "
+                             "training, evaluation and inference")
 
     def _next_batch(self):
         if self._train_data is None:
@@ -491,6 +487,10 @@ class Trainer:
             norm = as_normalization(ck["normalization"], config.input_shape[-1], "its config's input")
         except ValueError as e:
             raise CheckpointError(f"checkpoint {os.fspath(path)!r} holds invalid normalization stats: {e}") from e
+        if self.normalization_known and not same_normalization(norm, self.normalization):
+            raise CheckpointError(f"checkpoint {os.fspath(path)!r} was trained on batches normalised with "
+                                  f"{ck['normalization'] or 'nothing (raw)'}, but this trainer's data uses "
+                                  f"{self.normalization or 'nothing (raw)'}")
         if config != self.config:
             raise CheckpointError(f"checkpoint {os.fspath(path)!r} holds {config}, but this trainer's model is "
                                   f"{self.config}")
@@ -504,11 +504,11 @@ class Trainer:
                                       f"{table[name].shape}, the model expects {tuple(var.shape)}")
         for var, table, name in pairs:
             var.assign(table[name])
-        self.loss_scale.load_state(ck["state"])
+        if ck["trainer"].get("mixed_precision") == self.mixed_precision:
+            self.loss_scale.load_state(ck["state"])  # else a run switching to fp16 starts at the initial scale
         self._step = ck["step"]
         self._lr_override = ck["trainer"].get("lr_override")
-        if norm is not None:
-            self.normalization = norm.to_dict()
+        self.normalization = None if norm is None else norm.to_dict()
         self.normalization_known = True  # the checkpoint's stats (None: trained on raw volumes)
         if self.logger:
             self.logger.truncate(self._step)

@@ -18,7 +18,7 @@ Public API:
 from .cifar import load_cifar, synthetic_cifar
 from .hdf5 import HDF5Info, hdf5_dataset, hdf5_info, write_hdf5_volumes
 from .pipeline import make_dataset, normalization_of
-from .transforms import (TILE_MODES, Normalization, as_normalization, augment_image,
+from .transforms import (TILE_MODES, Normalization, as_normalization, augment_image, same_normalization,
                          augment_volume, compute_normalization, tile_to_volume)
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "Normalization",
     "compute_normalization",
     "as_normalization",
+    "same_normalization",
     "augment_image",
     "augment_volume",
     "make_dataset",

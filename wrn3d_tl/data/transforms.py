@@ -26,6 +26,7 @@ __all__ = [
     "augment_image",
     "augment_volume",
     "as_normalization",
+    "same_normalization",
 ]
 
 TILE_MODES = ("repeat", "shift")
@@ -200,6 +201,17 @@ class Normalization:
         def fmt(values):
             return [round(float(v), 4) for v in values]
         return f"Normalization(mean={fmt(self.mean)}, std={fmt(self.std)})"
+
+
+def same_normalization(a, b) -> bool:
+    """Whether two normalisations (None, a ``Normalization`` or its dict) are the same
+    stats, to float32 round-off; None equals only None."""
+    if a is None or b is None:
+        return a is None and b is None
+    a = a if isinstance(a, Normalization) else Normalization.from_dict(a)
+    b = b if isinstance(b, Normalization) else Normalization.from_dict(b)
+    return (a.channels == b.channels and np.allclose(a.mean, b.mean, rtol=1e-6, atol=0)
+            and np.allclose(a.std, b.std, rtol=1e-6, atol=0))
 
 
 def as_normalization(normalization, channels: int, what: str = "the data"):
