@@ -8,7 +8,7 @@ import numbers
 
 import numpy as np
 
-__all__ = ["is_int", "ensure_tuple_rep", "layout", "LAYOUTS", "check_batch_shape"]
+__all__ = ["is_int", "ensure_tuple_rep", "layout", "LAYOUTS", "check_batch_shape", "same_output_shape"]
 
 LAYOUTS = {2: "NHWC", 3: "NDHWC"}
 
@@ -27,6 +27,11 @@ def ensure_tuple_rep(value, rank, what):
         raise ValueError(f"{what} must be a positive int or {rank} positive ints (one per spatial axis), "
                          f"got {value!r}")
     return tuple(int(v) for v in values)
+
+
+def same_output_shape(spatial, strides):
+    """Spatial shape after a "SAME"-padded convolution: ceil(d / s) per axis (a tuple)."""
+    return tuple(-(-int(d) // int(s)) for d, s in zip(spatial, strides))
 
 
 def layout(rank):

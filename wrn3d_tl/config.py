@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from wrn3d_tl.axes import ensure_tuple_rep, is_int, layout
+from wrn3d_tl.axes import ensure_tuple_rep, is_int, layout, same_output_shape
 
 __all__ = ["WRNConfig", "BlockSpec", "STEM_WIDTH", "GROUP_WIDTHS"]
 
@@ -160,7 +160,7 @@ class WRNConfig:
         for g, (width, group_strides) in enumerate(zip(self.widths, self.group_strides), start=1):
             for i in range(1, self.blocks_per_group + 1):
                 strides = group_strides if i == 1 else (1,) * self.spatial_rank
-                out = tuple(-(-d // s) for d, s in zip(spatial, strides))  # "SAME": ceil(d / s)
+                out = same_output_shape(spatial, strides)
                 projection = channels != width or any(s != 1 for s in strides)
                 plan.append(BlockSpec(f"group{g}/block{i}", g, i, spatial, out, channels, width, strides,
                                       projection))

@@ -80,7 +80,11 @@ def auto_batch_size(config, *, mixed_precision=None, recompute=False, replicas=1
 
     budget = memory_budget * 2 ** 30 if memory_budget else \
         os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2
-    batch = largest_batch(config, budget, mixed_precision=mixed_precision, recompute=recompute, multiple_of=replicas)
+    try:
+        batch = largest_batch(config, budget, mixed_precision=mixed_precision, recompute=recompute,
+                              multiple_of=replicas)
+    except ValueError as e:
+        raise ValueError(f"--batch-size auto with --memory-budget {budget / 2 ** 30:.3g} GiB: {e}") from None
     return min(batch, 4096)
 
 

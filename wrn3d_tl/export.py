@@ -49,9 +49,10 @@ def _resolve(trainer_or_model, normalization):
     from wrn3d_tl.config import WRNConfig
 
     if isinstance(trainer_or_model, (str, os.PathLike)):  # a checkpoint file: weights and normalisation
-        from wrn3d_tl.predict import Predictor
+        from wrn3d_tl.train import load_model
 
-        trainer_or_model = Predictor(trainer_or_model)
+        model, config, stored = load_model(trainer_or_model)
+        return model, config, _norm_arrays(stored if normalization is None else normalization, config)
     model = getattr(trainer_or_model, "model", None)
     if model is not None and isinstance(getattr(trainer_or_model, "config", None), WRNConfig):
         if normalization is None:
@@ -207,19 +208,18 @@ def main(argv=None):
         return fail(p.prog, "--out", args.out, "is a folder holding something other than a SavedModel; "
                     "give a new or empty folder")
     quiet_tensorflow()
-    try:
-        from wrn3d_tl.predict import Predictor
+    from wrn3d_tl.train import load_model
 
-        source = Predictor(args.checkpoint)
+    try:
+        model, config, norm = load_model(args.checkpoint)
     except (OSError, ValueError) as e:
         return fail(p.prog, "--checkpoint", args.checkpoint, e)
     try:
-        export_saved_model(source, args.out)
+        export_saved_model(model, args.out, normalization=norm)
     except OSError as e:
         return fail(p.prog, "--out", args.out, e)
-    print(f"{p.prog}: SavedModel of {source.config.name} from {args.checkpoint} -> {args.out} "
-          f"(normalisation {'built in' if source.normalization else 'none: feed normalised volumes'})",
-          file=sys.stderr)
+    print(f"{p.prog}: SavedModel of {config.name} from {args.checkpoint} -> {args.out} "
+          f"(normalisation {'built in' if norm else 'none: feed normalised volumes'})", file=sys.stderr)
     return 0
 
 

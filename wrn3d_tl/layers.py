@@ -11,7 +11,7 @@ import math
 import tensorflow as tf
 import tensorlayer as tl
 
-from wrn3d_tl.axes import check_batch_shape, ensure_tuple_rep, layout
+from wrn3d_tl.axes import check_batch_shape, ensure_tuple_rep, layout, same_output_shape
 
 __all__ = ["HeNormal", "InputCheck", "BatchNorm", "Conv", "GlobalAvgPool", "WideBasicBlock", "leaf_layers",
            "variable_name"]
@@ -284,7 +284,7 @@ class WideBasicBlock(tl.layers.Layer):
     def build(self, inputs_shape):
         rank = _spatial_rank(inputs_shape, self.name)
         strides = ensure_tuple_rep(self.strides, rank, f"{self.name}: strides")
-        inner = [inputs_shape[0]] + [-(-int(d) // s) for d, s in zip(inputs_shape[1:-1], strides)] + \
+        inner = [inputs_shape[0]] + list(same_output_shape(inputs_shape[1:-1], strides)) + \
             [self.out_channels]
         plan = [(self.bn1, inputs_shape), (self.conv1, inputs_shape), (self.bn2, inner), (self.conv2, inner)]
         if self.shortcut is not None:

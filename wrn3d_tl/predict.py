@@ -58,10 +58,8 @@ class Predictor:
     def __init__(self, checkpoint):
         import tensorflow as tf
 
-        from wrn3d_tl.checkpoint import CheckpointError, read_checkpoint
-        from wrn3d_tl.data import as_normalization
-        from wrn3d_tl.layers import variable_name
-        from wrn3d_tl.model import WRNConfig, build_wrn
+        from wrn3d_tl.config import WRNConfig
+        from wrn3d_tl.train import load_model
 
         if hasattr(checkpoint, "model") and isinstance(getattr(checkpoint, "config", None), WRNConfig):
             self.config, self.model = checkpoint.config, checkpoint.model
@@ -69,25 +67,7 @@ class Predictor:
             self.source = "trainer"
         else:
             path = os.fspath(checkpoint)
-            ck = read_checkpoint(path)  # FileNotFoundError / CheckpointError naming the file
-            try:
-                self.config = WRNConfig.from_dict(ck["config"])
-            except (TypeError, ValueError) as e:
-                raise CheckpointError(f"checkpoint {path!r} holds an invalid config: {_one_line(e)}") from e
-            self.model = build_wrn(self.config)
-            table = ck["weights"]
-            for var in self.model.all_weights:
-                name = variable_name(var)
-                if name not in table or tuple(table[name].shape) != tuple(var.shape):
-                    raise CheckpointError(f"checkpoint {path!r} lacks weight {name!r} of shape {tuple(var.shape)}")
-            for var in self.model.all_weights:
-                var.assign(table[variable_name(var)])
-            try:
-                norm = as_normalization(ck["normalization"], self.config.input_shape[-1], "its config's input")
-            except ValueError as e:
-                raise CheckpointError(f"checkpoint {path!r} holds invalid normalization stats: "
-                                      f"{_one_line(e)}") from e
-            self.normalization = None if norm is None else norm.to_dict()
+            self.model, self.config, self.normalization = load_model(path)  # errors name the file
             self.source = path
         if self.normalization is not None:
             mean = np.asarray(self.normalization["mean"], np.float32)

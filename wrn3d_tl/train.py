@@ -28,7 +28,7 @@ from wrn3d_tl.logs import MetricsLogger, plot_metrics
 from wrn3d_tl.model import WRNConfig, build_wrn
 from wrn3d_tl.optim import FP16_MAX_FLOOR_SKIPS, SCHEDULES, SGD, LossScale, scheduled_lr
 
-__all__ = ["Trainer", "describe_devices"]
+__all__ = ["Trainer", "describe_devices", "load_model"]
 
 PRECISIONS = {None: tf.float32, "bf16": tf.bfloat16, "fp16": tf.float16}
 
@@ -482,11 +482,7 @@ class Trainer:
         step, loss scale, normalisation). Everything is checked before anything is
         assigned: on any error the trainer is unchanged."""
         ck = read_checkpoint(path)
-        config = WRNConfig.from_dict(ck["config"])
-        try:
-            norm = as_normalization(ck["normalization"], config.input_shape[-1], "its config's input")
-        except ValueError as e:
-            raise CheckpointError(f"checkpoint {os.fspath(path)!r} holds invalid normalization stats: {e}") from e
+        config, norm = _stored_config_and_normalization(ck, path)
         if self.normalization_known and not same_normalization(norm, self.normalization):
             raise CheckpointError(f"checkpoint {os.fspath(path)!r} was trained on batches normalised with "
                                   f"{ck['normalization'] or 'nothing (raw)'}, but this trainer's data uses "
@@ -496,14 +492,7 @@ class Trainer:
                                   f"{self.config}")
         pairs = [(v, ck["weights"], variable_name(v)) for v in self.model.all_weights]
         pairs += [(s, ck["optimizer"], variable_name(w)) for w, s in zip(self.optimizer.weights, self.optimizer.slots)]
-        for var, table, name in pairs:
-            if name not in table:
-                raise CheckpointError(f"checkpoint {os.fspath(path)!r} lacks {name!r}")
-            if tuple(table[name].shape) != tuple(var.shape):
-                raise CheckpointError(f"checkpoint {os.fspath(path)!r}: {name!r} has shape "
-                                      f"{table[name].shape}, the model expects {tuple(var.shape)}")
-        for var, table, name in pairs:
-            var.assign(table[name])
+        _assign_checked(pairs, path)
         if ck["trainer"].get("mixed_precision") == self.mixed_precision:
             self.loss_scale.load_state(ck["state"])  # else a run switching to fp16 starts at the initial scale
         self._step = ck["step"]
@@ -541,6 +530,46 @@ class Trainer:
         if self.logger:
             self.logger.close()
             self.logger = None
+
+
+def _stored_config_and_normalization(ck, path):
+    """The ``WRNConfig`` and the validated normalisation (or None) a read checkpoint holds;
+    CheckpointError naming the file when either is malformed."""
+    try:
+        config = WRNConfig.from_dict(ck["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {os.fspath(path)!r} holds an invalid config: {e}") from e
+    try:
+        norm = as_normalization(ck["normalization"], config.input_shape[-1], "its config's input")
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {os.fspath(path)!r} holds invalid normalization stats: {e}") from e
+    return config, norm
+
+
+def _assign_checked(pairs, path):
+    """``(variable, table, name)`` triples: check that every name is in its table with the
+    variable's shape, then assign them all (nothing is assigned when a check fails)."""
+    for var, table, name in pairs:
+        if name not in table:
+            raise CheckpointError(f"checkpoint {os.fspath(path)!r} lacks {name!r}")
+        if tuple(table[name].shape) != tuple(var.shape):
+            raise CheckpointError(f"checkpoint {os.fspath(path)!r}: {name!r} has shape "
+                                  f"{table[name].shape}, the model expects {tuple(var.shape)}")
+    for var, table, name in pairs:
+        var.assign(table[name])
+
+
+def load_model(path):
+    """The network a checkpoint file holds, for inference: ``(model, config,
+    normalization)``, with the weights (BN moving statistics included) loaded and the
+    normalisation (a ``{"mean", "std"}`` dict in raw units, or None) validated. The
+    optimizer state is not read. Raises FileNotFoundError or CheckpointError naming the file.
+    """
+    ck = read_checkpoint(path)
+    config, norm = _stored_config_and_normalization(ck, path)
+    model = build_wrn(config)
+    _assign_checked([(v, ck["weights"], variable_name(v)) for v in model.all_weights], path)
+    return model, config, None if norm is None else norm.to_dict()
 
 
 def _check(value, name, rule, ok):
