@@ -26,7 +26,10 @@ setup(
     extras_require={
         "gpu": [TF.replace("tensorflow", "tensorflow[and-cuda]")],
         "test": ["pytest>=7", "psutil>=5.9", "hypothesis>=6.80"],
+        # only wrn3d_tl.convert reads .pt files with it; nothing else imports torch
+        "torch": ["torch>=2.1"],
     },
     entry_points={"console_scripts": ["wrn3d-predict = wrn3d_tl.predict:main",
-                                      "wrn3d-export = wrn3d_tl.export:main"]},
+                                      "wrn3d-export = wrn3d_tl.export:main",
+                                      "wrn3d-convert = wrn3d_tl.convert:main"]},
 )

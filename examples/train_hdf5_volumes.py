@@ -60,21 +60,29 @@ def build(args):
     """Data, config and trainer from the flags: ``(trainer, steps, val)``. Raises ValueError
     (``ResumeError`` among them) naming what does not fit."""
     import h5py
+    import tensorflow as tf
 
     from wrn3d_tl.checkpoint import CheckpointManager
     from wrn3d_tl.data import compute_normalization, hdf5_dataset, hdf5_info
-    from wrn3d_tl.experiment import find_resume_point, plan_steps, precision, resume
+    from wrn3d_tl.experiment import find_resume_point, initial_model, plan_steps, precision, resume, trainable_of
     from wrn3d_tl.model import WRNConfig, build_wrn
     from wrn3d_tl.train import Trainer
 
     info = hdf5_info(args.train, args.x_key, args.y_key)
     num_classes = args.num_classes or info.num_classes
-    norm = info.normalization
+    norm, source = info.normalization, "from the file"
     if norm is None and args.normalize:
         with h5py.File(args.train, "r") as f:
-            norm = compute_normalization(f[args.x_key])
+            norm, source = compute_normalization(f[args.x_key]), "computed"
+    point = find_resume_point(args.checkpoint) if args.resume else (None, None)
+    init = None
+    if args.init_from and not point[0]:
+        tf.random.set_seed(args.seed)  # a fresh head's initial weights
+        init, init_norm = initial_model(args.init_from, input_shape=info.volume_shape, num_classes=num_classes)
+        if norm is None and init_norm is not None:  # the units the pretrained network expects
+            norm, source = init_norm, "from --init-from"
     print(f"{args.train}: {info.n} volumes of {info.volume_shape} {info.dtype}, {num_classes} classes, "
-          f"normalisation {'from the file' if info.normalization else 'computed' if norm else 'none'}", flush=True)
+          f"normalisation {source if norm is not None else 'none'}", flush=True)
     val_shape = hdf5_info(args.val, args.x_key, args.y_key).volume_shape if args.val else info.volume_shape
     if val_shape != info.volume_shape:
         raise ValueError(f"--val {args.val}: its volumes have shape {val_shape}, the training volumes "
@@ -86,7 +94,6 @@ def build(args):
     strides = (1, (1, 2, 2), (1, 2, 2)) if args.keep_depth else (1, 2, 2)
     config = WRNConfig(depth=args.depth, widen_factor=args.width, num_classes=num_classes,
                        input_shape=tuple(info.volume_shape), dropout=args.dropout, group_strides=strides)
-    point = find_resume_point(args.checkpoint) if args.resume else (None, None)
     stored_steps = point[1]["trainer"].get("total_steps") if point[0] else None
     steps = plan_steps(info.n, args.batch_size, iters=args.iters, epochs=args.epochs, default=stored_steps)
     run = dict(logdir=args.logdir, eval_data=val, checkpoint_every=args.checkpoint_every or None,
@@ -94,15 +101,19 @@ def build(args):
     settings = dict(lr=args.lr, schedule=args.schedule, total_steps=steps, seed=args.seed, batch_size=args.batch_size,
                     mixed_precision=precision(args.mixed_precision))
     if point[0]:
-        trainer = resume(point, config, train, settings=settings, **run)
+        trainer = resume(point, config, train, settings={**settings, "freeze": args.freeze}, **run)
         print(f"resumed from {point[0]} at step {trainer.step}", flush=True)
         if trainer.step >= steps:
             print(f"nothing to train: the checkpoint is at step {trainer.step}, the run plans {steps}", flush=True)
     else:
-        import tensorflow as tf
-
-        tf.random.set_seed(args.seed)  # the initial weights
-        trainer = Trainer(build_wrn(config), train, normalization=norm, **settings, **run)
+        if init is not None:
+            model = init
+            print(f"--init-from {args.init_from}: {model.wrn_config.name}, padding {model.wrn_config.padding}",
+                  flush=True)
+        else:
+            tf.random.set_seed(args.seed)  # the initial weights
+            model = build_wrn(config)
+        trainer = Trainer(model, train, normalization=norm, trainable=trainable_of(args.freeze), **settings, **run)
     return trainer, steps, val
 
 

@@ -188,6 +188,14 @@ def prepare(needs, store, workdir, monkeypatch):
             shutil.copyfile(store["ckpt"], workdir / "c.h5")
             shutil.copyfile(store["volumes.h5"], workdir / "data.h5")
             shutil.copyfile(store["volumes.npy"], workdir / "data.npy")
+        elif need == "pretrained":  # Standard.npz (a PyTorch WRN-10-1 state dict) and 2x32x32x3 5-class volumes
+            from wrn3d_tl.data import write_hdf5_volumes
+
+            shutil.copyfile(ROOT / "tests" / "fixtures" / "wrn10-1-robustbench.npz", workdir / "Standard.npz")
+            rng = np.random.default_rng(5)
+            for name in ("my_volumes.h5", "my_val.h5"):
+                write_hdf5_volumes(workdir / name, rng.uniform(0, 255, (8, 2, 32, 32, 3)).astype(np.float32),
+                                   np.arange(8) % 5, num_classes=5)
         elif need == "volumes":  # in-memory raw volumes under the names the blocks use
             vols = _raw_volumes(6, 7)
             names.update(volumes=vols, labels=_labels(6, 7), raw_volumes=vols, raw=vols, x=vols)
@@ -251,6 +259,21 @@ def _check_datasets(ns, workdir, store):
 
 
 # Keyed by (file, first line of the block).
+def _check_pretrained_python(ns, workdir, store):
+    assert ns["model_3d"].wrn_config.input_shape == (8, 32, 32, 3) and ns["model_3d"].wrn_config.num_classes == 5
+    assert ns["trainer"].trainable and all(n.startswith(("group3/", "head/")) for n in ns["trainer"].trainable)
+
+
+def _check_pretrained_cli(workdir):
+    from wrn3d_tl.checkpoint import read_checkpoint
+
+    init, tuned = read_checkpoint(workdir / "runs" / "wrn28-10-3d.h5"), read_checkpoint(workdir / "runs" / "fine-tuned.h5")
+    assert init["config"]["input_shape"] == [2, 32, 32, 3] and init["config"]["num_classes"] == 5
+    assert tuned["config"] == init["config"] and tuned["normalization"] == {"mean": [0.0] * 3, "std": [255.0] * 3}
+    for name in ("stem/conv/kernel", "group1/block1/conv1/kernel"):
+        assert np.array_equal(init["weights"][name], tuned["weights"][name]), name
+
+
 PYTHON_BLOCKS = {
     ("README.md", "import numpy as np"): Py(),
     ("README.md", "from wrn3d_tl.experiment import make_trainer"): Py(
@@ -273,6 +296,9 @@ PYTHON_BLOCKS = {
         needs=("periodic",), check=_check_manager),
     ("docs/using-a-trained-model.md", "from wrn3d_tl.train import Trainer"): Py(
         needs=("checkpoints",), check=_check_export),
+    ("docs/pretrained.md", "from wrn3d_tl.convert import from_torch, inflate"): Py(
+        needs=("pretrained",), subs=(('from_torch("Standard.pt")', 'from_torch("Standard.npz")'),),
+        check=_check_pretrained_python),
     ("docs/using-a-trained-model.md", "import json"): Py(
         needs=("exported", "volumes"), check=_check_served),
     ("docs/using-a-trained-model.md", "from wrn3d_tl.predict import predict, Predictor"): Py(
@@ -345,6 +371,14 @@ BASH_RUN = {
               ("python -m wrn3d_tl.predict ...", "python -m wrn3d_tl.predict --checkpoint c.h5 --npy data.npy "
                                                  "--out preds_module.csv")),
         check=_check_predict_csv),
+    "wrn3d-convert --torch Standard.pt --out runs/wrn28-10-3d.h5 --volume-depth 8 --num-classes 5 --mean 0,0,0 --std 255,255,255": Bash(
+        needs=("pretrained",), subs=(("Standard.pt", "Standard.npz"), ("--volume-depth 8", "--volume-depth 2"))),
+    "python examples/train_hdf5_volumes.py --train my_volumes.h5 --val my_val.h5 --init-from runs/wrn28-10-3d.h5 \\": Bash(
+        needs=("pretrained",),
+        subs=(("python examples/train_hdf5_volumes.py", "wrn3d-convert --torch Standard.npz --out runs/wrn28-10-3d.h5 "
+               "--volume-depth 2 --num-classes 5 --mean 0,0,0 --std 255,255,255\npython examples/train_hdf5_volumes.py"),
+              ("--batch-size 8 --epochs 10", "--batch-size 4 --iters 2")),
+        check=_check_pretrained_cli),
     "wrn3d-export --checkpoint runs/last.h5 --out exported/wrn-cli": Bash(
         needs=("checkpoints",), check=_check_export_cli),
 }
@@ -387,6 +421,10 @@ def _run_in_process(argv, load_example):
         from wrn3d_tl import export
 
         main, args = export.main, argv[1:]
+    elif argv[0] == "wrn3d-convert":
+        from wrn3d_tl import convert
+
+        main, args = convert.main, argv[1:]
     else:
         raise AssertionError(f"tests/test_docs.py does not know how to run {argv!r}")
     try:

@@ -89,6 +89,10 @@ def add_training_flags(parser, *, iters_help):
     a("--logdir", help="metrics.csv and TensorBoard scalars go here")
     a("--mixed-precision", choices=["none", "bf16", "fp16"], help="bf16: CPUs with AVX512_BF16/AMX; fp16: GPUs")
     a("--seed", type=int, help="data order, augmentation and initial weights")
+    a("--init-from", type=existing_file, help="start from this wrn3d_tl checkpoint's network and weights (e.g. "
+      "from wrn3d-convert); its depth, width, padding and strides replace --depth/--width")
+    a("--freeze", nargs="+", metavar="PREFIX", help="train everything but the weights under these name prefixes "
+      "(e.g. --freeze stem group1 group2)")
 
 
 def check_training_flags(parser, args):
@@ -99,6 +103,10 @@ def check_training_flags(parser, args):
 
     if args.resume and not args.checkpoint:
         parser.error("--resume needs --checkpoint")
+    bad = [p for p in args.freeze or [] if p.split("/")[0] not in ("stem", "group1", "group2", "group3", "head")]
+    if bad:
+        parser.error(f"--freeze {' '.join(args.freeze)}: {bad[0]!r} is not a layer prefix (stem, group1..3, head, "
+                     "or below them, e.g. group2/block1)")
     if args.checkpoint_every and not args.checkpoint:
         parser.error("--checkpoint-every needs --checkpoint (its folder holds the periodic checkpoints)")
     if args.checkpoint and os.path.isdir(args.checkpoint):

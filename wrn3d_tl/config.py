@@ -13,8 +13,9 @@ from typing import NamedTuple
 
 from wrn3d_tl.axes import ensure_tuple_rep, is_int, layout, same_output_shape
 
-__all__ = ["WRNConfig", "BlockSpec", "STEM_WIDTH", "GROUP_WIDTHS"]
+__all__ = ["WRNConfig", "BlockSpec", "STEM_WIDTH", "GROUP_WIDTHS", "PADDINGS"]
 
+PADDINGS = ("same", "symmetric")
 STEM_WIDTH = 16
 GROUP_WIDTHS = (16, 32, 64)  # times the widening factor k
 
@@ -57,6 +58,11 @@ class WRNConfig:
             Normalised to a tuple of per-axis tuples.
         bn_decay, bn_epsilon: batch-norm moving-average decay in [0, 1) and epsilon > 0.
         sync_bn: all-reduce batch statistics over the replicas of a tf.distribute strategy.
+        padding: "same" (TensorFlow's: a 3-wide stride-2 convolution pads 0 before and 1
+            after) or "symmetric" (Torch's and the paper's code: 1 on each side). Shapes,
+            parameters and FLOPs are the same; the outputs differ at stride 2. Weights
+            imported from PyTorch (``wrn3d_tl.convert``) need "symmetric". Checkpoints
+            written before this field existed load as "same", which they were.
     """
 
     depth: int
@@ -68,6 +74,7 @@ class WRNConfig:
     bn_decay: float = 0.9
     bn_epsilon: float = 1e-5
     sync_bn: bool = False
+    padding: str = "same"
 
     def __post_init__(self):
         def bad(name, rule):
@@ -98,6 +105,8 @@ class WRNConfig:
             bad("bn_epsilon", "a float > 0")
         if not isinstance(self.sync_bn, bool):
             bad("sync_bn", "a bool")
+        if self.padding not in PADDINGS:
+            bad("padding", f"one of {PADDINGS}")
 
     def _normalise_strides(self):
         strides, rank = self.group_strides, self.spatial_rank

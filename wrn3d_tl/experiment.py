@@ -19,7 +19,8 @@ import dataclasses
 import os
 
 __all__ = ["DEFAULTS", "Experiment", "ResumeError", "build_experiment", "make_trainer", "load_data",
-           "auto_batch_size", "find_resume_point", "resume", "plan_steps", "precision"]
+           "auto_batch_size", "find_resume_point", "resume", "plan_steps", "precision", "initial_model",
+           "trainable_of"]
 
 # The options of make_trainer and of the main job's command line (flag names with "-").
 DEFAULTS = dict(dataset="cifar10", data_dir=None, download=False, depth=16, width=4, dims=3, volume_depth=8,
@@ -27,7 +28,8 @@ DEFAULTS = dict(dataset="cifar10", data_dir=None, download=False, depth=16, widt
                 warmup_steps=0, weight_decay=5e-4, dropout=0.0, mixed_precision="none", seed=0,
                 eval_every=0, eval_samples=500, checkpoint=None, checkpoint_every=0, resume=False,
                 logdir=None, plot=None, synthetic_train=10000, synthetic_test=2000, distribute="none",
-                cpu_replicas=None, collective_timeout=None, recompute=False, memory_budget=None)
+                cpu_replicas=None, collective_timeout=None, recompute=False, memory_budget=None, init_from=None,
+                freeze=None)
 DEFAULT_ITERS = 10  # when neither iters nor epochs is given
 
 
@@ -97,6 +99,27 @@ CONFIG_FLAGS = {"depth": "--depth", "widen_factor": "--width", "dropout": "--dro
                 "num_classes": "the data's classes", "input_shape": "the data's volume shape"}
 
 
+def initial_model(path, *, input_shape, num_classes, strategy=None, recompute=False):
+    """``(model, stored normalisation)`` of a checkpoint to fine-tune from (``--init-from``):
+    its network (depth, width, padding, strides come from the file) with its weights.
+    ValueError when its input shape or classes are not the data's."""
+    from wrn3d_tl.train import load_model
+
+    model, config, norm = load_model(path, strategy=strategy, recompute=recompute)
+    if config.input_shape != tuple(input_shape) or config.num_classes != num_classes:
+        raise ValueError(f"--init-from {path}: holds {config.name} on input {config.input_shape} with "
+                         f"{config.num_classes} classes, but the data has {tuple(input_shape)} and {num_classes} "
+                         "classes (wrn3d-convert --volume-depth/--in-channels/--num-classes makes a matching one)")
+    return model, norm
+
+
+def trainable_of(freeze):
+    """``Trainer(trainable=...)`` for a ``--freeze`` list: every weight not under it."""
+    from wrn3d_tl.train import under
+
+    return (lambda name: not under(name, freeze)) if freeze else None
+
+
 def plan_steps(n_train, batch_size, *, iters=None, epochs=None, default=None):
     """How many iterations a run plans: ``iters``; else ``epochs`` over ``n_train`` samples
     (at least one step per epoch); else ``default`` (None: one epoch)."""
@@ -156,6 +179,9 @@ def resume(point, config, train_data, *, settings=None, strategy=None, recompute
     known, stats = normalization_of(train_data)
     if known and not same_normalization(stats, contents["normalization"]):
         conflicts.append(f"the training data's normalisation {stats} (stored {contents['normalization']})")
+    if "freeze" in settings and bool(settings["freeze"]) != (hp.get("trainable") is not None):
+        conflicts.append(f"--freeze {' '.join(settings['freeze'] or []) or '(none)'} (stored: "
+                         + ("a frozen part" if hp.get("trainable") else "everything trained") + ")")
     steps = settings.get("total_steps")
     if steps is not None and hp.get("total_steps") is not None and steps > hp["total_steps"]:
         if hp.get("schedule", "constant") != "constant":
@@ -169,6 +195,7 @@ def resume(point, config, train_data, *, settings=None, strategy=None, recompute
                           + "; ".join(conflicts) + ". Resume with the stored values or start a new run")
     if "mixed_precision" in settings:
         overrides["mixed_precision"] = settings["mixed_precision"]
+    settings.pop("freeze", None)
     trainer = Trainer.restore(path, train_data, strategy=strategy, recompute=recompute, **overrides)
     trainer.train_data = train_data.skip(trainer.step)
     return trainer
@@ -232,12 +259,19 @@ def build_experiment(**options):
     settings = dict(lr=o["lr"], schedule=o["schedule"], total_steps=steps, warmup_steps=o["warmup_steps"],
                     weight_decay=o["weight_decay"], mixed_precision=mp, seed=o["seed"], batch_size=batch_size)
     if point[0]:
-        trainer = resume(point, config, train_ds, settings=settings, strategy=strategy, recompute=o["recompute"],
-                         **run)
+        trainer = resume(point, config, train_ds, settings={**settings, "freeze": o["freeze"]}, strategy=strategy,
+                         recompute=o["recompute"], **run)
     else:
-        with strategy.scope() if strategy else contextlib.nullcontext():
-            model = build_wrn(config, recompute=o["recompute"])
-        trainer = Trainer(model, train_ds, strategy=strategy, normalization=norm, **settings, **run)
+        if o["init_from"]:
+            model, _ = initial_model(o["init_from"], input_shape=shape, num_classes=num_classes, strategy=strategy,
+                                     recompute=o["recompute"])
+            print(f"--init-from {o['init_from']}: {model.wrn_config.name}, padding {model.wrn_config.padding}; "
+                  "inputs normalised with this data's stats", flush=True)
+        else:
+            with strategy.scope() if strategy else contextlib.nullcontext():
+                model = build_wrn(config, recompute=o["recompute"])
+        trainer = Trainer(model, train_ds, strategy=strategy, normalization=norm, trainable=trainable_of(o["freeze"]),
+                          **settings, **run)
     return Experiment(trainer=trainer, steps=steps, data_source=source, resumed_from=point[0])
 
 

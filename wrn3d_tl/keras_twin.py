@@ -64,7 +64,8 @@ def build_keras_wrn(config, name=None):
     width, channels) for a 3D config or NHWC for a 2D one. Output: float32 logits
     (N, config.num_classes). Call ``model(x, training=True|False)``.
 
-    Same architecture as ``build_wrn``: bias-free "same"-padded He-normal convolutions,
+    Same architecture as ``build_wrn``: bias-free He-normal convolutions, "same"-padded or,
+    with ``config.padding="symmetric"``, a ``ZeroPadding`` layer (``<conv>_pad``) and "valid",
     pre-activation wide basic blocks with ``config.group_strides`` (per group, per axis),
     dropout between the two convolutions when ``config.dropout > 0``, a 1-per-axis
     projection shortcut from the block's first BN-ReLU output when the shape changes,
@@ -80,8 +81,14 @@ def build_keras_wrn(config, name=None):
     conv_cls = L.Conv2D if rank == 2 else L.Conv3D
     pool_cls = L.GlobalAveragePooling2D if rank == 2 else L.GlobalAveragePooling3D
 
+    pad_cls = L.ZeroPadding2D if rank == 2 else L.ZeroPadding3D
+
     def conv(x, filters, kernel_size, strides, tl_name):
-        return conv_cls(filters, kernel_size, strides=strides, padding="same", use_bias=False,
+        padding = "same"
+        if config.padding == "symmetric" and kernel_size > 1:  # Torch's: 1 on both sides, then "valid"
+            x = pad_cls(kernel_size // 2, name=keras_layer_name(tl_name) + "_pad")(x)
+            padding = "valid"
+        return conv_cls(filters, kernel_size, strides=strides, padding=padding, use_bias=False,
                         kernel_initializer="he_normal", name=keras_layer_name(tl_name))(x)
 
     def bn_relu(x, tl_name):

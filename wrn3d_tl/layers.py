@@ -12,6 +12,7 @@ import tensorflow as tf
 import tensorlayer as tl
 
 from wrn3d_tl.axes import check_batch_shape, ensure_tuple_rep, layout, same_output_shape
+from wrn3d_tl.config import PADDINGS
 
 __all__ = ["HeNormal", "InputCheck", "BatchNorm", "Conv", "GlobalAvgPool", "WideBasicBlock", "leaf_layers",
            "variable_name"]
@@ -184,7 +185,8 @@ class Conv(tl.layers.Layer):
     """Bias-free convolution with He-normal weights, 2D (NHWC) or 3D (NDHWC).
 
     Input (N, [D,] H, W, C_in) -> output (N, [ceil(D/s_d),] ceil(H/s_h), ceil(W/s_w), n_filter),
-    "SAME" padding. The float32 kernel is cast to the input's dtype, so the layer
+    padding "same" (TensorFlow's "SAME") or "symmetric" (k // 2 on both sides, Torch's; the
+    same output shape). The float32 kernel is cast to the input's dtype, so the layer
     computes in bfloat16/float16 when fed low-precision activations.
 
     Args:
@@ -193,11 +195,14 @@ class Conv(tl.layers.Layer):
         strides: int or tuple, one per spatial axis.
     """
 
-    def __init__(self, n_filter, kernel_size=3, strides=1, name=None):
+    def __init__(self, n_filter, kernel_size=3, strides=1, padding="same", name=None):
         super().__init__(name)
+        if padding not in PADDINGS:
+            raise ValueError(f"Conv {name!r}: padding must be one of {PADDINGS}, got {padding!r}")
         self.n_filter = int(n_filter)
         self.kernel_size = kernel_size
         self.strides = strides
+        self.padding = padding
 
     def __repr__(self):
         return (f"Conv(n_filter={self.n_filter}, kernel_size={self.kernel_size}, "
@@ -219,11 +224,16 @@ class Conv(tl.layers.Layer):
             # depth of 2 with a 3-deep kernel at stride 1 (checked against the float32
             # kernel); such layers are small, so they compute in float32 instead.
             inputs = tf.cast(inputs, tf.float32)
-        outputs = tf.nn.convolution(inputs, tf.cast(self.W, inputs.dtype), strides=self._strides, padding="SAME",
+        padding = "SAME"
+        if self.padding == "symmetric" and any(k > 1 for k in self._kernel):
+            # Torch's padding: k // 2 on both sides of every spatial axis, then "VALID".
+            inputs = tf.pad(inputs, [[0, 0]] + [[k // 2, k // 2] for k in self._kernel] + [[0, 0]])
+            padding = "VALID"
+        outputs = tf.nn.convolution(inputs, tf.cast(self.W, inputs.dtype), strides=self._strides, padding=padding,
                                     data_format=self.data_format)
         return tf.cast(outputs, dtype)
 
-    def _bf16_filter_grad_broken(self, shape):
+    def _bf16_filter_grad_broken(self, shape):  # (checked on the unpadded input)
         return len(shape) == 5 and shape[1] == 2 and self._kernel[0] == 3 and self._strides[0] == 1
 
 
@@ -258,7 +268,7 @@ class WideBasicBlock(tl.layers.Layer):
     """
 
     def __init__(self, out_channels, strides=1, dropout=0.0, *, projection, name, bn_decay=0.9, bn_epsilon=1e-5,
-                 sync_bn=False, recompute=False):
+                 sync_bn=False, recompute=False, padding="same"):
         super().__init__(name)
         if recompute and dropout > 0:
             raise ValueError(f"block {name!r}: recompute=True needs dropout == 0 (a recomputed dropout mask "
@@ -269,11 +279,11 @@ class WideBasicBlock(tl.layers.Layer):
         self.recompute = bool(recompute)
         bn = dict(decay=bn_decay, epsilon=bn_epsilon, sync=sync_bn, act=tf.nn.relu)
         self.bn1 = BatchNorm(name=f"{name}/bn1", **bn)
-        self.conv1 = Conv(out_channels, 3, strides, name=f"{name}/conv1")
+        self.conv1 = Conv(out_channels, 3, strides, padding, name=f"{name}/conv1")
         self.bn2 = BatchNorm(name=f"{name}/bn2", **bn)
         self.drop = tl.layers.Dropout(keep=1.0 - dropout, name=f"{name}/dropout") if dropout > 0 else None
-        self.conv2 = Conv(out_channels, 3, 1, name=f"{name}/conv2")
-        self.shortcut = Conv(out_channels, 1, strides, name=f"{name}/shortcut") if projection else None
+        self.conv2 = Conv(out_channels, 3, 1, padding, name=f"{name}/conv2")
+        self.shortcut = Conv(out_channels, 1, strides, padding, name=f"{name}/shortcut") if projection else None
         self._forward_calls = 0
 
     def __repr__(self):

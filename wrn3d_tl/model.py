@@ -43,10 +43,11 @@ def build_wrn(config, name=None, recompute=False):
     """
     if not isinstance(config, WRNConfig):
         raise TypeError(f"config must be a WRNConfig, got {type(config).__name__}")
-    bn = dict(bn_decay=config.bn_decay, bn_epsilon=config.bn_epsilon, sync_bn=config.sync_bn, recompute=recompute)
+    bn = dict(bn_decay=config.bn_decay, bn_epsilon=config.bn_epsilon, sync_bn=config.sync_bn, recompute=recompute,
+              padding=config.padding)
     inputs = tl.layers.Input((None,) + config.input_shape, name="input")
     x = InputCheck(config.input_shape, name="input/check")(inputs)
-    x = Conv(config.stem_width, 3, 1, name="stem/conv")(x)
+    x = Conv(config.stem_width, 3, 1, config.padding, name="stem/conv")(x)
     for block in config.blocks():
         x = WideBasicBlock(block.out_channels, block.strides, config.dropout, projection=block.projection,
                            name=block.name, **bn)(x)

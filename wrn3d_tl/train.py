@@ -28,7 +28,7 @@ from wrn3d_tl.logs import MetricsLogger, plot_metrics
 from wrn3d_tl.model import WRNConfig, build_wrn
 from wrn3d_tl.optim import FP16_MAX_FLOOR_SKIPS, SCHEDULES, SGD, LossScale, scheduled_lr
 
-__all__ = ["Trainer", "describe_devices", "load_model"]
+__all__ = ["Trainer", "describe_devices", "load_model", "under"]
 
 PRECISIONS = {None: tf.float32, "bf16": tf.bfloat16, "fp16": tf.float16}
 
@@ -82,12 +82,18 @@ class Trainer:
         checkpoint_dir, checkpoint_every, keep_checkpoints: save ``ckpt-XXXXXXXX.h5`` every
             N steps, keeping the newest K (a ``CheckpointManager``, ``trainer.checkpoints``).
         jit_compile: compile the step with XLA (off by default; slower for 3D convs on CPU).
+        trainable: None (every weight) or what to fine-tune, the rest frozen: a list of
+            name prefixes by path component (``["group3", "head"]``) or a predicate on a
+            weight's name (``"group2/block1/conv1/kernel"``). Frozen weights get no gradient,
+            no momentum and no weight decay; the batch-norm moving statistics of every layer
+            keep updating in training mode. Stored in checkpoints as the chosen names.
     """
 
     def __init__(self, model, train_data=None, *, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
                  schedule="constant", total_steps=None, warmup_steps=0, mixed_precision=None, seed=0,
                  batch_size=None, normalization=None, eval_data=None, strategy=None, logdir=None,
-                 checkpoint_dir=None, checkpoint_every=None, keep_checkpoints=3, jit_compile=False, verbose=True):
+                 checkpoint_dir=None, checkpoint_every=None, keep_checkpoints=3, jit_compile=False, trainable=None,
+                 verbose=True):
         config = getattr(model, "wrn_config", None)
         if not isinstance(config, WRNConfig):
             raise TypeError("model must be built by wrn3d_tl.model.build_wrn (it has no wrn_config), "
@@ -144,8 +150,8 @@ class Trainer:
 
         self._stats = list(model.nontrainable_weights)  # BN moving statistics
         with self.strategy.scope():
-            self.optimizer = SGD(model.trainable_weights, lr=self.base_lr, momentum=momentum, nesterov=nesterov,
-                                 weight_decay=weight_decay)
+            self.optimizer = SGD(self._select_trainable(trainable), lr=self.base_lr, momentum=momentum,
+                                 nesterov=nesterov, weight_decay=weight_decay)
             self.loss_scale = LossScale(enabled=mixed_precision == "fp16")
         # XLA stays off by default: it ran 3D convolutions 7-14x slower on the CPUs we measured.
         self.jit_compile = bool(jit_compile)
@@ -155,6 +161,27 @@ class Trainer:
         if verbose and self.is_chief:
             print(f"[wrn3d_tl] {config.name} {config.spatial_rank}D on {describe_devices()}, "
                   f"{self.strategy.num_replicas_in_sync} replica(s), precision {mixed_precision or 'fp32'}")
+
+    def _select_trainable(self, trainable):
+        """The weights to train (all, or those ``trainable`` picks); sets ``self.trainable``
+        to None or the chosen names (what checkpoints store)."""
+        weights = list(self.model.trainable_weights)
+        if trainable is None:
+            self.trainable = None
+            return weights
+        if callable(trainable):
+            pick = trainable
+        elif isinstance(trainable, (list, tuple)) and all(isinstance(p, str) and p for p in trainable):
+            pick = lambda name: under(name, trainable)  # noqa: E731
+        else:
+            raise ValueError(f"trainable must be None, a list of weight-name prefixes (e.g. ['group3', 'head']) or a "
+                             f"predicate on names, got {trainable!r}")
+        chosen = [w for w in weights if pick(variable_name(w))]
+        if not chosen:
+            raise ValueError(f"trainable={trainable!r} picks no weight (names look like "
+                             f"{variable_name(weights[0])!r})")
+        self.trainable = [variable_name(w) for w in chosen]
+        return chosen
 
     # ----------------------------------------------------------------- schedule
     @property
@@ -441,7 +468,7 @@ class Trainer:
                 "weight_decay": self.weight_decay, "schedule": self.schedule, "total_steps": self.total_steps,
                 "warmup_steps": self.warmup_steps, "mixed_precision": self.mixed_precision, "seed": self.seed,
                 "batch_size": self.batch_size, "keep_checkpoints": self.keep_checkpoints,
-                "jit_compile": self.jit_compile, "lr_override": self._lr_override}
+                "jit_compile": self.jit_compile, "trainable": self.trainable, "lr_override": self._lr_override}
 
     def _state_arrays(self):
         # Every worker reads (cross-replica reads of ON_READ variables are collectives).
@@ -532,6 +559,12 @@ class Trainer:
             self.logger = None
 
 
+def under(name, prefixes):
+    """Whether the weight ``name`` ("group2/block1/conv1/kernel") lies under one of
+    ``prefixes``, matched by whole path components ("group2", "group2/block1", "head")."""
+    return any(name == p.rstrip("/") or name.startswith(p.rstrip("/") + "/") for p in prefixes)
+
+
 def _stored_config_and_normalization(ck, path):
     """The ``WRNConfig`` and the validated normalisation (or None) a read checkpoint holds;
     CheckpointError naming the file when either is malformed."""
@@ -559,15 +592,17 @@ def _assign_checked(pairs, path):
         var.assign(table[name])
 
 
-def load_model(path):
-    """The network a checkpoint file holds, for inference: ``(model, config,
-    normalization)``, with the weights (BN moving statistics included) loaded and the
-    normalisation (a ``{"mean", "std"}`` dict in raw units, or None) validated. The
+def load_model(path, *, strategy=None, recompute=False):
+    """The network a checkpoint file holds: ``(model, config, normalization)``, with the
+    weights (BN moving statistics included) loaded and the normalisation (a ``{"mean",
+    "std"}`` dict in raw units, or None) validated; for inference, or to start a training
+    run from (the model is built inside ``strategy``'s scope, with ``recompute``). The
     optimizer state is not read. Raises FileNotFoundError or CheckpointError naming the file.
     """
     ck = read_checkpoint(path)
     config, norm = _stored_config_and_normalization(ck, path)
-    model = build_wrn(config)
+    with (strategy or tf.distribute.get_strategy()).scope():
+        model = build_wrn(config, recompute=recompute)
     _assign_checked([(v, ck["weights"], variable_name(v)) for v in model.all_weights], path)
     return model, config, None if norm is None else norm.to_dict()
 
