@@ -115,9 +115,16 @@ def test_strict_loading_names_the_tensor():
     bad = {**state, "block3.layer.0.conv2.weight": np.zeros((64, 64, 1, 1), np.float32)}
     with pytest.raises(ConversionError, match=r"tensor 'block3\.layer\.0\.conv2\.weight' has shape \(64, 64, 1, 1\)"):
         from_torch(bad)
+    no_bias = from_torch({k: v for k, v in state.items() if k != "fc.bias"})  # RobustBench's bias_last=False
+    assert not [v for v in no_bias.all_weights if variable_name(v) == "head/logits/biases"][0].numpy().any()
     # RobustBench's unused sub_block1 is skipped; a module. prefix is stripped
     ok = {**{f"module.{k}": v for k, v in state.items()}, "sub_block1.layer.0.bn1.weight": np.ones(16, np.float32)}
     assert from_torch(ok).wrn_config.name == "WRN-10-1"
+    sz = load_state_dict(fixture("wrn10-1-szagoruyko")[0])  # szagoruyko's older runs: {"params", "stats"}
+    split = {"params": {k: v for k, v in sz.items() if "running" not in k},
+             "stats": {k: v for k, v in sz.items() if "running" in k}, "epoch": 200}
+    path, x, want = fixture("wrn10-1-szagoruyko")
+    assert rel_diff(from_torch(split)(x, is_train=False).numpy(), want) < 1e-4
     with pytest.raises(ConversionError, match="cannot tell the layout"):
         from_torch({"weights": np.zeros(3, np.float32)})
     with pytest.raises(ConversionError, match="has 1 channels, the weights' stem takes 3"):

@@ -20,8 +20,9 @@ Key names of the two public layouts (``layout="auto"`` tells them apart):
     head/bn                  bn1                              bn
     head/logits              fc                               fc
 
-(RobustBench's older WideResNet also registers an unused ``sub_block1``: its keys are
-skipped, since its forward pass never reads them.) Both networks pad every convolution
+(RobustBench's WideResNet built with ``sub_block1=True`` registers a ``sub_block1`` its
+forward pass never reads: those keys are skipped. Built with ``bias_last=False`` it has no
+``fc.bias``: a zero bias.) Both networks pad every convolution
 by 1 on each side, as Torch does, so imported models are built with
 ``WRNConfig(padding="symmetric")``: with TensorFlow's "SAME" a stride-2 convolution would
 pad (0, 1) and the logits would differ.
@@ -71,8 +72,9 @@ _BN = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving
 # ------------------------------------------------------------------ reading
 def load_state_dict(source):
     """``{name: float32 numpy array}`` from a ``.pt``/``.pth`` file (PyTorch needed), an
-    ``.npz`` file, or a mapping of names to arrays/tensors. Wrappers ``{"state_dict": ...}``
-    and ``{"params": ...}`` and a ``module.`` prefix (DataParallel) are unwrapped."""
+    ``.npz`` file, or a mapping of names to arrays/tensors. Wrappers ``{"state_dict": ...}``,
+    ``{"params": ...}`` (with BN statistics in ``"stats"``, as szagoruyko's older runs save
+    them) and a ``module.`` prefix (DataParallel) are unwrapped."""
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         if not os.path.isfile(path):
@@ -87,10 +89,13 @@ def load_state_dict(source):
             source = _torch_load(path)
     if not isinstance(source, dict):
         raise ConversionError(f"expected a mapping of tensor names to arrays, got {type(source).__name__}")
-    for wrapper in ("state_dict", "params", "model"):
-        if set(source) == {wrapper} or (wrapper in source and isinstance(source[wrapper], dict)):
-            source = source[wrapper]
-            break
+    if isinstance(source.get("params"), dict) and isinstance(source.get("stats"), dict):
+        source = {**source["params"], **source["stats"]}  # szagoruyko's older runs keep BN statistics apart
+    else:
+        for wrapper in ("state_dict", "params", "model"):
+            if isinstance(source.get(wrapper), dict):
+                source = source[wrapper]
+                break
     out = {}
     for key, value in source.items():
         if hasattr(value, "detach"):  # a torch tensor
@@ -190,6 +195,8 @@ def from_torch(source, *, layout="auto", input_shape=(32, 32, 3)):
     state = load_state_dict(source)
     spec = LAYOUTS[_detect(state, layout)]
     config = _infer_config(state, spec, input_shape)
+    if spec["fc"] + ".bias" not in state:  # RobustBench's bias_last=False: a head without bias is a zero bias
+        state[spec["fc"] + ".bias"] = np.zeros(config.num_classes, np.float32)
     names = _source_names(config, spec)
     unexpected = sorted(k for k in set(state) - {src for src, _ in names.values()} if not spec["ignore"].search(k))
     if unexpected:
