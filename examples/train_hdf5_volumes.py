@@ -47,10 +47,11 @@ def parse_args(argv=None):
     quiet_tensorflow()
     from wrn3d_tl.data import hdf5_info
 
+    args.info = {}  # flag -> HDF5Info, read once here and used by build()
     for flag, path in (("--train", args.train), ("--val", args.val)):
         if path is not None:
             try:  # reads the labels and attributes only: every file error before training starts
-                hdf5_info(path, args.x_key, args.y_key)
+                args.info[flag] = hdf5_info(path, args.x_key, args.y_key)
             except (OSError, ValueError) as e:
                 p.error(f"{flag} {path}: {e}")
     return args
@@ -63,12 +64,12 @@ def build(args):
     import tensorflow as tf
 
     from wrn3d_tl.checkpoint import CheckpointManager
-    from wrn3d_tl.data import compute_normalization, hdf5_dataset, hdf5_info
+    from wrn3d_tl.data import compute_normalization, hdf5_dataset
     from wrn3d_tl.experiment import find_resume_point, initial_model, plan_steps, precision, resume, trainable_of
     from wrn3d_tl.model import WRNConfig, build_wrn
     from wrn3d_tl.train import Trainer
 
-    info = hdf5_info(args.train, args.x_key, args.y_key)
+    info = args.info["--train"]
     num_classes = args.num_classes or info.num_classes
     norm, source = info.normalization, "from the file"
     if norm is None and args.normalize:
@@ -83,7 +84,7 @@ def build(args):
             norm, source = init_norm, "from --init-from"
     print(f"{args.train}: {info.n} volumes of {info.volume_shape} {info.dtype}, {num_classes} classes, "
           f"normalisation {source if norm is not None else 'none'}", flush=True)
-    val_shape = hdf5_info(args.val, args.x_key, args.y_key).volume_shape if args.val else info.volume_shape
+    val_shape = args.info["--val"].volume_shape if args.val else info.volume_shape
     if val_shape != info.volume_shape:
         raise ValueError(f"--val {args.val}: its volumes have shape {val_shape}, the training volumes "
                          f"{info.volume_shape}")

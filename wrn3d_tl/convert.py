@@ -56,14 +56,14 @@ LAYOUTS = {
         "block": lambda g, b: f"block{g}.layer.{b - 1}",
         "parts": {"bn1": "bn1", "conv1": "conv1", "bn2": "bn2", "conv2": "conv2", "shortcut": "convShortcut"},
         "conv_suffix": ".weight", "ignore": re.compile(r"^sub_block1\.|\.num_batches_tracked$"),
-        "block_key": re.compile(r"^block(\d)\.layer\.(\d+)\.conv1\.weight$"),
+        "block_key": re.compile(r"^block(\d)\.layer\.(\d+)\.conv1\.weight$"), "first_group": 1,
     },
     "szagoruyko": {
         "stem": "conv0", "head_bn": "bn", "fc": "fc",
         "block": lambda g, b: f"group{g - 1}.block{b - 1}",
         "parts": {"bn1": "bn0", "conv1": "conv0", "bn2": "bn1", "conv2": "conv1", "shortcut": "convdim"},
         "conv_suffix": "", "ignore": re.compile(r"\.num_batches_tracked$"),
-        "block_key": re.compile(r"^group(\d)\.block(\d+)\.conv0$"),
+        "block_key": re.compile(r"^group(\d)\.block(\d+)\.conv0$"), "first_group": 0,
     },
 }
 _BN = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_var": "running_var"}
@@ -137,7 +137,7 @@ def _infer_config(state, spec, input_shape):
         if m:
             blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
     groups = sorted(blocks)
-    first = 1 if spec is LAYOUTS["robustbench"] else 0
+    first = spec["first_group"]
     if groups != [first, first + 1, first + 2] or len({len(b) for b in blocks.values()}) != 1:
         raise ConversionError(f"expected 3 groups of equally many blocks, found groups {groups} with "
                               f"{[len(blocks[g]) for g in groups]} blocks")
