@@ -17,6 +17,8 @@ setup(
         "tensorlayer==2.2.5",
         "numpy>=1.26,<3",
         "h5py>=3.10,<4",
+        "nibabel>=5.0",        # NIfTI scans (wrn3d_tl.data.nifti)
+        "scikit-learn>=1.3",   # ROC AUC in MedMNIST's definition (wrn3d_tl.metrics)
         # imported by `import tensorlayer` (tensorlayer.app) but not declared by it
         "opencv-python-headless>=4.8",
         "matplotlib>=3.7",

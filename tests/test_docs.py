@@ -162,6 +162,38 @@ def _write_cifar10(folder, n_per_batch=4, n_test=3):
             pickle.dump(batch, f, protocol=2)
 
 
+def _write_nifti_scans(root, shape=(6, 8, 8)):
+    """Learnable scans: the class ("left"/"right") is where a bright slab lies along depth."""
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 24), ("test", 8), ("new", 4)):
+        folder = root / ("new_scans" if split == "new" else f"scans/{split}")
+        folder.mkdir(parents=True)
+        rows = ["path,label"]
+        for i in range(n):
+            v = rng.normal(size=shape).astype(np.float32)
+            c = i % 2
+            v[3 * c:3 * c + 3] += 3.0
+            nib.save(nib.Nifti1Image(v * 50 + 300, np.diag([1.5, 1.0, 1.0, 1.0])), folder / f"{i}.nii.gz")
+            rows.append(f"{split}/{i}.nii.gz,{('left', 'right')[c]}")
+        if split != "new":
+            (root / "scans" / f"{split}.csv").write_text("\n".join(rows) + "\n")
+
+
+def _write_medmnist(folder, flag):
+    """``{flag}.npz`` in the official layout with the release's split sizes (random voxels)."""
+    from wrn3d_tl.data import MEDMNIST3D
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    spec, arrays = MEDMNIST3D[flag], {}
+    for split, n in spec["n_samples"].items():
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 28, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = rng.integers(0, spec["num_classes"], (n, 1), dtype=np.uint8)
+    np.savez(folder / f"{flag}.npz", **arrays)
+
+
 def prepare(needs, store, workdir, monkeypatch):
     """Put what a block reads into ``workdir``; returns the names preset for the block."""
     names = {}
@@ -196,6 +228,11 @@ def prepare(needs, store, workdir, monkeypatch):
             for name in ("my_volumes.h5", "my_val.h5"):
                 write_hdf5_volumes(workdir / name, rng.uniform(0, 255, (8, 2, 32, 32, 3)).astype(np.float32),
                                    np.arange(8) % 5, num_classes=5)
+        elif need == "nifti_scans":  # scans/train.csv, scans/test.csv (class-name labels) and new_scans/
+            _write_nifti_scans(workdir)
+        elif need == "medmnist":  # an official-layout organmnist3d.npz (release split sizes) in $WRN3D_DATA_DIR
+            _write_medmnist(workdir / "medmnist-data", "organmnist3d")
+            monkeypatch.setenv("WRN3D_DATA_DIR", str(workdir / "medmnist-data"))
         elif need == "volumes":  # in-memory raw volumes under the names the blocks use
             vols = _raw_volumes(6, 7)
             names.update(volumes=vols, labels=_labels(6, 7), raw_volumes=vols, raw=vols, x=vols)
@@ -253,6 +290,30 @@ def _check_manager(ns, workdir, store):
     assert [step for step, _ in manager.checkpoints()] == sorted(step for step, _ in manager.checkpoints())
 
 
+def _check_nifti_readme(ns, workdir, store):
+    assert ns["info"].class_names == ("left", "right") and ns["trainer"].step == 30
+    result = ns["trainer"].evaluate(log=False)
+    assert result["accuracy"] >= 0.75 and set(result) >= {"auc", "confusion_matrix", "per_class_accuracy"}
+    assert predict_classes_shape(workdir) == (4,)
+
+
+def predict_classes_shape(workdir):
+    from wrn3d_tl.predict import predict
+
+    return predict(str(workdir / "runs" / "scans.h5"), str(workdir / "new_scans"))["class"].shape
+
+
+def _check_augment3d(ns, workdir, store):
+    from wrn3d_tl.data import make_dataset
+
+    def first(seed):
+        ds = make_dataset(ns["x"], np.arange(8) % 2, batch_size=4, volume_depth=None, augment=ns["aug"], seed=seed)
+        return next(iter(ds))[0].numpy()
+
+    x1 = next(iter(ns["ds"]))[0].numpy()
+    assert x1.shape == (4, 16, 16, 16, 1) and np.array_equal(x1, first(1)) and not np.array_equal(x1, first(2))
+
+
 def _check_datasets(ns, workdir, store):
     x, y = next(iter(ns["train"]))
     assert x.shape[1:] == (8, 32, 32, 3) and x.dtype == "float32" and y.dtype == "int64"
@@ -290,6 +351,12 @@ PYTHON_BLOCKS = {
         needs=("my_volumes",),
         subs=(("depth=16, widen_factor=4", "depth=10, widen_factor=1"), ("range(100)", "range(2)")),
         check=_check_hdf5_training),
+    ("README.md", "from wrn3d_tl.data import nifti_dataset, nifti_info"): Py(
+        needs=("nifti_scans",),
+        subs=(("depth=16, widen_factor=4", "depth=10, widen_factor=1"), ("total_steps=2000", "total_steps=30"),
+              ("trainer.fit(2000)", "trainer.fit(30)")),
+        check=_check_nifti_readme),
+    ("docs/data.md", "from wrn3d_tl.data import Augment3D, make_dataset"): Py(check=_check_augment3d),
     ("docs/memory.md", "from wrn3d_tl.memory import estimate_memory, largest_batch"): Py(),
     ("docs/performance.md", "import numpy as np, tensorflow as tf"): Py(),
     ("docs/training.md", "from wrn3d_tl.checkpoint import CheckpointManager"): Py(
@@ -336,6 +403,12 @@ def _check_hdf5_cli(workdir):
     assert read_checkpoint(str(workdir / "runs" / "wrn.h5"))["step"] == 2
 
 
+def _check_medmnist_cli(workdir):
+    result = json.loads((workdir / "runs" / "medmnist3d_organmnist3d_28.json").read_text())
+    assert result["flag"] == "organmnist3d" and result["model"] == "WRN-10-1" and result["steps"] == 2
+    assert 0 <= result["test"]["acc"] <= 1 and sum(map(sum, result["test"]["confusion_matrix"])) == 16
+
+
 def _check_export_cli(workdir):
     import tensorflow as tf
 
@@ -379,6 +452,10 @@ BASH_RUN = {
                "--volume-depth 2 --num-classes 5 --mean 0,0,0 --std 255,255,255\npython examples/train_hdf5_volumes.py"),
               ("--batch-size 8 --epochs 10", "--batch-size 4 --iters 2")),
         check=_check_pretrained_cli),
+    "python examples/medmnist3d.py --flag organmnist3d --size 28 --depth 16 --width 4 --epochs 30": Bash(
+        needs=("medmnist",),
+        subs=(("--depth 16 --width 4 --epochs 30", "--depth 10 --width 1 --epochs 1 --limit 16 --batch-size 8"),),
+        check=_check_medmnist_cli),
     "wrn3d-export --checkpoint runs/last.h5 --out exported/wrn-cli": Bash(
         needs=("checkpoints",), check=_check_export_cli),
 }

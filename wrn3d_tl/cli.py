@@ -11,7 +11,7 @@ import os
 import sys
 
 __all__ = ["Parser", "positive_int", "non_negative_int", "positive_float", "non_negative_float", "existing_file",
-           "fail", "die", "quiet_tensorflow", "add_training_flags", "check_training_flags"]
+           "intensity_arg", "shape_arg", "fail", "die", "quiet_tensorflow", "add_training_flags", "check_training_flags"]
 
 
 class Parser(argparse.ArgumentParser):
@@ -54,6 +54,36 @@ def positive_float(text):
 def non_negative_float(text):
     """An argparse type: a finite float >= 0."""
     return _number(text, float, lambda v: 0 <= v < float("inf"), "a number >= 0")
+
+
+def intensity_arg(text):
+    """An argparse type for a NIfTI intensity step: ``zscore``, ``zscore_nonzero``, ``none``
+    or ``window:LO:HI`` (CT window, e.g. ``window:-1000:400``)."""
+    if text in ("zscore", "zscore_nonzero"):
+        return text
+    if text == "none":
+        return None
+    parts = text.split(":")
+    if len(parts) == 3 and parts[0] == "window":
+        try:
+            lo, hi = float(parts[1]), float(parts[2])
+        except ValueError:
+            lo = hi = float("nan")
+        if lo < hi and abs(lo) < float("inf") and abs(hi) < float("inf"):
+            return ("window", lo, hi)
+    raise argparse.ArgumentTypeError(f"expected zscore, zscore_nonzero, none or window:LO:HI with LO < HI, "
+                                     f"got {text!r}")
+
+
+def shape_arg(text):
+    """An argparse type: three positive ints ``D,H,W``."""
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive ints D,H,W, got {text!r}")
+    return shape
 
 
 def existing_file(text):

@@ -35,7 +35,7 @@ class MetricsLogger:
         self._csv.writerow(row)
         self._file.flush()
         with self._tb.as_default(step=int(step)):
-            for key in ("loss", "accuracy", "top5_accuracy", "lr", "samples_per_sec"):
+            for key in ("loss", "accuracy", "top5_accuracy", "auc", "lr", "samples_per_sec"):
                 if key in metrics and metrics[key] != "":
                     tf.summary.scalar(f"{split}/{key}", float(metrics[key]))
         self._tb.flush()

@@ -7,6 +7,7 @@
 
     wrn3d-predict --checkpoint c.h5 --hdf5 data.h5 [--key volumes] --out preds.csv [--batch-size N]
     wrn3d-predict --checkpoint c.h5 --npy data.npy --out preds.csv
+    wrn3d-predict --checkpoint c.h5 --nifti scans/ [--intensity zscore] [--target-shape D,H,W] --out preds.csv
 
 Volumes are RAW (the units the training data had before normalisation, e.g. 0..255),
 shaped (N,) + the checkpoint's ``input_shape``: NDHWC (batch, depth, height, width,
@@ -15,6 +16,11 @@ channels) for 3D models, NHWC for 2D ones. The checkpoint's normalisation
 accepted and converted to float32 batch by batch (float64 is rounded to float32; ints and
 uints are converted exactly up to 2**24; bool, complex and non-numeric arrays are
 refused). Inference mode: moving batch-norm statistics, no dropout.
+
+NIfTI inputs (a ``.nii``/``.nii.gz`` file, a folder of them, or a CSV with a ``path``
+column) are read exactly as ``wrn3d_tl.data.nifti_dataset`` reads them for training (same
+axis order, ``intensity`` and ``target_shape``: pass the values the model was trained with;
+the defaults are the same), and the output gains a ``path`` per volume.
 
 Errors (wrong rank, spatial shape or channels, NaN/Inf, values so large that the logits
 overflow, empty input, missing file or key, a file that is not a checkpoint) raise
@@ -30,7 +36,7 @@ import sys
 import h5py
 import numpy as np
 
-from wrn3d_tl.cli import Parser, fail, positive_int, quiet_tensorflow
+from wrn3d_tl.cli import Parser, fail, intensity_arg, positive_int, quiet_tensorflow, shape_arg
 
 __all__ = ["Predictor", "predict", "write_csv", "load_npy", "main"]
 
@@ -126,11 +132,11 @@ class Predictor:
             yield start, x
 
     # -------------------------------------------------------------- inference
-    def predict(self, volumes, *, key="volumes", batch_size=32, top_k=5):
+    def predict(self, volumes, *, key="volumes", batch_size=32, top_k=5, intensity="zscore", target_shape=None):
         """See ``wrn3d_tl.predict.predict``."""
         top_k = _positive_int(top_k, "top_k")
         k = min(top_k, self.config.num_classes)
-        with _open_volumes(volumes, key) as (array, what):
+        with _open_volumes(volumes, key, intensity, target_shape) as (array, what):
             n = self.check_volumes(array, what)[0]
             logits = np.empty((n, self.config.num_classes), np.float32)
             probs = np.empty_like(logits)
@@ -146,9 +152,12 @@ class Predictor:
         # Stable sort on -p: ties go to the lower class index, as argmax does.
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         top_p = np.take_along_axis(probs, order, axis=1)
-        return {"class": order[:, 0].astype(np.int64), "probability": top_p[:, 0].copy(),
-                "top_k_classes": order.astype(np.int64), "top_k_probabilities": top_p,
-                "logits": logits, "probabilities": probs}
+        out = {"class": order[:, 0].astype(np.int64), "probability": top_p[:, 0].copy(),
+               "top_k_classes": order.astype(np.int64), "top_k_probabilities": top_p,
+               "logits": logits, "probabilities": probs}
+        if hasattr(array, "info") and hasattr(array.info, "paths"):   # NiftiVolumes
+            out["path"] = list(array.info.paths)
+        return out
 
 
 def load_npy(path):
@@ -165,21 +174,34 @@ def load_npy(path):
         raise ValueError(f"{path!r} is not a readable .npy array: {_one_line(e)}") from e
 
 
-class _open_volumes:
-    """Context manager: (array-like, description) for a numpy array, a .npy path or an
-    HDF5 path + key. Files are opened lazily (memory-mapped / h5py), read batch by batch."""
+def is_nifti_input(path):
+    """Whether ``path`` is read as NIfTI: a ``.nii``/``.nii.gz`` file, a folder or a ``.csv`` table."""
+    path = os.fspath(path)
+    return path.lower().endswith((".nii", ".nii.gz", ".csv")) or os.path.isdir(path)
 
-    def __init__(self, volumes, key):
+
+class _open_volumes:
+    """Context manager: (array-like, description) for a numpy array, a .npy path, an
+    HDF5 path + key or a NIfTI input. Files are opened lazily (memory-mapped / h5py /
+    nibabel), read batch by batch."""
+
+    def __init__(self, volumes, key, intensity="zscore", target_shape=None):
         self.volumes, self.key, self._file = volumes, key, None
+        self.intensity, self.target_shape = intensity, target_shape
 
     def __enter__(self):
+        from wrn3d_tl.data.nifti import NiftiVolumes  # TensorFlow comes with it: not at module import
+
         v = self.volumes
+        if isinstance(v, NiftiVolumes):
+            return v, f"NIfTI table {v.info.table!r}"
         if isinstance(v, (str, os.PathLike)):
             path = os.fspath(v)
             if not os.path.exists(path):
                 raise FileNotFoundError(f"volumes file {path!r} does not exist")
-            if os.path.isdir(path):
-                raise ValueError(f"volumes file {path!r} is a directory")
+            if is_nifti_input(path):
+                return (NiftiVolumes(path, intensity=self.intensity, target_shape=self.target_shape),
+                        f"NIfTI input {path!r}")
             if path.lower().endswith(".npy"):
                 return load_npy(path), f"{path!r}"
             if not h5py.is_hdf5(path):
@@ -211,23 +233,28 @@ class _open_volumes:
         return False
 
 
-def predict(checkpoint, volumes, *, key="volumes", batch_size=32, top_k=5):
+def predict(checkpoint, volumes, *, key="volumes", batch_size=32, top_k=5, intensity="zscore", target_shape=None):
     """Predict the class of every volume, streaming ``batch_size`` volumes at a time.
 
     Args:
         checkpoint: a checkpoint file written by ``Trainer.save`` (or a ``Trainer``, or a
             ``Predictor`` to reuse a loaded model). Its stored normalisation is applied.
         volumes: RAW volumes (N,) + input_shape, NDHWC for 3D models / NHWC for 2D: a
-            numpy array (or memmap, ``h5py.Dataset``, nested list), a ``.npy`` path, or an
-            HDF5 path with the volumes at ``key``. Any real dtype; converted to float32.
+            numpy array (or memmap, ``h5py.Dataset``, nested list), a ``.npy`` path, an
+            HDF5 path with the volumes at ``key``, or a NIfTI input (a ``.nii``/``.nii.gz``
+            file, a folder of them, a CSV with a ``path`` column, or a
+            ``wrn3d_tl.data.NiftiVolumes``). Any real dtype; converted to float32.
         key: the HDF5 dataset holding the volumes (HDF5 paths only).
+        intensity, target_shape: how NIfTI inputs are preprocessed (as in
+            ``wrn3d_tl.data.nifti_dataset``; pass what the model was trained with).
         batch_size: volumes per forward pass (memory bound).
         top_k: how many classes to rank per volume; at most ``num_classes`` are returned.
 
     Returns a dict of numpy arrays, one row per volume, in input order:
         ``class`` (N,) int64 argmax; ``probability`` (N,) float32 softmax of that class;
         ``top_k_classes`` (N, k) int64 and ``top_k_probabilities`` (N, k) float32, best
-        first, k = min(top_k, num_classes); ``logits`` and ``probabilities`` (N, num_classes).
+        first, k = min(top_k, num_classes); ``logits`` and ``probabilities`` (N, num_classes);
+        for NIfTI inputs also ``path``, the file of each row.
 
     Raises ValueError (bad shape, channels, dtype, NaN/Inf, empty input, missing key, not
     HDF5/.npy), FileNotFoundError, or CheckpointError, each naming the input.
@@ -237,8 +264,9 @@ def predict(checkpoint, volumes, *, key="volumes", batch_size=32, top_k=5):
 
 
 def write_csv(predictions, path, top_k=5):
-    """Write ``predict`` output to CSV: index, class, probability, top{k} (space-separated
-    classes), top{k}_probabilities (space-separated, 6 decimals). Written atomically."""
+    """Write ``predict`` output to CSV: index, [path (NIfTI inputs),] class, probability,
+    top{k} (space-separated classes), top{k}_probabilities (space-separated, 6 decimals).
+    Written atomically."""
     from wrn3d_tl.checkpoint import temporary_path
 
     path = os.fspath(path)
@@ -246,12 +274,15 @@ def write_csv(predictions, path, top_k=5):
     try:
         with open(tmp, "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)
-            w.writerow(["index", "class", "probability", f"top{top_k}", f"top{top_k}_probabilities"])
+            paths = predictions.get("path")
+            w.writerow(["index"] + (["path"] if paths else []) + ["class", "probability", f"top{top_k}",
+                                                                  f"top{top_k}_probabilities"])
             for i, (c, p, tc, tp) in enumerate(zip(predictions["class"], predictions["probability"],
                                                    predictions["top_k_classes"],
                                                    predictions["top_k_probabilities"])):
-                w.writerow([i, int(c), f"{float(p):.6f}", " ".join(str(int(v)) for v in tc),
-                            " ".join(f"{float(v):.6f}" for v in tp)])
+                w.writerow([i] + ([paths[i]] if paths else []) + [
+                    int(c), f"{float(p):.6f}", " ".join(str(int(v)) for v in tc),
+                    " ".join(f"{float(v):.6f}" for v in tp)])
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -267,7 +298,12 @@ def _parser():
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--hdf5", help="HDF5 file holding the volumes (N, D, H, W, C) at --key")
     src.add_argument("--npy", help=".npy file holding the volumes (N, D, H, W, C)")
+    src.add_argument("--nifti", help="a .nii/.nii.gz file, a folder of them, or a CSV with a path column")
     p.add_argument("--key", default="volumes", help="HDF5 dataset with the volumes")
+    p.add_argument("--intensity", type=intensity_arg, default="zscore",
+                   help="NIfTI intensity step, as in training: zscore, zscore_nonzero, none, or window:LO:HI")
+    p.add_argument("--target-shape", type=shape_arg, default=None,
+                   help="NIfTI: centre crop / zero pad to D,H,W, as in training")
     p.add_argument("--out", required=True, help="output CSV file (a file name, not a folder)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="volumes per forward pass")
     p.add_argument("--top-k", type=positive_int, default=5, help="classes ranked per volume")
@@ -288,13 +324,24 @@ def main(argv=None):
         return fail(_CLI, "--out", args.out, "is a folder; give the CSV file's name (e.g. preds.csv)")
     if not os.path.isdir(out_dir):
         return fail(_CLI, "--out", args.out, f"folder {out_dir!r} does not exist")
-    src_arg, src = ("--hdf5", args.hdf5) if args.hdf5 is not None else ("--npy", args.npy)
-    if not os.path.isfile(src):
+    src_arg, src = next((f"--{name}", value) for name, value in
+                        (("hdf5", args.hdf5), ("npy", args.npy), ("nifti", args.nifti)) if value is not None)
+    if not (os.path.isfile(src) or (args.nifti is not None and os.path.isdir(src))):
         return fail(_CLI, src_arg, src, "no such file")
     try:
-        volumes = load_npy(src) if args.npy is not None else src
-        if args.hdf5 is not None and not h5py.is_hdf5(src):
-            raise ValueError("not an HDF5 file")
+        if args.npy is not None:
+            volumes = load_npy(src)
+        elif args.nifti is not None:
+            if not is_nifti_input(src):
+                raise ValueError("expected a .nii/.nii.gz file, a folder of them or a .csv table")
+            quiet_tensorflow()
+            from wrn3d_tl.data.nifti import NiftiVolumes
+
+            volumes = NiftiVolumes(src, intensity=args.intensity, target_shape=args.target_shape)
+        else:
+            volumes = src
+            if not h5py.is_hdf5(src):
+                raise ValueError("not an HDF5 file")
     except (OSError, ValueError) as e:
         return fail(_CLI, src_arg, src, e)
     quiet_tensorflow()

@@ -25,6 +25,7 @@ from wrn3d_tl.checkpoint import CheckpointError, CheckpointManager, read_checkpo
 from wrn3d_tl.data import as_normalization, normalization_of, same_normalization
 from wrn3d_tl.layers import variable_name
 from wrn3d_tl.logs import MetricsLogger, plot_metrics
+from wrn3d_tl.metrics import classification_metrics
 from wrn3d_tl.model import WRNConfig, build_wrn
 from wrn3d_tl.optim import FP16_MAX_FLOOR_SKIPS, SCHEDULES, SGD, LossScale, scheduled_lr
 
@@ -422,14 +423,17 @@ class Trainer:
         top1 = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), y), tf.float32))
         k = min(5, self.config.num_classes)
         top5 = tf.reduce_sum(tf.cast(tf.math.in_top_k(y, logits, k), tf.float32))
-        return tf.reduce_sum(ce), top1, top5
+        return tf.reduce_sum(ce), top1, top5, tf.nn.softmax(logits, axis=-1)
 
     def evaluate(self, data=None, batch_size=100, log=True):
         """Inference-mode metrics (moving BN statistics, no dropout) over ``data``.
 
         ``data``: an ``(x, y)`` pair of arrays (x: (N,) + input_shape, normalised) or a
         ``tf.data.Dataset`` of such batches; None: the trainer's ``eval_data``. Returns
-        ``{"loss", "accuracy", "top5_accuracy", "samples"}`` as Python numbers. Deterministic.
+        ``{"loss", "accuracy", "top5_accuracy", "samples"}`` as Python numbers and, in the
+        definitions of ``wrn3d_tl.metrics.classification_metrics``, ``"auc"`` (binary: ROC AUC
+        of the class-1 probability; multi-class: mean one-vs-rest AUC), ``"auc_per_class"``,
+        ``"confusion_matrix"`` (rows = true class) and ``"per_class_accuracy"``. Deterministic.
         """
         if data is None:
             if self.eval_data is None:
@@ -450,13 +454,18 @@ class Trainer:
             raise TypeError(f"evaluate: data must be an (x, y) pair or a tf.data.Dataset, got {type(data).__name__}")
         loss = top1 = top5 = 0.0
         n = 0
+        labels, scores = [], []
         for x, y in batches:
             x, y = self._check_batch(x, y, "evaluate")
-            s, c1, c5 = self._eval_fn(x, y)
+            s, c1, c5, p = self._eval_fn(x, y)
             loss, top1, top5, n = loss + float(s), top1 + float(c1), top5 + float(c5), n + int(x.shape[0])
+            labels.append(y.numpy())
+            scores.append(p.numpy())
         if n == 0:
             raise ValueError("evaluate: data is empty (no samples)")
         result = {"loss": loss / n, "accuracy": top1 / n, "top5_accuracy": top5 / n, "samples": n}
+        report = classification_metrics(np.concatenate(labels), np.concatenate(scores))
+        result.update({k: report[k] for k in ("auc", "auc_per_class", "confusion_matrix", "per_class_accuracy")})
         if log and self.logger:
             self.logger.log(self._step, "eval", {**result, "wall_time": time.time()})
         return result

@@ -1,8 +1,8 @@
 """Data loading and ``tf.data`` input pipelines for 3D Wide ResNets.
 
 Layouts: images ``NHWC``, volumes ``NDHWC`` (batch, depth, height, width,
-channels). This package imports only TensorFlow, NumPy, h5py and the
-standard library.
+channels). This package imports only TensorFlow, NumPy, h5py, nibabel (NIfTI
+files, imported when used) and the standard library.
 
 Public API:
   load_cifar, synthetic_cifar                  -- CIFAR-10/100 as uint8 NHWC
@@ -13,10 +13,17 @@ Public API:
   make_dataset                                 -- in-memory tf.data pipeline
   normalization_of                             -- the stats a pipeline applies
   write_hdf5_volumes, hdf5_info, hdf5_dataset  -- HDF5 volume files
+  Augment3D                                    -- flips / rotations / crops / jitter
+  nifti_info, nifti_dataset, nifti_to_hdf5     -- NIfTI scans listed in a CSV or folders
+  read_nifti, NiftiVolumes                     -- the same reading, for prediction
+  load_medmnist3d, MEDMNIST3D                  -- MedMNIST-3D's official .npz files
 """
 
+from .augment import Augment3D
 from .cifar import load_cifar, synthetic_cifar
 from .hdf5 import HDF5Info, hdf5_dataset, hdf5_info, write_hdf5_volumes
+from .medmnist import MEDMNIST3D, load_medmnist3d
+from .nifti import NiftiInfo, NiftiVolumes, nifti_dataset, nifti_info, nifti_to_hdf5, read_nifti
 from .pipeline import make_dataset, normalization_of
 from .transforms import (TILE_MODES, Normalization, as_normalization, augment_image, same_normalization,
                          augment_volume, compute_normalization, tile_to_volume)
@@ -38,4 +45,13 @@ __all__ = [
     "hdf5_info",
     "hdf5_dataset",
     "HDF5Info",
+    "Augment3D",
+    "nifti_info",
+    "nifti_dataset",
+    "nifti_to_hdf5",
+    "read_nifti",
+    "NiftiInfo",
+    "NiftiVolumes",
+    "load_medmnist3d",
+    "MEDMNIST3D",
 ]

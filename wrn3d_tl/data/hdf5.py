@@ -20,9 +20,9 @@ import tensorflow as tf
 
 from wrn3d_tl.axes import is_int
 
-from .pipeline import (AUTOTUNE, _EpochCounter, _batch_transform, _check_pipeline_flags,
+from .pipeline import (AUTOTUNE, _EpochCounter, _augmenter, _batch_transform, _check_pipeline_flags,
                        _check_labels, _element_seed, _finish)
-from .transforms import (Normalization, _check_positive_int, _crop_flip, as_normalization,
+from .transforms import (Normalization, _check_positive_int, as_normalization,
                          compute_normalization)
 
 __all__ = ["HDF5Info", "hdf5_info", "hdf5_dataset", "write_hdf5_volumes"]
@@ -278,8 +278,9 @@ def hdf5_dataset(path, *, x_key: str = "volumes", y_key: str = "labels",
         if present, else just cast), ``None`` (just cast to float32), or a
         :class:`Normalization` (or its ``to_dict()``) in the raw units of
         the stored volumes.
-      augment: one random crop (reflect-pad ``crop_padding``) + h-flip per
-        volume, shared by all slices (:func:`augment_volume`).
+      augment: True: one random crop (reflect-pad ``crop_padding``) + h-flip
+        per volume, shared by all slices (:func:`augment_volume`); or an
+        :class:`Augment3D` / callable ``(volume, seed [2]) -> volume``.
       depth_flip: with augmentation, also randomly reverse the depth axis.
       shuffle: see above. Without shuffling the order is the file order.
       drop_remainder, repeat: as in :func:`make_dataset`.
@@ -309,7 +310,7 @@ def hdf5_dataset(path, *, x_key: str = "volumes", y_key: str = "labels",
     else:
         normalization = as_normalization(
             normalization, channels, f"{_where(path, x_key)}")
-    if augment and min(info.volume_shape[1:3]) <= crop_padding:
+    if augment is True and min(info.volume_shape[1:3]) <= crop_padding:
         raise ValueError(
             f"{_where(path, x_key)}: augmentation reflect-pads by crop_padding="
             f"{crop_padding}, which needs H and W > {crop_padding}; volumes "
@@ -361,10 +362,10 @@ def hdf5_dataset(path, *, x_key: str = "volumes", y_key: str = "labels",
         lambda epoch: tf.data.Dataset.from_generator(
             blocks, args=(epoch,), output_signature=signature))
     if augment:
+        augmenter = _augmenter(augment, crop_padding, depth_flip)
+
         def aug(volume, label, index, epoch):
-            volume = _crop_flip(volume, _element_seed(seed, epoch, index),
-                                crop_padding, depth_flip)
-            return volume, label
+            return augmenter(volume, _element_seed(seed, epoch, index)), label
         ds = ds.unbatch().map(aug, num_parallel_calls=AUTOTUNE,
                               deterministic=True)
         ds = ds.batch(batch_size, drop_remainder=drop_remainder)

@@ -49,11 +49,29 @@ def _check_bool(name, value) -> bool:
 def _check_pipeline_flags(training, augment, shuffle, depth_flip, drop_remainder, repeat, seed, crop_padding):
     """Validate the options both pipelines share; ``augment``/``shuffle`` default to ``training``."""
     training = _check_bool("training", training)
-    augment = training if augment is None else _check_bool("augment", augment)
+    augment = training if augment is None else _check_augment(augment)
     shuffle = training if shuffle is None else _check_bool("shuffle", shuffle)
     return (training, augment, shuffle, _check_bool("depth_flip", depth_flip),
             _check_bool("drop_remainder", drop_remainder), _check_bool("repeat", repeat), _check_seed(seed),
             _check_non_negative_int("crop_padding", crop_padding))
+
+
+def _check_augment(augment):
+    """``augment``: True/False (the WRN crop + flip) or a callable ``(sample, seed) -> sample``
+    such as :class:`~wrn3d_tl.data.Augment3D`, returned as given."""
+    if isinstance(augment, (bool, np.bool_)):
+        return bool(augment)
+    if callable(augment):
+        return augment
+    raise ValueError(f"augment must be None, True/False, an Augment3D or a callable (sample, seed) -> sample, "
+                     f"got {augment!r}")
+
+
+def _augmenter(augment, crop_padding, depth_flip):
+    """The per-sample function ``(sample, seed [2]) -> sample`` for a checked ``augment``."""
+    if augment is True:
+        return lambda sample, seed: _crop_flip(sample, seed, crop_padding, depth_flip)
+    return augment
 
 
 class _EpochCounter:
@@ -188,9 +206,11 @@ def make_dataset(x, y, *, batch_size: int, volume_depth=8,
         ``compute_normalization(x_train)``) or its ``to_dict()``, or
         ``None`` -- then values are only cast to float32 (0..255 for uint8
         CIFAR).
-      augment: WRN augmentation (reflect-pad ``crop_padding``, random crop,
-        random h-flip), applied per sample BEFORE tiling so all slices share
-        one crop/flip; for volumetric ``x``, :func:`augment_volume`.
+      augment: True: WRN augmentation (reflect-pad ``crop_padding``, random
+        crop, random h-flip), applied per sample BEFORE tiling so all slices
+        share one crop/flip; for volumetric ``x``, :func:`augment_volume`. Or
+        an :class:`Augment3D` (volumes) or any callable ``(sample, seed [2])
+        -> sample`` of the same shape, applied to the raw sample.
       depth_flip: with volumetric ``x`` and augmentation, also randomly
         reverse the depth axis.
       shuffle: reshuffle every epoch (deterministically from seed and epoch).
@@ -235,7 +255,7 @@ def make_dataset(x, y, *, batch_size: int, volume_depth=8,
     training, augment, shuffle, depth_flip, drop_remainder, repeat, seed, crop_padding = _check_pipeline_flags(
         training, augment, shuffle, depth_flip, drop_remainder, repeat, seed, crop_padding)
     normalization = as_normalization(normalization, x.shape[-1], "x")
-    if augment and min(x.shape[-3], x.shape[-2]) <= crop_padding:
+    if augment is True and min(x.shape[-3], x.shape[-2]) <= crop_padding:
         raise ValueError(
             f"augmentation reflect-pads by crop_padding={crop_padding}, which "
             f"needs H and W > {crop_padding}; x has shape {x.shape}"
@@ -253,6 +273,7 @@ def make_dataset(x, y, *, batch_size: int, volume_depth=8,
         x_t = _HostVariable(x, trainable=False, name="make_dataset_x")
         y_t = tf.constant(y)
     tile_depth = None if is_volume else volume_depth
+    augmenter = _augmenter(augment, crop_padding, is_volume and depth_flip)
     transform = _batch_transform(normalization, tile_depth, tile_mode)
 
     if shuffle or augment:
@@ -265,8 +286,7 @@ def make_dataset(x, y, *, batch_size: int, volume_depth=8,
         def load(index, epoch):
             sample = tf.gather(x_t, index)
             if augment:
-                sample = _crop_flip(sample, _element_seed(seed, epoch, index),
-                                    crop_padding, is_volume and depth_flip)
+                sample = augmenter(sample, _element_seed(seed, epoch, index))
             return sample, tf.gather(y_t, index)
 
         ds = _EpochCounter().dataset(repeat).flat_map(per_epoch)

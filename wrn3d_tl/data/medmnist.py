@@ -1,0 +1,160 @@
+"""MedMNIST-3D (Yang et al., "MedMNIST v2", Scientific Data 10, 41, 2023) from its official
+``.npz`` files: ``{flag}.npz`` (28^3) or ``{flag}_64.npz`` (64^3, MedMNIST+), each holding
+``train_images`` ``(N, S, S, S)`` uint8 and ``train_labels`` ``(N, 1)``, and the same for
+``val`` and ``test``.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.request
+
+import numpy as np
+
+from .cifar import DATA_DIR_ENV
+
+__all__ = ["MEDMNIST3D", "MEDMNIST_URL", "MEDMNIST_SIZES", "load_medmnist3d", "medmnist_file_name"]
+
+MEDMNIST_SIZES = (28, 64)
+# The current release (MedMNIST v3 / MedMNIST+, Zenodo record 10519652); only used with download=True.
+MEDMNIST_URL = "https://zenodo.org/records/10519652/files/{name}?download=1"
+SPLITS = ("train", "val", "test")
+
+
+def _entry(task, labels, train, val, test):
+    return {"task": task, "num_classes": len(labels), "labels": tuple(labels),
+            "n_samples": {"train": train, "val": val, "test": test}}
+
+
+# Task, class names (index order) and split sizes, as the MedMNIST package's INFO gives them.
+MEDMNIST3D = {
+    "organmnist3d": _entry("multi-class", ("liver", "kidney-right", "kidney-left", "femur-right", "femur-left",
+                                           "bladder", "heart", "lung-right", "lung-left", "spleen", "pancreas"),
+                           972, 161, 610),
+    "nodulemnist3d": _entry("binary-class", ("benign", "malignant"), 1158, 165, 310),
+    "adrenalmnist3d": _entry("binary-class", ("normal", "hyperplasia"), 1188, 98, 298),
+    "fracturemnist3d": _entry("multi-class", ("buckle rib fracture", "nondisplaced rib fracture",
+                                              "displaced rib fracture"), 1027, 103, 240),
+    "vesselmnist3d": _entry("binary-class", ("vessel", "aneurysm"), 1335, 192, 382),
+    "synapsemnist3d": _entry("binary-class", ("inhibitory synapse", "excitatory synapse"), 1230, 177, 352),
+}
+
+
+def medmnist_file_name(flag: str, size: int = 28) -> str:
+    """The official file name: ``organmnist3d.npz`` (size 28) or ``organmnist3d_64.npz``."""
+    return f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"
+
+
+def _default_dir():
+    return os.path.join(os.path.expanduser("~"), ".medmnist")
+
+
+def _candidates(data_dir):
+    dirs = [] if data_dir is None else [os.fspath(data_dir)]
+    if os.environ.get(DATA_DIR_ENV):
+        dirs.append(os.environ[DATA_DIR_ENV])
+    dirs.append(_default_dir())
+    return list(dict.fromkeys(dirs))
+
+
+def _check_file(path, flag, size, check_sizes):
+    spec = MEDMNIST3D[flag]
+    try:
+        npz = np.load(path, allow_pickle=False)
+    except Exception as e:  # not a zip, truncated, ...
+        raise ValueError(f"MedMNIST file {path!r} is not a readable .npz archive: {' '.join(str(e).split())}") from e
+    out = {}
+    with npz:
+        want = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels")]
+        missing = [k for k in want if k not in npz.files]
+        if missing:
+            raise ValueError(f"MedMNIST file {path!r} lacks the arrays {missing} (it holds {sorted(npz.files)})")
+        for split in SPLITS:
+            try:
+                x, y = npz[f"{split}_images"], npz[f"{split}_labels"]
+            except Exception as e:  # an object array (needs pickle) or a damaged member
+                raise ValueError(f"MedMNIST file {path!r}: cannot read the {split} arrays: "
+                                 f"{' '.join(str(e).split())}") from e
+            what = f"MedMNIST file {path!r} {split}_images"
+            if x.dtype != np.uint8:
+                raise ValueError(f"{what} has dtype {x.dtype}; the official files hold uint8")
+            if x.ndim == 5 and x.shape[-1] == 1:
+                x = x[..., 0]
+            if x.ndim != 4 or x.shape[1:] != (size,) * 3:
+                raise ValueError(f"{what} has shape {x.shape}; expected (N, {size}, {size}, {size}) for size={size}")
+            n = spec["n_samples"][split]
+            if check_sizes and len(x) != n:
+                raise ValueError(f"{what} holds {len(x)} volumes; the official {flag} {split} split has {n} "
+                                 "(pass check_sizes=False for a subset you made yourself)")
+            what = f"MedMNIST file {path!r} {split}_labels"
+            if y.dtype.kind not in "iu":
+                raise ValueError(f"{what} has dtype {y.dtype}; expected integers")
+            if y.shape not in ((len(x), 1), (len(x),)):
+                raise ValueError(f"{what} has shape {y.shape}; expected ({len(x)}, 1) to match the images")
+            y = y.reshape(-1).astype(np.int64)
+            if len(y) and (y.min() < 0 or y.max() >= spec["num_classes"]):
+                raise ValueError(f"{what} holds labels from {y.min()} to {y.max()}; {flag} has "
+                                 f"{spec['num_classes']} classes")
+            out[split] = (x[..., None], y)
+    return out
+
+
+def _download(flag, size, folder):
+    name = medmnist_file_name(flag, size)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name)
+    tmp = f"{path}.part-{os.getpid()}"
+    url = MEDMNIST_URL.format(name=name)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as fh:
+            while chunk := response.read(1 << 20):
+                fh.write(chunk)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def load_medmnist3d(flag: str, *, data_dir=None, size: int = 28, download: bool = False,
+                    check_sizes: bool = True) -> dict:
+    """Load one MedMNIST-3D dataset from its official ``.npz`` file.
+
+    Search order (the first existing file wins): ``data_dir``, ``$WRN3D_DATA_DIR``,
+    ``~/.medmnist`` (where the ``medmnist`` package keeps it), each for
+    ``medmnist_file_name(flag, size)``. Nothing is downloaded unless ``download=True``
+    (then the file is fetched from Zenodo into the first of those folders).
+
+    Args:
+      flag: a key of ``MEDMNIST3D`` (``"organmnist3d"``, ``"nodulemnist3d"``, ...).
+      size: 28 or 64.
+      check_sizes: refuse a file whose split sizes differ from the official release.
+
+    Returns:
+      ``{"train": (x, y), "val": (x, y), "test": (x, y)}``: ``x`` uint8 ``(N, S, S, S, 1)``
+      (NDHWC, one channel), ``y`` int64 ``(N,)``.
+
+    Raises:
+      ValueError: unknown ``flag``/``size``, or a file whose arrays, dtypes, shapes, labels or
+        split sizes disagree with the release (the message names the file and what differs).
+        Files are read with ``allow_pickle=False``.
+      FileNotFoundError: no file found; the message lists the paths tried and where to get it.
+    """
+    if flag not in MEDMNIST3D:
+        raise ValueError(f"flag must be one of {sorted(MEDMNIST3D)}, got {flag!r}")
+    if size not in MEDMNIST_SIZES or isinstance(size, bool):
+        raise ValueError(f"size must be one of {MEDMNIST_SIZES}, got {size!r}")
+    name = medmnist_file_name(flag, size)
+    tried = []
+    for folder in _candidates(data_dir):
+        path = os.path.join(folder, name)
+        tried.append(path)
+        if os.path.isfile(path):
+            return _check_file(path, flag, size, check_sizes)
+    if download:
+        return _check_file(_download(flag, size, _candidates(data_dir)[0]), flag, size, check_sizes)
+    listing = "\n".join(f"  - {p}" for p in tried)
+    raise FileNotFoundError(
+        f"MedMNIST file {name} not found. Paths tried, in order:\n{listing}\n"
+        f"Get it from {MEDMNIST_URL.format(name=name)} (or with the medmnist package) and put it in one of "
+        f"those folders, set ${DATA_DIR_ENV} (or pass data_dir=), or pass download=True.")

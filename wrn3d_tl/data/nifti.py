@@ -1,0 +1,477 @@
+"""NIfTI volumes (``.nii`` / ``.nii.gz``, read with nibabel) listed in a table.
+
+A *table* is either
+
+* a CSV file with a header holding ``path`` and ``label`` columns (other columns are
+  ignored; paths relative to the CSV's folder or absolute; labels all integers, or all
+  class names), or
+* a folder with one sub-folder per class (classes = sorted sub-folder names) holding the
+  ``.nii``/``.nii.gz`` files (for prediction, a folder of files without labels).
+
+Voxel order: the array nibabel returns (``img.dataobj``, scaling slope/intercept applied)
+is used as stored, its axes ``i, j, k`` becoming ``D, H, W``; the affine is not applied
+(scans of one study share an orientation; reorient them beforehand with
+``nibabel.as_closest_canonical`` if not). 3-D images get a channel axis of 1, 4-D images
+are channels-last ``(i, j, k, C)``. Training and prediction read files the same way.
+
+Preprocessing, per volume, in this order: ``intensity`` (on the voxels as stored), then
+``target_shape`` (centre crop / zero pad of each spatial axis; no resampling, so the voxel
+spacing is kept). Zero padding comes after the intensity step, so it pads with the
+volume's mean (``"zscore"``) or the window's low end (``("window", lo, hi)``).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import tensorflow as tf
+
+from wrn3d_tl.axes import is_int
+
+from .pipeline import AUTOTUNE, _EpochCounter, _augmenter, _check_pipeline_flags, _element_seed, _finish, _permutation
+from .transforms import _check_positive_int
+
+__all__ = ["NIFTI_SUFFIXES", "INTENSITY_MODES", "NiftiInfo", "NiftiVolumes", "nifti_info", "read_nifti",
+           "nifti_dataset", "nifti_to_hdf5", "is_nifti_path"]
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+INTENSITY_MODES = ("zscore", "zscore_nonzero", "('window', lo, hi)", None)
+
+
+def is_nifti_path(path) -> bool:
+    """Whether ``path`` names a NIfTI file by its suffix (``.nii`` or ``.nii.gz``)."""
+    return os.fspath(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def _one_line(exc):
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+# ------------------------------------------------------------------ arguments
+def check_intensity(intensity):
+    """Validate ``intensity``: ``"zscore"``, ``"zscore_nonzero"``, ``None`` or
+    ``("window", lo, hi)`` with finite ``lo < hi``; returns it (the window as a tuple)."""
+    if intensity is None or intensity in ("zscore", "zscore_nonzero"):
+        return intensity
+    if (isinstance(intensity, (tuple, list)) and len(intensity) == 3 and intensity[0] == "window"
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+                    for v in intensity[1:]) and intensity[1] < intensity[2]):
+        return ("window", float(intensity[1]), float(intensity[2]))
+    raise ValueError(f"intensity must be 'zscore', 'zscore_nonzero', None or ('window', lo, hi) with finite "
+                     f"lo < hi, got {intensity!r}")
+
+
+def check_target_shape(target_shape):
+    """``None`` or three positive ints ``(D, H, W)``."""
+    if target_shape is None:
+        return None
+    shape = tuple(target_shape) if isinstance(target_shape, (tuple, list)) else None
+    if shape is None or len(shape) != 3 or not all(is_int(s) and s > 0 for s in shape):
+        raise ValueError(f"target_shape must be None or three positive ints (D, H, W), got {target_shape!r}")
+    return tuple(int(s) for s in shape)
+
+
+# ---------------------------------------------------------------------- tables
+@dataclasses.dataclass(frozen=True)
+class NiftiInfo:
+    """A validated NIfTI table (see :func:`nifti_info`).
+
+    Attributes:
+      table: the CSV file or folder.
+      paths: absolute file paths, in table order (CSV rows, or folders then file names).
+      where: one description per file for messages (``"labels.csv line 3 ('a.nii.gz')"``).
+      labels: int64 ``(n,)`` class indices, or None for an unlabelled table.
+      class_names: class names in index order (sorted names or sub-folders, or the
+        ``classes`` given), or None when the labels are integers.
+      num_classes: ``len(class_names)``, the ``num_classes`` given, or ``max(label) + 1``.
+      n: number of volumes.
+      volume_shape: ``(D, H, W, C)`` when every header agrees, else None.
+      shapes: ``(D, H, W, C)`` of each file, from the headers.
+    """
+
+    table: str
+    paths: tuple
+    where: tuple
+    labels: np.ndarray | None
+    class_names: tuple | None
+    num_classes: int | None
+    n: int
+    volume_shape: tuple | None
+    shapes: tuple
+
+    @property
+    def channels(self) -> int:
+        return self.shapes[0][-1]
+
+
+def _csv_rows(table, need_labels):
+    folder = os.path.dirname(os.path.abspath(table))
+    try:
+        with open(table, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            need = ["path", "label"] if need_labels else ["path"]
+            missing = [c for c in need if c not in header]
+            if missing:
+                raise ValueError(f"table {table!r}: no {' or '.join(repr(c) for c in missing)} column; the header "
+                                 f"is {header} (expected columns {need})")
+            rows = []
+            for row in reader:
+                row = {(k or "").strip(): (v or "").strip() for k, v in row.items() if k is not None}
+                if not any(row.values()):
+                    continue        # a blank line
+                line = reader.line_num
+                if not row.get("path"):
+                    raise ValueError(f"table {table!r} line {line}: empty path")
+                if need_labels and not row.get("label"):
+                    raise ValueError(f"table {table!r} line {line}: empty label for {row['path']!r}")
+                path = os.path.join(folder, os.path.expanduser(row["path"]))
+                rows.append((path, row.get("label") if need_labels else None,
+                             f"{table!r} line {line} ({row['path']!r})"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"table {table!r} is not a UTF-8 CSV file: {_one_line(e)}") from e
+    except csv.Error as e:
+        raise ValueError(f"table {table!r} is not a readable CSV file: {_one_line(e)}") from e
+    return rows
+
+
+def _nifti_files(folder):
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
+                  if is_nifti_path(f) and os.path.isfile(os.path.join(folder, f)))
+
+
+def _folder_rows(table, need_labels):
+    classes = sorted(d for d in os.listdir(table) if os.path.isdir(os.path.join(table, d)))
+    loose = _nifti_files(table)
+    if need_labels and loose:
+        raise ValueError(f"table {table!r}: a labelled folder holds one sub-folder per class, but "
+                         f"{os.path.basename(loose[0])!r} lies at its top level")
+    rows = [(p, None, repr(p)) for p in loose]
+    for name in classes:
+        rows += [(p, name, repr(p)) for p in _nifti_files(os.path.join(table, name))]
+    return rows
+
+
+def _labels(values, where, table, classes, num_classes):
+    """Integer class indices and the class names (None for integer labels)."""
+    if classes is None and all(_is_int_literal(v) for v in values):
+        labels = np.array([int(v) for v in values], np.int64)
+        limit = num_classes if num_classes is not None else None
+        for label, w in zip(labels, where):
+            if label < 0 or (limit is not None and label >= limit):
+                raise ValueError(f"{w}: label {label} is outside [0, num_classes={limit})" if limit is not None
+                                 else f"{w}: label {label} is negative")
+        return labels, None, int(num_classes if num_classes is not None else labels.max() + 1)
+    names = tuple(sorted(set(values))) if classes is None else tuple(str(c) for c in classes)
+    if classes is not None and len(set(names)) != len(names):
+        raise ValueError(f"classes must be distinct names, got {list(classes)}")
+    index = {name: i for i, name in enumerate(names)}
+    for value, w in zip(values, where):
+        if value not in index:
+            raise ValueError(f"{w}: label {value!r} is not one of the classes {list(names)}")
+    if num_classes is not None and len(names) > num_classes:
+        raise ValueError(f"table {table!r}: {len(names)} classes {list(names)} but num_classes={num_classes}")
+    return (np.array([index[v] for v in values], np.int64), names,
+            int(num_classes if num_classes is not None else len(names)))
+
+
+def _is_int_literal(value):
+    try:
+        int(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _open(path, where):
+    """The nibabel image of ``path`` (header only; the voxels stay on disk)."""
+    import nibabel as nib
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{where}: file {path!r} does not exist")
+    try:
+        img = nib.load(path)
+    except Exception as e:  # nibabel raises ImageFileError, OSError, EOFError, zlib/gzip errors ...
+        raise ValueError(f"{where}: {path!r} is not a readable NIfTI file: {_one_line(e)}") from e
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise ValueError(f"{where}: {path!r} is a {type(img).__name__}, not a NIfTI image")
+    dtype = img.get_data_dtype()
+    if dtype.kind not in "iufb" or dtype.fields is not None:
+        raise ValueError(f"{where}: {path!r} holds {dtype} voxels; only real numbers are supported")
+    if len(img.shape) not in (3, 4) or 0 in img.shape:
+        raise ValueError(f"{where}: {path!r} has shape {img.shape}; expected a 3-D (i, j, k) or 4-D "
+                         "(i, j, k, channels) image")
+    return img
+
+
+def _shape_of(img):
+    shape = tuple(int(s) for s in img.shape)
+    return shape + (1,) if len(shape) == 3 else shape
+
+
+def nifti_info(table, *, labels: bool = True, classes=None, num_classes=None) -> NiftiInfo:
+    """Validate a NIfTI table and summarise it, reading every file's header (not its voxels).
+
+    Args:
+      table: a CSV file (``path``, ``label`` columns) or a folder (see the module's doc).
+      labels: False for a table without labels (prediction): a CSV needs only ``path``,
+        a folder may hold the files at its top level.
+      classes: the class names in index order, to map name labels the same way for every
+        split (pass ``nifti_info(train_table).class_names`` for val/test tables).
+      num_classes: labels must be in ``[0, num_classes)``.
+
+    Raises FileNotFoundError or ValueError naming the table and, where it applies, the
+    file and CSV line: table missing, empty, missing columns, empty cells, a file missing
+    or not NIfTI, non-numeric voxels, a label outside ``[0, num_classes)`` or not among
+    ``classes``, files with different channel counts.
+    """
+    table = os.fspath(table)
+    if num_classes is not None:
+        num_classes = _check_positive_int("num_classes", num_classes)
+    if not os.path.exists(table):
+        raise FileNotFoundError(f"table {table!r} does not exist (expected a CSV file with path and label "
+                                "columns, or a folder of NIfTI files)")
+    rows = _folder_rows(table, labels) if os.path.isdir(table) else _csv_rows(table, labels)
+    if not rows:
+        raise ValueError(f"table {table!r} lists no NIfTI files (.nii or .nii.gz)")
+    paths = tuple(os.path.abspath(p) for p, _, _ in rows)
+    where = tuple(w for _, _, w in rows)
+    label_array = names = None
+    count = num_classes
+    if labels:
+        label_array, names, count = _labels([v for _, v, _ in rows], where, table, classes, num_classes)
+    shapes = tuple(_shape_of(_open(p, w)) for p, w in zip(paths, where))
+    for shape, w in zip(shapes, where):
+        if shape[-1] != shapes[0][-1]:
+            raise ValueError(f"{w}: {shape[-1]} channel(s) (shape {shape}), but {where[0]} has {shapes[0][-1]}")
+    same = all(s == shapes[0] for s in shapes)
+    return NiftiInfo(table=table, paths=paths, where=where, labels=label_array, class_names=names,
+                     num_classes=count, n=len(paths), volume_shape=shapes[0] if same else None, shapes=shapes)
+
+
+# ------------------------------------------------------------------- reading
+def _fit(volume, target_shape):
+    """Centre crop / zero pad each spatial axis of a DHWC array to ``target_shape``."""
+    out = volume
+    for axis, want in enumerate(target_shape):
+        have = out.shape[axis]
+        if have > want:
+            start = (have - want) // 2
+            out = np.take(out, np.arange(start, start + want), axis=axis)
+        elif have < want:
+            before = (want - have) // 2
+            widths = [(0, 0)] * 4
+            widths[axis] = (before, want - have - before)
+            out = np.pad(out, widths)
+    return out
+
+
+def _normalise(x, intensity):
+    if intensity is None:
+        return x
+    if intensity[0] == "window":
+        _, lo, hi = intensity
+        return ((np.clip(x, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+    out = np.empty_like(x)
+    for c in range(x.shape[-1]):
+        v = x[..., c]
+        mask = v != 0 if intensity == "zscore_nonzero" else np.ones(v.shape, bool)
+        sel = v[mask].astype(np.float64)
+        mean = sel.mean() if sel.size else 0.0
+        std = sel.std() if sel.size else 1.0
+        std = std if std > 1e-6 else 1.0         # a constant volume is centred, not scaled by ~0
+        out[..., c] = np.where(mask, (v - mean) / std, 0.0)
+    return out
+
+
+def read_nifti(path, *, intensity="zscore", target_shape=None, where=None) -> np.ndarray:
+    """One NIfTI file as a float32 ``(D, H, W, C)`` array, preprocessed as described in the
+    module's doc (``intensity`` then centre crop / zero pad to ``target_shape``).
+
+    ``intensity``: ``"zscore"`` (per volume and channel, over all voxels: ``(x - mean) /
+    std``; std 1 for a constant volume), ``"zscore_nonzero"`` (the same over the non-zero
+    voxels, zeros stay 0: skull-stripped MRI), ``("window", lo, hi)`` (CT: clip to
+    ``[lo, hi]`` in stored units, e.g. Hounsfield, and scale to ``[0, 1]``), or None.
+    Raises ValueError naming the file (``where``): unreadable, non-numeric, NaN/Inf voxels.
+    """
+    path = os.fspath(path)
+    where = where or repr(path)
+    intensity = check_intensity(intensity)
+    target_shape = check_target_shape(target_shape)
+    img = _open(path, where)
+    try:
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as e:  # a truncated .nii.gz fails here, not at nib.load
+        raise ValueError(f"{where}: cannot read the voxels of {path!r}: {_one_line(e)}") from e
+    if data.ndim == 3:
+        data = data[..., None]
+    if not np.isfinite(data).all():
+        raise ValueError(f"{where}: {path!r} contains NaN or Inf voxels")
+    data = _normalise(data, intensity)
+    if target_shape is not None:
+        data = _fit(data, target_shape)
+    return np.ascontiguousarray(data, dtype=np.float32)
+
+
+def _output_shape(info, target_shape):
+    if target_shape is not None:
+        return tuple(target_shape) + (info.channels,)
+    if info.volume_shape is None:
+        first = info.shapes[0]
+        i = next(i for i, s in enumerate(info.shapes) if s != first)
+        raise ValueError(f"{info.where[i]}: shape {info.shapes[i]} differs from {info.where[0]}'s {first}; "
+                         "pass target_shape=(D, H, W) to centre-crop / zero-pad every volume to one shape")
+    return info.volume_shape
+
+
+class NiftiVolumes:
+    """The volumes of a NIfTI table as a read-only array-like ``(N, D, H, W, C)`` float32:
+    ``len``, ``shape``, ``dtype`` and ``[i]`` / ``[start:stop]`` (files read on demand, a
+    slice's files in parallel threads). What ``predict`` and ``nifti_to_hdf5`` read from.
+
+    ``table``: a table (see :func:`nifti_info`; ``labels=False`` accepts unlabelled ones),
+    a :class:`NiftiInfo`, or one ``.nii``/``.nii.gz`` file.
+    """
+
+    def __init__(self, table, *, intensity="zscore", target_shape=None, labels=False, classes=None,
+                 num_classes=None, threads=None):
+        self.intensity = check_intensity(intensity)
+        self.target_shape = check_target_shape(target_shape)
+        if isinstance(table, NiftiInfo):
+            info = table
+        elif isinstance(table, (str, os.PathLike)) and is_nifti_path(table) and os.path.isfile(table):
+            path = os.path.abspath(os.fspath(table))
+            shape = _shape_of(_open(path, repr(path)))
+            info = NiftiInfo(table=path, paths=(path,), where=(repr(path),), labels=None, class_names=None,
+                             num_classes=None, n=1, volume_shape=shape, shapes=(shape,))
+        else:
+            info = nifti_info(table, labels=labels, classes=classes, num_classes=num_classes)
+        self.info = info
+        self.shape = (info.n,) + _output_shape(info, self.target_shape)
+        self.dtype = np.dtype(np.float32)
+        self.threads = threads or min(8, os.cpu_count() or 1)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def read(self, i) -> np.ndarray:
+        """Volume ``i`` as float32 ``(D, H, W, C)``."""
+        out = read_nifti(self.info.paths[i], intensity=self.intensity, target_shape=self.target_shape,
+                         where=self.info.where[i])
+        if out.shape != self.shape[1:]:
+            raise ValueError(f"{self.info.where[i]}: shape {out.shape} differs from the table's "
+                             f"{self.shape[1:]}; pass target_shape=(D, H, W)")
+        return out
+
+    def __getitem__(self, item):
+        if isinstance(item, slice):
+            idx = range(*item.indices(len(self)))
+            if len(idx) <= 1 or self.threads == 1:
+                parts = [self.read(i) for i in idx]
+            else:
+                with ThreadPoolExecutor(self.threads) as pool:
+                    parts = list(pool.map(self.read, idx))
+            return np.stack(parts) if parts else np.empty((0,) + self.shape[1:], np.float32)
+        if is_int(item):
+            i = int(item) + (len(self) if item < 0 else 0)
+            if not 0 <= i < len(self):
+                raise IndexError(f"index {item} is out of range for {len(self)} volumes")
+            return self.read(i)
+        raise TypeError(f"NiftiVolumes indices are ints or slices, got {item!r}")
+
+
+# ------------------------------------------------------------------ pipelines
+def nifti_dataset(table, *, batch_size: int, training: bool = False, target_shape=None, intensity="zscore",
+                  seed: int = 0, repeat: bool = False, shuffle=None, augment=None, num_classes=None,
+                  classes=None, drop_remainder: bool = False) -> tf.data.Dataset:
+    """Stream labelled NIfTI volumes as ``tf.data`` batches.
+
+    Every file's header is checked up front (:func:`nifti_info`); voxels are read per
+    sample inside a parallel ``tf.data`` map (nibabel in a ``tf.numpy_function``), so the
+    dataset is never held in memory. For many epochs over a large table, convert once with
+    :func:`nifti_to_hdf5` and stream with ``hdf5_dataset`` (gzip decoding is the cost).
+
+    Args:
+      table: CSV file or class-per-folder folder (see the module's doc).
+      batch_size: positive int.
+      training: default for ``shuffle`` (augmentation is never on by default: say which
+        transforms suit the anatomy with ``augment=Augment3D(...)``).
+      target_shape: ``(D, H, W)``: centre crop / zero pad each volume to it. None: every
+        file must have the same shape (else ValueError naming the first that differs).
+      intensity: see :func:`read_nifti`.
+      seed, repeat, shuffle, drop_remainder: as in ``make_dataset`` (same seed, same
+        batches; shuffling is a fresh deterministic permutation per epoch).
+      augment: None/False, or an :class:`Augment3D` or callable ``(volume, seed [2]) ->
+        volume``, applied to each preprocessed volume.
+      num_classes, classes: see :func:`nifti_info`.
+
+    Returns:
+      ``tf.data.Dataset`` of ``(float32 (B, D, H, W, C), int64 (B,))``, tagged as carrying
+      no dataset-level normalisation (the per-volume ``intensity`` step replaces it).
+      ``dataset.wrn3d_class_names`` holds the class names (or None).
+
+    Errors while reading a file (NaN voxels, a corrupt file) surface when the batch is
+    produced, as a ``tf.errors.InvalidArgumentError`` whose message names the file.
+    """
+    batch_size = _check_positive_int("batch_size", batch_size)
+    training, augment, shuffle, _, drop_remainder, repeat, seed, _ = _check_pipeline_flags(
+        training, False if augment is None else augment, shuffle, False, drop_remainder, repeat, seed, 0)
+    if augment is True:
+        raise ValueError("nifti_dataset: augment=True has no meaning for scans; pass augment=Augment3D(...) "
+                         "naming the flips/rotations/crops that suit the anatomy")
+    volumes = NiftiVolumes(table, intensity=intensity, target_shape=target_shape, labels=True, classes=classes,
+                           num_classes=num_classes)
+    info, shape = volumes.info, volumes.shape[1:]
+    n = info.n
+    if drop_remainder and not repeat and n < batch_size:
+        raise ValueError(f"table {info.table!r}: drop_remainder=True with batch_size={batch_size} > N={n} "
+                         "yields no batches")
+    labels = tf.constant(info.labels)
+    augmenter = _augmenter(augment, 0, False) if augment else None
+
+    def per_epoch(epoch):
+        order = _permutation(n, seed, epoch) if shuffle else tf.range(n, dtype=tf.int64)
+        return tf.data.Dataset.from_tensor_slices((order, tf.fill([n], epoch)))
+
+    def load(index, epoch):
+        volume = tf.numpy_function(lambda i: volumes.read(int(i)), [index], tf.float32, stateful=False)
+        volume = tf.ensure_shape(volume, shape)
+        if augmenter is not None:
+            volume = tf.cast(augmenter(volume, _element_seed(seed, epoch, index)), tf.float32)
+        return volume, tf.gather(labels, index)
+
+    ds = _EpochCounter().dataset(repeat).flat_map(per_epoch)
+    ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    ds = _finish(ds, n, batch_size, drop_remainder, repeat, None)
+    ds.wrn3d_class_names = info.class_names
+    return ds
+
+
+def nifti_to_hdf5(table, out_path, *, target_shape=None, intensity="zscore", classes=None, num_classes=None,
+                  compression=None, x_key="volumes", y_key="labels"):
+    """Read a labelled NIfTI table once (files in parallel threads) and write the
+    preprocessed float32 volumes and labels to an HDF5 file that ``hdf5_dataset`` streams
+    (with ``normalization=None``: the intensity step is already applied). The class names
+    and the preprocessing are stored as attributes of the labels dataset. Returns the
+    file's ``HDF5Info``."""
+    import json
+
+    import h5py
+
+    from .hdf5 import hdf5_info, write_hdf5_volumes
+
+    volumes = NiftiVolumes(table, intensity=intensity, target_shape=target_shape, labels=True, classes=classes,
+                           num_classes=num_classes)
+    info = volumes.info
+    write_hdf5_volumes(out_path, volumes, info.labels, x_key=x_key, y_key=y_key, compression=compression,
+                       num_classes=info.num_classes)
+    with h5py.File(out_path, "a") as f:
+        f[y_key].attrs["class_names"] = json.dumps(info.class_names)
+        f[x_key].attrs["source"] = json.dumps({"table": os.path.abspath(info.table), "intensity": volumes.intensity,
+                                               "target_shape": volumes.target_shape})
+    return hdf5_info(out_path, x_key, y_key)
