@@ -18,9 +18,10 @@ uints are converted exactly up to 2**24; bool, complex and non-numeric arrays ar
 refused). Inference mode: moving batch-norm statistics, no dropout.
 
 NIfTI inputs (a ``.nii``/``.nii.gz`` file, a folder of them, or a CSV with a ``path``
-column) are read exactly as ``wrn3d_tl.data.nifti_dataset`` reads them for training (same
-axis order, ``intensity`` and ``target_shape``: pass the values the model was trained with;
-the defaults are the same), and the output gains a ``path`` per volume.
+column) are read exactly as ``wrn3d_tl.data.nifti_dataset`` read them for training: same
+axis order, and the ``intensity`` and ``target_shape`` the checkpoint stored from its
+training data (``Trainer.preprocessing``) unless given; the output gains a ``path`` per
+volume.
 
 Errors (wrong rank, spatial shape or channels, NaN/Inf, values so large that the logits
 overflow, empty input, missing file or key, a file that is not a checkpoint) raise
@@ -41,6 +42,7 @@ from wrn3d_tl.cli import Parser, fail, intensity_arg, positive_int, quiet_tensor
 __all__ = ["Predictor", "predict", "write_csv", "load_npy", "main"]
 
 _CLI = "wrn3d-predict"
+FROM_CHECKPOINT = "checkpoint"   # NIfTI reading: as the checkpoint's training data was read
 
 
 def _one_line(exc):
@@ -67,13 +69,17 @@ class Predictor:
         from wrn3d_tl.config import WRNConfig
         from wrn3d_tl.train import load_model
 
+        from wrn3d_tl.checkpoint import checkpoint_contents
+
         if hasattr(checkpoint, "model") and isinstance(getattr(checkpoint, "config", None), WRNConfig):
             self.config, self.model = checkpoint.config, checkpoint.model
             self.normalization = checkpoint.normalization
+            self.preprocessing = getattr(checkpoint, "preprocessing", None)
             self.source = "trainer"
         else:
             path = os.fspath(checkpoint)
             self.model, self.config, self.normalization = load_model(path)  # errors name the file
+            self.preprocessing = checkpoint_contents(path)["trainer"].get("preprocessing")
             self.source = path
         if self.normalization is not None:
             mean = np.asarray(self.normalization["mean"], np.float32)
@@ -132,10 +138,23 @@ class Predictor:
             yield start, x
 
     # -------------------------------------------------------------- inference
-    def predict(self, volumes, *, key="volumes", batch_size=32, top_k=5, intensity="zscore", target_shape=None):
+    def nifti_reading(self, intensity=FROM_CHECKPOINT, target_shape=FROM_CHECKPOINT):
+        """``(intensity, target_shape)`` for NIfTI inputs: each argument as given, or, when
+        ``"checkpoint"``, what the checkpoint stored from its NIfTI training data (else the
+        defaults of ``nifti_dataset``: ``"zscore"``, None)."""
+        stored = self.preprocessing if (self.preprocessing or {}).get("reader") == "nifti" else {}
+        if intensity == FROM_CHECKPOINT:
+            intensity = stored.get("intensity", "zscore")
+        if isinstance(target_shape, str) and target_shape == FROM_CHECKPOINT:
+            target_shape = stored.get("target_shape")
+        return intensity, target_shape
+
+    def predict(self, volumes, *, key="volumes", batch_size=32, top_k=5, intensity=FROM_CHECKPOINT,
+                target_shape=FROM_CHECKPOINT):
         """See ``wrn3d_tl.predict.predict``."""
         top_k = _positive_int(top_k, "top_k")
         k = min(top_k, self.config.num_classes)
+        intensity, target_shape = self.nifti_reading(intensity, target_shape)
         with _open_volumes(volumes, key, intensity, target_shape) as (array, what):
             n = self.check_volumes(array, what)[0]
             logits = np.empty((n, self.config.num_classes), np.float32)
@@ -233,7 +252,8 @@ class _open_volumes:
         return False
 
 
-def predict(checkpoint, volumes, *, key="volumes", batch_size=32, top_k=5, intensity="zscore", target_shape=None):
+def predict(checkpoint, volumes, *, key="volumes", batch_size=32, top_k=5, intensity=FROM_CHECKPOINT,
+            target_shape=FROM_CHECKPOINT):
     """Predict the class of every volume, streaming ``batch_size`` volumes at a time.
 
     Args:
@@ -246,7 +266,9 @@ def predict(checkpoint, volumes, *, key="volumes", batch_size=32, top_k=5, inten
             ``wrn3d_tl.data.NiftiVolumes``). Any real dtype; converted to float32.
         key: the HDF5 dataset holding the volumes (HDF5 paths only).
         intensity, target_shape: how NIfTI inputs are preprocessed (as in
-            ``wrn3d_tl.data.nifti_dataset``; pass what the model was trained with).
+            ``wrn3d_tl.data.nifti_dataset``). ``"checkpoint"`` (the default): as the
+            model's NIfTI training data was (stored in the checkpoint), else ``"zscore"``
+            and None.
         batch_size: volumes per forward pass (memory bound).
         top_k: how many classes to rank per volume; at most ``num_classes`` are returned.
 
@@ -260,7 +282,8 @@ def predict(checkpoint, volumes, *, key="volumes", batch_size=32, top_k=5, inten
     HDF5/.npy), FileNotFoundError, or CheckpointError, each naming the input.
     """
     predictor = checkpoint if isinstance(checkpoint, Predictor) else Predictor(checkpoint)
-    return predictor.predict(volumes, key=key, batch_size=batch_size, top_k=top_k)
+    return predictor.predict(volumes, key=key, batch_size=batch_size, top_k=top_k, intensity=intensity,
+                             target_shape=target_shape)
 
 
 def write_csv(predictions, path, top_k=5):
@@ -291,6 +314,13 @@ def write_csv(predictions, path, top_k=5):
     return path
 
 
+def _or_checkpoint(kind):
+    def parse(text):
+        return FROM_CHECKPOINT if text == FROM_CHECKPOINT else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def _parser():
     p = Parser(prog=_CLI, description="Predict classes of raw volumes with a wrn3d_tl checkpoint; writes a CSV "
                "(index, class, probability, top5, top5_probabilities).")
@@ -300,10 +330,11 @@ def _parser():
     src.add_argument("--npy", help=".npy file holding the volumes (N, D, H, W, C)")
     src.add_argument("--nifti", help="a .nii/.nii.gz file, a folder of them, or a CSV with a path column")
     p.add_argument("--key", default="volumes", help="HDF5 dataset with the volumes")
-    p.add_argument("--intensity", type=intensity_arg, default="zscore",
-                   help="NIfTI intensity step, as in training: zscore, zscore_nonzero, none, or window:LO:HI")
-    p.add_argument("--target-shape", type=shape_arg, default=None,
-                   help="NIfTI: centre crop / zero pad to D,H,W, as in training")
+    p.add_argument("--intensity", type=_or_checkpoint(intensity_arg), default=FROM_CHECKPOINT,
+                   help="NIfTI intensity step: zscore, zscore_nonzero, none, window:LO:HI, or checkpoint (as the "
+                        "training data was read, else zscore)")
+    p.add_argument("--target-shape", type=_or_checkpoint(shape_arg), default=FROM_CHECKPOINT,
+                   help="NIfTI: centre crop / zero pad to D,H,W, or checkpoint (as in training, else none)")
     p.add_argument("--out", required=True, help="output CSV file (a file name, not a folder)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="volumes per forward pass")
     p.add_argument("--top-k", type=positive_int, default=5, help="classes ranked per volume")
@@ -337,7 +368,9 @@ def main(argv=None):
             quiet_tensorflow()
             from wrn3d_tl.data.nifti import NiftiVolumes
 
-            volumes = NiftiVolumes(src, intensity=args.intensity, target_shape=args.target_shape)
+            # the table and every header now; shapes once the checkpoint's target_shape is known
+            NiftiVolumes(src, intensity=None, target_shape=(1, 1, 1))
+            volumes = src
         else:
             volumes = src
             if not h5py.is_hdf5(src):
@@ -350,7 +383,8 @@ def main(argv=None):
     except (OSError, ValueError) as e:  # FileNotFoundError, CheckpointError
         return fail(_CLI, "--checkpoint", args.checkpoint, e)
     try:
-        out = predictor.predict(volumes, key=args.key, batch_size=args.batch_size, top_k=args.top_k)
+        out = predictor.predict(volumes, key=args.key, batch_size=args.batch_size, top_k=args.top_k,
+                                intensity=args.intensity, target_shape=args.target_shape)
     except (OSError, ValueError) as e:
         return fail(_CLI, src_arg, src, e)
     try:

@@ -74,6 +74,11 @@ class Trainer:
         normalization: the data's per-channel stats (a ``wrn3d_tl.data.Normalization`` or
             its dict, validated here against the model's channels); stored in checkpoints so
             inference uses the same numbers.
+        preprocessing: how raw files became the training volumes, a JSON-able dict such as
+            ``{"reader": "nifti", "intensity": "zscore", "target_shape": None}``; None: read
+            off ``train_data`` when its pipeline says (``nifti_dataset``, or ``hdf5_dataset``
+            on a file from ``nifti_to_hdf5``). Stored in checkpoints; ``predict`` reads NIfTI
+            inputs with it.
         eval_data: what ``evaluate()`` reads when called without data (an ``(x, y)`` pair
             or a ``tf.data.Dataset``), e.g. the test split.
         strategy: a ``tf.distribute.Strategy`` or None. ``x``/``y`` given to ``train_step``
@@ -94,7 +99,7 @@ class Trainer:
                  schedule="constant", total_steps=None, warmup_steps=0, mixed_precision=None, seed=0,
                  batch_size=None, normalization=None, eval_data=None, strategy=None, logdir=None,
                  checkpoint_dir=None, checkpoint_every=None, keep_checkpoints=3, jit_compile=False, trainable=None,
-                 verbose=True):
+                 preprocessing=None, verbose=True):
         config = getattr(model, "wrn_config", None)
         if not isinstance(config, WRNConfig):
             raise TypeError("model must be built by wrn3d_tl.model.build_wrn (it has no wrn_config), "
@@ -135,6 +140,7 @@ class Trainer:
         # Whether the stats of the training data are known (given, or read off a tagged
         # pipeline, "raw" included): saving a trainer whose stats are unknown warns.
         self.normalization_known = norm is not None
+        self.preprocessing = preprocessing
         self.eval_data = eval_data
         self.strategy = strategy or tf.distribute.get_strategy()
         self.is_chief = _is_chief(self.strategy)
@@ -250,6 +256,8 @@ class Trainer:
         carry. As ``train_data`` they become the trainer's when it holds none, so they travel
         to checkpoints, predict and export; stats that differ from the trainer's known ones
         are an error, for training and evaluation data alike."""
+        if what == "train_data" and self.preprocessing is None:
+            self.preprocessing = getattr(data, "wrn3d_preprocessing", None)
         known, stats = normalization_of(data)
         if not known:
             return
@@ -477,7 +485,8 @@ class Trainer:
                 "weight_decay": self.weight_decay, "schedule": self.schedule, "total_steps": self.total_steps,
                 "warmup_steps": self.warmup_steps, "mixed_precision": self.mixed_precision, "seed": self.seed,
                 "batch_size": self.batch_size, "keep_checkpoints": self.keep_checkpoints,
-                "jit_compile": self.jit_compile, "trainable": self.trainable, "lr_override": self._lr_override}
+                "jit_compile": self.jit_compile, "trainable": self.trainable, "lr_override": self._lr_override,
+                "preprocessing": self.preprocessing}
 
     def _state_arrays(self):
         # Every worker reads (cross-replica reads of ON_READ variables are collectives).

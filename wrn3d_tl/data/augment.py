@@ -74,7 +74,10 @@ class Augment3D:
                 raise ValueError(f"Augment3D.rotate_plane must be two different spatial axes, got "
                                  f"{self.rotate_plane!r}")
         pad = self.crop_padding
-        pad = (pad,) * 3 if is_int(pad) else tuple(pad)
+        try:
+            pad = (pad,) * 3 if is_int(pad) else tuple(pad)
+        except TypeError:   # not an int and not iterable (e.g. 1.5): refused below
+            pad = (pad,)
         if len(pad) != 3 or not all(is_int(p) and p >= 0 for p in pad):
             raise ValueError(f"Augment3D.crop_padding must be an int >= 0 or three of them (D, H, W), got "
                              f"{self.crop_padding!r}")

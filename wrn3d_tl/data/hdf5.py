@@ -11,6 +11,7 @@ Expected layout (keys configurable)::
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 
@@ -45,6 +46,8 @@ class HDF5Info:
       normalization: :class:`Normalization` from the ``norm_mean`` /
         ``norm_std`` attributes, or ``None``.
       chunk_len: samples per HDF5 chunk along N (``None`` if contiguous).
+      preprocessing: how the volumes were made from raw files (the ``preprocessing``
+        JSON attribute ``nifti_to_hdf5`` writes), or ``None``.
     """
 
     path: str
@@ -56,6 +59,7 @@ class HDF5Info:
     num_classes: int
     normalization: Normalization | None
     chunk_len: int | None
+    preprocessing: dict | None = None
 
 
 def _where(path, key=None) -> str:
@@ -140,7 +144,13 @@ def _inspect(path, x_key, y_key, num_classes=None):
                 raise ValueError(
                     f"{_where(path, x_key)}: norm_mean/norm_std have "
                     f"{norm.channels} channels, volumes have {dx.shape[-1]}")
+        preprocessing = _attr("preprocessing", dx)
+        try:
+            preprocessing = None if preprocessing is None else json.loads(preprocessing)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{_where(path, x_key)}: the preprocessing attribute is not JSON: {e}") from e
         info = HDF5Info(
+            preprocessing=preprocessing,
             path=path, x_key=x_key, y_key=y_key, n=int(n),
             volume_shape=tuple(int(s) for s in dx.shape[1:]),
             dtype=dx.dtype.newbyteorder("="),
@@ -289,7 +299,9 @@ def hdf5_dataset(path, *, x_key: str = "volumes", y_key: str = "labels",
       shuffle_buffer: samples per shuffle window; default ~64 MiB of data.
 
     Returns:
-      ``tf.data.Dataset`` of ``(float32 (B, D, H, W, C), int64 (B,))``.
+      ``tf.data.Dataset`` of ``(float32 (B, D, H, W, C), int64 (B,))``;
+      ``dataset.wrn3d_preprocessing`` is the file's ``preprocessing`` (a
+      ``Trainer`` stores it for ``predict``).
     """
     batch_size = _check_positive_int("batch_size", batch_size)
     training, augment, shuffle, depth_flip, drop_remainder, repeat, seed, crop_padding = _check_pipeline_flags(
@@ -374,4 +386,6 @@ def hdf5_dataset(path, *, x_key: str = "volumes", y_key: str = "labels",
         ds = ds.rebatch(batch_size, drop_remainder=drop_remainder)
     ds = ds.map(_batch_transform(normalization, None, "repeat"),
                 num_parallel_calls=AUTOTUNE, deterministic=True)
-    return _finish(ds, n, batch_size, drop_remainder, repeat, normalization)
+    ds = _finish(ds, n, batch_size, drop_remainder, repeat, normalization)
+    ds.wrn3d_preprocessing = info.preprocessing
+    return ds

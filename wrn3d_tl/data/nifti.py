@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import numbers
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -36,7 +37,7 @@ from .pipeline import AUTOTUNE, _EpochCounter, _augmenter, _check_pipeline_flags
 from .transforms import _check_positive_int
 
 __all__ = ["NIFTI_SUFFIXES", "INTENSITY_MODES", "NiftiInfo", "NiftiVolumes", "nifti_info", "read_nifti",
-           "nifti_dataset", "nifti_to_hdf5", "is_nifti_path"]
+           "nifti_dataset", "nifti_to_hdf5", "is_nifti_path", "preprocessing_of"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 INTENSITY_MODES = ("zscore", "zscore_nonzero", "('window', lo, hi)", None)
@@ -58,11 +59,20 @@ def check_intensity(intensity):
     if intensity is None or intensity in ("zscore", "zscore_nonzero"):
         return intensity
     if (isinstance(intensity, (tuple, list)) and len(intensity) == 3 and intensity[0] == "window"
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+            and all(isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) and np.isfinite(v)
                     for v in intensity[1:]) and intensity[1] < intensity[2]):
         return ("window", float(intensity[1]), float(intensity[2]))
     raise ValueError(f"intensity must be 'zscore', 'zscore_nonzero', None or ('window', lo, hi) with finite "
                      f"lo < hi, got {intensity!r}")
+
+
+def preprocessing_of(intensity, target_shape) -> dict:
+    """The JSON-able record of how NIfTI files become volumes, as a ``Trainer`` stores it in
+    checkpoints (``predict`` reads NIfTI inputs with it): ``{"reader": "nifti",
+    "intensity": ..., "target_shape": [D, H, W] or None}``."""
+    intensity, target_shape = check_intensity(intensity), check_target_shape(target_shape)
+    return {"reader": "nifti", "intensity": list(intensity) if isinstance(intensity, tuple) else intensity,
+            "target_shape": None if target_shape is None else list(target_shape)}
 
 
 def check_target_shape(target_shape):
@@ -412,7 +422,9 @@ def nifti_dataset(table, *, batch_size: int, training: bool = False, target_shap
     Returns:
       ``tf.data.Dataset`` of ``(float32 (B, D, H, W, C), int64 (B,))``, tagged as carrying
       no dataset-level normalisation (the per-volume ``intensity`` step replaces it).
-      ``dataset.wrn3d_class_names`` holds the class names (or None).
+      ``dataset.wrn3d_class_names`` holds the class names (or None) and
+      ``dataset.wrn3d_preprocessing`` the reading (:func:`preprocessing_of`), which a
+      ``Trainer`` stores in its checkpoints for ``predict``.
 
     Errors while reading a file (NaN voxels, a corrupt file) surface when the batch is
     produced, as a ``tf.errors.InvalidArgumentError`` whose message names the file.
@@ -449,6 +461,7 @@ def nifti_dataset(table, *, batch_size: int, training: bool = False, target_shap
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     ds = _finish(ds, n, batch_size, drop_remainder, repeat, None)
     ds.wrn3d_class_names = info.class_names
+    ds.wrn3d_preprocessing = preprocessing_of(volumes.intensity, volumes.target_shape)
     return ds
 
 
@@ -457,8 +470,9 @@ def nifti_to_hdf5(table, out_path, *, target_shape=None, intensity="zscore", cla
     """Read a labelled NIfTI table once (files in parallel threads) and write the
     preprocessed float32 volumes and labels to an HDF5 file that ``hdf5_dataset`` streams
     (with ``normalization=None``: the intensity step is already applied). The class names
-    and the preprocessing are stored as attributes of the labels dataset. Returns the
-    file's ``HDF5Info``."""
+    are stored as a JSON attribute of the labels, the reading (:func:`preprocessing_of`,
+    which ``hdf5_dataset`` hands on to a ``Trainer``) and the source table as attributes of
+    the volumes. Returns the file's ``HDF5Info``."""
     import json
 
     import h5py
@@ -474,4 +488,5 @@ def nifti_to_hdf5(table, out_path, *, target_shape=None, intensity="zscore", cla
         f[y_key].attrs["class_names"] = json.dumps(info.class_names)
         f[x_key].attrs["source"] = json.dumps({"table": os.path.abspath(info.table), "intensity": volumes.intensity,
                                                "target_shape": volumes.target_shape})
+        f[x_key].attrs["preprocessing"] = json.dumps(preprocessing_of(volumes.intensity, volumes.target_shape))
     return hdf5_info(out_path, x_key, y_key)
