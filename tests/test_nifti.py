@@ -257,7 +257,7 @@ def test_garbage_and_truncated_files_name_the_file(tmp_path, rng):
         data = fh.read()
     (tmp_path / "cut.nii.gz").write_bytes(data[: len(data) * 2 // 3])
     assert nifti_info(write_csv(tmp_path / "c.csv", [("cut.nii.gz", 0)])).volume_shape == (16, 16, 16, 1)
-    with pytest.raises(ValueError, match=r"cut\.nii\.gz.*cannot read the voxels"):
+    with pytest.raises(ValueError, match=r"cut\.nii\.gz.*(cannot read the voxels|not a readable NIfTI file)"):
         read_nifti(tmp_path / "cut.nii.gz")
     # cut inside the header
     (tmp_path / "stub.nii.gz").write_bytes(data[:40])
