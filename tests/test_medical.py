@@ -813,3 +813,21 @@ def test_medmnist3d_table():
         assert tuple(entry["n_samples"][s] for s in SPLITS) == sizes
     assert MEDMNIST3D["organmnist3d"]["labels"][0] == "liver"
     assert MEDMNIST3D["nodulemnist3d"]["labels"] == ("benign", "malignant")
+
+
+def test_medmnist_refuses_a_lone_npy_under_the_npz_name(med_env, tmp_path):
+    path = tmp_path / "organmnist3d.npz"
+    with open(path, "wb") as fh:
+        np.save(fh, np.zeros((2, 28, 28, 28), np.uint8))
+    with pytest.raises(ValueError, match="single array, not an .npz archive") as e:
+        load_medmnist3d("organmnist3d", data_dir=tmp_path, check_sizes=False)
+    assert str(path) in str(e.value)
+
+
+def test_depth_flip_with_augment3d_is_refused():
+    x = np.zeros((4, 4, 6, 6, 1), np.float32)
+    with pytest.raises(ValueError, match="depth_flip=True belongs to augment=True"):
+        make_dataset(x, np.arange(4), batch_size=2, volume_depth=None, augment=Augment3D(flip_axes="W"),
+                     depth_flip=True)
+    # without augmentation depth_flip is simply unused, as before
+    make_dataset(x, np.arange(4), batch_size=2, volume_depth=None, training=False, depth_flip=True)

@@ -720,3 +720,62 @@ def test_training_on_nifti_learns(tmp_path):
     assert result["accuracy"] >= 0.9, result
     assert result["auc"] >= 0.9, result
     assert trainer.normalization is None      # per-volume intensity; nothing dataset-level stored
+
+
+def test_empty_class_folder_keeps_the_numbering(tmp_path, rng):
+    """Classes of a folder table are its sub-folders, empty ones included: a split that lacks
+    a class keeps the training split's numbering."""
+    for split, present in (("train", "ABC"), ("val", "AC")):
+        for name in "ABC":
+            (tmp_path / split / name).mkdir(parents=True)
+        for name in present:
+            save(tmp_path / split / name / "x.nii.gz", volume(rng))
+    train, val = nifti_info(tmp_path / "train"), nifti_info(tmp_path / "val")
+    assert train.class_names == val.class_names == ("A", "B", "C")
+    assert train.labels.tolist() == [0, 1, 2] and val.labels.tolist() == [0, 2] and val.num_classes == 3
+
+
+def test_nifti_to_hdf5_failure_leaves_the_old_file(tmp_path, rng):
+    good = write_csv(tmp_path / "good.csv", [(save(tmp_path / "a.nii.gz", volume(rng)), 0)])
+    out = tmp_path / "out.h5"
+    before = nifti_to_hdf5(good, out)
+    bad_volume = volume(rng)
+    bad_volume[0, 0, 0] = np.nan
+    bad = write_csv(tmp_path / "bad.csv", [(tmp_path / "a.nii.gz", 0), (save(tmp_path / "b.nii.gz", bad_volume), 1)])
+    data = out.read_bytes()
+    with pytest.raises(ValueError, match=r"b\.nii\.gz.*NaN"):
+        nifti_to_hdf5(bad, out)
+    assert out.read_bytes() == data and before.n == 1
+    assert sorted(os.listdir(tmp_path)) == sorted(["a.nii.gz", "b.nii.gz", "good.csv", "bad.csv", "out.h5"])
+
+
+def test_readings_are_validated_and_compared(tmp_path, rng, scans):
+    import h5py
+
+    with pytest.raises(ValueError, match=r"Trainer\(preprocessing=...\) must be None or"):
+        Trainer(build_wrn(WRNConfig(depth=10, widen_factor=1, num_classes=2, input_shape=SHAPE + (1,))),
+                preprocessing="zscore", verbose=False)
+    folder, files = scans
+    table = write_csv(tmp_path / "t.csv", [(f, i % 2) for i, f in enumerate(files)])
+    h5 = nifti_to_hdf5(table, tmp_path / "v.h5", target_shape=SHAPE)
+    with h5py.File(h5.path, "a") as f:
+        f["volumes"].attrs["preprocessing"] = '{"reader": "nifti", "intensity": "zcore", "target_shape": null}'
+    with pytest.raises(ValueError, match=r"v\.h5.*bad preprocessing attribute.*zcore"):
+        hdf5_dataset(h5.path, batch_size=2)
+    trainer = Trainer(build_wrn(WRNConfig(depth=10, widen_factor=1, num_classes=2, input_shape=SHAPE + (1,))),
+                      nifti_dataset(table, batch_size=2, target_shape=SHAPE), lr=0.01, verbose=False)
+    other = nifti_dataset(table, batch_size=2, target_shape=SHAPE, intensity=None)
+    with pytest.raises(ValueError, match="evaluate: the pipeline reads its files with"):
+        trainer.evaluate(other)
+    # NiftiVolumes read another way than the checkpoint says are refused, not silently used
+    path = trainer.save(os.fspath(tmp_path / "c.h5"))
+    with pytest.raises(ValueError, match="NiftiVolumes read files with"):
+        predict(path, NiftiVolumes(folder, intensity=None, target_shape=SHAPE))
+
+
+def test_predict_cli_nifti_flags_need_nifti_input(tmp_path, checkpoint, capsys):
+    np.save(tmp_path / "v.npy", np.zeros((1,) + SHAPE + (1,), np.float32))
+    code = predict_main(["--checkpoint", checkpoint, "--npy", str(tmp_path / "v.npy"), "--intensity", "none",
+                         "--out", str(tmp_path / "p.csv")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "--intensity" in lines[0] and "--nifti inputs only" in lines[0]

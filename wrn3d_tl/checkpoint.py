@@ -31,6 +31,8 @@ import sys
 import h5py
 import numpy as np
 
+from wrn3d_tl.files import temporary_path  # noqa: F401  (also this module's name for it)
+
 FORMAT = "wrn3d_tl-checkpoint"
 VERSION = 1
 MAGIC = b"wrn3d_tl-checkpoint sha256="
@@ -65,13 +67,6 @@ def _file_digest(fh):
     for chunk in iter(lambda: fh.read(1 << 20), b""):
         h.update(chunk)
     return h.hexdigest().encode()
-
-
-def temporary_path(path):
-    """Where a writer of ``path`` writes before the atomic rename: ``.<name>.tmp-<host>-<pid>``
-    in the same folder (the same filesystem, so ``os.replace`` is atomic)."""
-    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
-    return os.path.join(folder, f".{name}.tmp-{socket.gethostname()}-{os.getpid()}")
 
 
 def remove_stale_temporaries(folder):

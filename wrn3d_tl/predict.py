@@ -67,9 +67,7 @@ class Predictor:
         import tensorflow as tf
 
         from wrn3d_tl.config import WRNConfig
-        from wrn3d_tl.train import load_model
-
-        from wrn3d_tl.checkpoint import checkpoint_contents
+        from wrn3d_tl.train import load_for_inference
 
         if hasattr(checkpoint, "model") and isinstance(getattr(checkpoint, "config", None), WRNConfig):
             self.config, self.model = checkpoint.config, checkpoint.model
@@ -78,14 +76,10 @@ class Predictor:
             self.source = "trainer"
         else:
             path = os.fspath(checkpoint)
-            self.model, self.config, self.normalization = load_model(path)  # errors name the file
-            self.preprocessing = checkpoint_contents(path)["trainer"].get("preprocessing")
+            # errors name the file
+            self.model, self.config, self.normalization, self.preprocessing = load_for_inference(path)
             self.source = path
-        if self.normalization is not None:
-            mean = np.asarray(self.normalization["mean"], np.float32)
-            std = np.asarray(self.normalization["std"], np.float32)
-        else:
-            mean = std = None
+        mean, std = self.normalization_arrays()
         model = self.model
         spec = tf.TensorSpec((None,) + self.config.input_shape, tf.float32)
 
@@ -97,6 +91,13 @@ class Predictor:
             return logits, tf.nn.softmax(logits, axis=-1)
 
         self._infer = infer
+
+    def normalization_arrays(self):
+        """``(mean, std)`` float32 ``(C,)`` arrays of the stored normalisation, or ``(None, None)``."""
+        if self.normalization is None:
+            return None, None
+        return (np.asarray(self.normalization["mean"], np.float32),
+                np.asarray(self.normalization["std"], np.float32))
 
     # ----------------------------------------------------------------- inputs
     def check_volumes(self, volumes, what="volumes"):
@@ -154,6 +155,11 @@ class Predictor:
         """See ``wrn3d_tl.predict.predict``."""
         top_k = _positive_int(top_k, "top_k")
         k = min(top_k, self.config.num_classes)
+        stored = (self.preprocessing or {}).get("reader") == "nifti"
+        if hasattr(volumes, "intensity") and hasattr(volumes, "target_shape") and not stored:
+            # NiftiVolumes for a model whose data did not say how it was read: theirs is the reading
+            intensity = volumes.intensity if intensity == FROM_CHECKPOINT else intensity
+            target_shape = volumes.target_shape if isinstance(target_shape, str) else target_shape
         intensity, target_shape = self.nifti_reading(intensity, target_shape)
         with _open_volumes(volumes, key, intensity, target_shape) as (array, what):
             n = self.check_volumes(array, what)[0]
@@ -209,10 +215,17 @@ class _open_volumes:
         self.intensity, self.target_shape = intensity, target_shape
 
     def __enter__(self):
-        from wrn3d_tl.data.nifti import NiftiVolumes  # TensorFlow comes with it: not at module import
+        # TensorFlow comes with it: not at module import
+        from wrn3d_tl.data.nifti import NiftiVolumes, check_intensity, check_target_shape
 
         v = self.volumes
         if isinstance(v, NiftiVolumes):
+            given = {"intensity": v.intensity, "target_shape": v.target_shape}
+            wanted = {"intensity": check_intensity(self.intensity), "target_shape": check_target_shape(self.target_shape)}
+            if given != wanted:
+                raise ValueError(f"NIfTI table {v.info.table!r}: these NiftiVolumes read files with {given}, but "
+                                 f"the model's NIfTI data was read with {wanted}; build them with the same "
+                                 "intensity and target_shape, or pass the path instead")
             return v, f"NIfTI table {v.info.table!r}"
         if isinstance(v, (str, os.PathLike)):
             path = os.fspath(v)
@@ -290,7 +303,7 @@ def write_csv(predictions, path, top_k=5):
     """Write ``predict`` output to CSV: index, [path (NIfTI inputs),] class, probability,
     top{k} (space-separated classes), top{k}_probabilities (space-separated, 6 decimals).
     Written atomically."""
-    from wrn3d_tl.checkpoint import temporary_path
+    from wrn3d_tl.files import temporary_path
 
     path = os.fspath(path)
     tmp = temporary_path(path)
@@ -355,6 +368,10 @@ def main(argv=None):
         return fail(_CLI, "--out", args.out, "is a folder; give the CSV file's name (e.g. preds.csv)")
     if not os.path.isdir(out_dir):
         return fail(_CLI, "--out", args.out, f"folder {out_dir!r} does not exist")
+    for flag, value in (("--intensity", args.intensity), ("--target-shape", args.target_shape)):
+        if value != FROM_CHECKPOINT and args.nifti is None:
+            return fail(_CLI, flag, value if isinstance(value, str) else ",".join(map(str, value or ["none"])),
+                        "applies to --nifti inputs only")
     src_arg, src = next((f"--{name}", value) for name, value in
                         (("hdf5", args.hdf5), ("npy", args.npy), ("nifti", args.nifti)) if value is not None)
     if not (os.path.isfile(src) or (args.nifti is not None and os.path.isdir(src))):

@@ -23,13 +23,14 @@ import tensorflow as tf
 from wrn3d_tl.axes import check_batch_shape
 from wrn3d_tl.checkpoint import CheckpointError, CheckpointManager, read_checkpoint, write_checkpoint
 from wrn3d_tl.data import as_normalization, normalization_of, same_normalization
+from wrn3d_tl.data.nifti import check_preprocessing
 from wrn3d_tl.layers import variable_name
 from wrn3d_tl.logs import MetricsLogger, plot_metrics
 from wrn3d_tl.metrics import classification_metrics
 from wrn3d_tl.model import WRNConfig, build_wrn
 from wrn3d_tl.optim import FP16_MAX_FLOOR_SKIPS, SCHEDULES, SGD, LossScale, scheduled_lr
 
-__all__ = ["Trainer", "describe_devices", "load_model", "under"]
+__all__ = ["Trainer", "describe_devices", "load_model", "load_for_inference", "under"]
 
 PRECISIONS = {None: tf.float32, "bf16": tf.bfloat16, "fp16": tf.float16}
 
@@ -140,7 +141,7 @@ class Trainer:
         # Whether the stats of the training data are known (given, or read off a tagged
         # pipeline, "raw" included): saving a trainer whose stats are unknown warns.
         self.normalization_known = norm is not None
-        self.preprocessing = preprocessing
+        self.preprocessing = check_preprocessing(preprocessing, "Trainer(preprocessing=...)")
         self.eval_data = eval_data
         self.strategy = strategy or tf.distribute.get_strategy()
         self.is_chief = _is_chief(self.strategy)
@@ -256,8 +257,12 @@ class Trainer:
         carry. As ``train_data`` they become the trainer's when it holds none, so they travel
         to checkpoints, predict and export; stats that differ from the trainer's known ones
         are an error, for training and evaluation data alike."""
+        reading = check_preprocessing(getattr(data, "wrn3d_preprocessing", None), f"{what}'s preprocessing")
         if what == "train_data" and self.preprocessing is None:
-            self.preprocessing = getattr(data, "wrn3d_preprocessing", None)
+            self.preprocessing = reading
+        elif reading is not None and self.preprocessing is not None and reading != self.preprocessing:
+            raise ValueError(f"{what}: the pipeline reads its files with {reading}, but the trainer's data was "
+                             f"read with {self.preprocessing}; read training, evaluation and new files the same way")
         known, stats = normalization_of(data)
         if not known:
             return
@@ -617,12 +622,27 @@ def load_model(path, *, strategy=None, recompute=False):
     run from (the model is built inside ``strategy``'s scope, with ``recompute``). The
     optimizer state is not read. Raises FileNotFoundError or CheckpointError naming the file.
     """
+    return _load(path, strategy, recompute)[:3]
+
+
+def load_for_inference(path):
+    """``(model, config, normalization, preprocessing)`` from ONE read of a checkpoint: what
+    ``load_model`` gives plus the stored NIfTI reading (``Trainer.preprocessing``, validated;
+    None when the training data did not say)."""
+    return _load(path, None, False)
+
+
+def _load(path, strategy, recompute):
     ck = read_checkpoint(path)
     config, norm = _stored_config_and_normalization(ck, path)
+    try:
+        reading = check_preprocessing(ck["trainer"].get("preprocessing"), "its stored preprocessing")
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {os.fspath(path)!r}: {e}") from e
     with (strategy or tf.distribute.get_strategy()).scope():
         model = build_wrn(config, recompute=recompute)
     _assign_checked([(v, ck["weights"], variable_name(v)) for v in model.all_weights], path)
-    return model, config, None if norm is None else norm.to_dict()
+    return model, config, None if norm is None else norm.to_dict(), reading
 
 
 def _check(value, name, rule, ok):

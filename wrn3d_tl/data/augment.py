@@ -47,8 +47,10 @@ class Augment3D:
       b))``. The two axes must have the same size (a rotation by 90 degrees swaps them).
     - ``crop_padding``: an int or one int per spatial axis ``(pD, pH, pW)``: the volume is
       zero-padded by ``p`` on both sides of that axis and a window of the original size is
-      cut at a uniform offset in ``[0, 2p]``. Zero is the mean after ``"zscore"`` and the
-      window's low end after ``("window", lo, hi)``.
+      cut at a uniform offset in ``[0, 2p]``. In ``nifti_dataset`` it runs after the
+      intensity step, so zero is the mean (``"zscore"``) or the window's low end; in
+      ``make_dataset``/``hdf5_dataset`` it runs on the raw sample, before normalisation (so
+      do ``shift`` and zero padding, in raw units).
     - ``scale``, ``shift``: intensity jitter ``x * g + s`` with ``g`` uniform in
       ``[1 - scale, 1 + scale]`` and ``s`` uniform in ``[-shift, shift]`` (the volume is cast
       to float32 first). Both 0: no jitter, dtype kept.

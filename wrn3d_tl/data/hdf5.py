@@ -20,9 +20,11 @@ import numpy as np
 import tensorflow as tf
 
 from wrn3d_tl.axes import is_int
+from wrn3d_tl.files import written_atomically
 
 from .pipeline import (AUTOTUNE, _EpochCounter, _augmenter, _batch_transform, _check_pipeline_flags,
                        _check_labels, _element_seed, _finish)
+from .nifti import check_preprocessing
 from .transforms import (Normalization, _check_positive_int, as_normalization,
                          compute_normalization)
 
@@ -146,9 +148,9 @@ def _inspect(path, x_key, y_key, num_classes=None):
                     f"{norm.channels} channels, volumes have {dx.shape[-1]}")
         preprocessing = _attr("preprocessing", dx)
         try:
-            preprocessing = None if preprocessing is None else json.loads(preprocessing)
+            preprocessing = check_preprocessing(None if preprocessing is None else json.loads(preprocessing))
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{_where(path, x_key)}: the preprocessing attribute is not JSON: {e}") from e
+            raise ValueError(f"{_where(path, x_key)}: bad preprocessing attribute: {e}") from e
         info = HDF5Info(
             preprocessing=preprocessing,
             path=path, x_key=x_key, y_key=y_key, n=int(n),
@@ -244,6 +246,16 @@ def write_hdf5_volumes(path, volumes, labels, *, x_key: str = "volumes",
         kwargs["compression"] = compression
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # as Trainer.save does
+    if mode == "w":   # a failure part-way leaves the old file (or none), not half of a new one
+        with written_atomically(path) as tmp:
+            _write_volumes(tmp, volumes, labels, x_key, y_key, kwargs, normalization, num_classes, "w")
+    else:
+        _write_volumes(path, volumes, labels, x_key, y_key, kwargs, normalization, num_classes, "a")
+    return hdf5_info(path, x_key, y_key)
+
+
+def _write_volumes(path, volumes, labels, x_key, y_key, kwargs, normalization, num_classes, mode):
+    shape, dtype, n = tuple(volumes.shape), np.dtype(volumes.dtype), volumes.shape[0]
     with h5py.File(path, mode) as f:
         for key in (x_key, y_key):
             if key in f:
@@ -258,7 +270,6 @@ def write_hdf5_volumes(path, volumes, labels, *, x_key: str = "volumes",
             dx.attrs["norm_std"] = normalization.std
         if num_classes is not None:
             dy.attrs["num_classes"] = np.int64(num_classes)
-    return hdf5_info(path, x_key, y_key)
 
 
 def hdf5_dataset(path, *, x_key: str = "volumes", y_key: str = "labels",

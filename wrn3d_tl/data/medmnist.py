@@ -63,6 +63,8 @@ def _check_file(path, flag, size, check_sizes):
         npz = np.load(path, allow_pickle=False)
     except Exception as e:  # not a zip, truncated, ...
         raise ValueError(f"MedMNIST file {path!r} is not a readable .npz archive: {' '.join(str(e).split())}") from e
+    if not isinstance(npz, np.lib.npyio.NpzFile):      # a lone .npy array under the .npz name
+        raise ValueError(f"MedMNIST file {path!r} holds a single array, not an .npz archive of splits")
     out = {}
     with npz:
         want = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels")]

@@ -32,12 +32,13 @@ import numpy as np
 import tensorflow as tf
 
 from wrn3d_tl.axes import is_int
+from wrn3d_tl.files import written_atomically
 
 from .pipeline import AUTOTUNE, _EpochCounter, _augmenter, _check_pipeline_flags, _element_seed, _finish, _permutation
 from .transforms import _check_positive_int
 
 __all__ = ["NIFTI_SUFFIXES", "INTENSITY_MODES", "NiftiInfo", "NiftiVolumes", "nifti_info", "read_nifti",
-           "nifti_dataset", "nifti_to_hdf5", "is_nifti_path", "preprocessing_of"]
+           "nifti_dataset", "nifti_to_hdf5", "is_nifti_path", "preprocessing_of", "check_preprocessing"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 INTENSITY_MODES = ("zscore", "zscore_nonzero", "('window', lo, hi)", None)
@@ -73,6 +74,22 @@ def preprocessing_of(intensity, target_shape) -> dict:
     intensity, target_shape = check_intensity(intensity), check_target_shape(target_shape)
     return {"reader": "nifti", "intensity": list(intensity) if isinstance(intensity, tuple) else intensity,
             "target_shape": None if target_shape is None else list(target_shape)}
+
+
+def check_preprocessing(value, what="preprocessing"):
+    """Validate a stored reading (None, or a dict as :func:`preprocessing_of` returns, e.g.
+    read back from a checkpoint or an HDF5 attribute); returns it in canonical form.
+    ValueError naming ``what`` otherwise."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("reader") != "nifti" or \
+            set(value) != {"reader", "intensity", "target_shape"}:
+        raise ValueError(f"{what} must be None or {{'reader': 'nifti', 'intensity': ..., 'target_shape': ...}}, "
+                         f"got {value!r}")
+    try:
+        return preprocessing_of(value["intensity"], value["target_shape"])
+    except ValueError as e:
+        raise ValueError(f"{what}: {e}") from e
 
 
 def check_target_shape(target_shape):
@@ -155,6 +172,8 @@ def _nifti_files(folder):
 
 
 def _folder_rows(table, need_labels):
+    """``(rows, class names)``: the classes are the sorted sub-folders, an empty one included
+    (numbering them by the files found would shift a split that lacks a class)."""
     classes = sorted(d for d in os.listdir(table) if os.path.isdir(os.path.join(table, d)))
     loose = _nifti_files(table)
     if need_labels and loose:
@@ -163,7 +182,7 @@ def _folder_rows(table, need_labels):
     rows = [(p, None, repr(p)) for p in loose]
     for name in classes:
         rows += [(p, name, repr(p)) for p in _nifti_files(os.path.join(table, name))]
-    return rows
+    return rows, tuple(classes)
 
 
 def _labels(values, where, table, classes, num_classes):
@@ -277,7 +296,11 @@ def nifti_info(table, *, labels: bool = True, classes=None, num_classes=None) ->
     if not os.path.exists(table):
         raise FileNotFoundError(f"table {table!r} does not exist (expected a CSV file with path and label "
                                 "columns, or a folder of NIfTI files)")
-    rows = _folder_rows(table, labels) if os.path.isdir(table) else _csv_rows(table, labels)
+    if os.path.isdir(table):
+        rows, folders = _folder_rows(table, labels)
+        classes = folders if classes is None else classes
+    else:
+        rows = _csv_rows(table, labels)
     if not rows:
         raise ValueError(f"table {table!r} lists no NIfTI files (.nii or .nii.gz)")
     paths = tuple(os.path.abspath(p) for p, _, _ in rows)
@@ -507,20 +530,25 @@ def nifti_to_hdf5(table, out_path, *, target_shape=None, intensity="zscore", cla
     are stored as a JSON attribute of the labels, the reading (:func:`preprocessing_of`,
     which ``hdf5_dataset`` hands on to a ``Trainer``) and the source table as attributes of
     the volumes. Returns the file's ``HDF5Info``."""
-    import json
-
-    import h5py
-
     from .hdf5 import hdf5_info, write_hdf5_volumes
 
     volumes = NiftiVolumes(table, intensity=intensity, target_shape=target_shape, labels=True, classes=classes,
                            num_classes=num_classes)
     info = volumes.info
-    write_hdf5_volumes(out_path, volumes, info.labels, x_key=x_key, y_key=y_key, compression=compression,
-                       num_classes=info.num_classes)
-    with h5py.File(out_path, "a") as f:
+    with written_atomically(out_path) as tmp:      # a bad scan part-way leaves no half-written file
+        write_hdf5_volumes(tmp, volumes, info.labels, x_key=x_key, y_key=y_key, compression=compression,
+                           num_classes=info.num_classes)
+        _describe(tmp, x_key, y_key, info, volumes)
+    return hdf5_info(out_path, x_key, y_key)
+
+
+def _describe(path, x_key, y_key, info, volumes):
+    import json
+
+    import h5py
+
+    with h5py.File(path, "a") as f:
         f[y_key].attrs["class_names"] = json.dumps(info.class_names)
         f[x_key].attrs["source"] = json.dumps({"table": os.path.abspath(info.table), "intensity": volumes.intensity,
                                                "target_shape": volumes.target_shape})
         f[x_key].attrs["preprocessing"] = json.dumps(preprocessing_of(volumes.intensity, volumes.target_shape))
-    return hdf5_info(out_path, x_key, y_key)

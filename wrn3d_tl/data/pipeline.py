@@ -71,6 +71,9 @@ def _augmenter(augment, crop_padding, depth_flip):
     """The per-sample function ``(sample, seed [2]) -> sample`` for a checked ``augment``."""
     if augment is True:
         return lambda sample, seed: _crop_flip(sample, seed, crop_padding, depth_flip)
+    if augment and depth_flip:
+        raise ValueError("depth_flip=True belongs to augment=True (the WRN crop + flip); with an Augment3D put "
+                         "'D' in its flip_axes")
     return augment
 
 
