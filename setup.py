@@ -33,5 +33,6 @@ setup(
     },
     entry_points={"console_scripts": ["wrn3d-predict = wrn3d_tl.predict:main",
                                       "wrn3d-export = wrn3d_tl.export:main",
-                                      "wrn3d-convert = wrn3d_tl.convert:main"]},
+                                      "wrn3d-convert = wrn3d_tl.convert:main",
+                                      "wrn3d-explain = wrn3d_tl.explain:main"]},
 )

@@ -303,6 +303,24 @@ def predict_classes_shape(workdir):
     return predict(str(workdir / "runs" / "scans.h5"), str(workdir / "new_scans"))["class"].shape
 
 
+def _check_blob_montage(ns, workdir, store):
+    import matplotlib.image
+
+    assert ns["cams"].shape == (1, 8, 8, 8) and matplotlib.image.imread(workdir / "blob_cam.png").ndim == 3
+
+
+def test_readme_grad_cam_lines_are_the_example_s():
+    """The README's Grad-CAM lines are what examples/explain_blobs.py runs (its flags aside)."""
+    (block,) = [b for b in blocks_of("python") if b.path == "README.md" and b.first_line.startswith(
+        "from wrn3d_tl.data import synthetic_blobs")]
+    script = (ROOT / "examples" / "explain_blobs.py").read_text()
+    script = script.replace("args.steps", "100").replace("args.out", '"docs/images/blob_cam.png"')
+    code = [line.strip() for line in block.text.splitlines() if line.strip() and not line.startswith(("from ",
+                                                                                                        "import "))]
+    missing = [line for line in code if line not in {s.strip() for s in script.splitlines()}]
+    assert not missing and len(code) == 6, missing
+
+
 def _check_augment3d(ns, workdir, store):
     from wrn3d_tl.data import make_dataset
 
@@ -357,6 +375,10 @@ PYTHON_BLOCKS = {
               ("trainer.fit(2000)", "trainer.fit(30)")),
         check=_check_nifti_readme),
     ("docs/data.md", "from wrn3d_tl.data import Augment3D, make_dataset"): Py(check=_check_augment3d),
+    ("README.md", "from wrn3d_tl.data import synthetic_blobs"): Py(
+        subs=(("total_steps=100", "total_steps=10"), ("trainer.fit(100)", "trainer.fit(10)"),
+              ('"docs/images/blob_cam.png"', '"blob_cam.png"')),
+        check=_check_blob_montage),
     ("docs/memory.md", "from wrn3d_tl.memory import estimate_memory, largest_batch"): Py(),
     ("docs/performance.md", "import numpy as np, tensorflow as tf"): Py(),
     ("docs/training.md", "from wrn3d_tl.checkpoint import CheckpointManager"): Py(
@@ -409,6 +431,14 @@ def _check_medmnist_cli(workdir):
     assert 0 <= result["test"]["acc"] <= 1 and sum(map(sum, result["test"]["confusion_matrix"])) == 16
 
 
+def _check_explain_cli(workdir):
+    from wrn3d_tl.predict import predict
+
+    classes = predict(str(workdir / "c.h5"), str(workdir / "data.npy"))["class"]
+    assert sorted(os.listdir(workdir / "cams")) == sorted(f"{i}_{classes[i]}.png" for i in (0, 3))
+    assert sorted(os.listdir(workdir / "cams_all")) == sorted(f"{i}_{c}.png" for i, c in enumerate(classes))
+
+
 def _check_export_cli(workdir):
     import tensorflow as tf
 
@@ -456,6 +486,11 @@ BASH_RUN = {
         needs=("medmnist",),
         subs=(("--depth 16 --width 4 --epochs 30", "--depth 10 --width 1 --epochs 1 --limit 16 --batch-size 8"),),
         check=_check_medmnist_cli),
+    "python examples/explain_blobs.py": Bash(
+        subs=(("python examples/explain_blobs.py", "python examples/explain_blobs.py --steps 5 --out blob.png"),),
+        check=lambda workdir: (workdir / "blob.png").exists() or pytest.fail("no montage")),
+    "wrn3d-explain --checkpoint c.h5 --npy data.npy --out cams --indices 0,3": Bash(
+        needs=("predict_files",), check=_check_explain_cli),
     "wrn3d-export --checkpoint runs/last.h5 --out exported/wrn-cli": Bash(
         needs=("checkpoints",), check=_check_export_cli),
 }
@@ -502,6 +537,10 @@ def _run_in_process(argv, load_example):
         from wrn3d_tl import convert
 
         main, args = convert.main, argv[1:]
+    elif argv[0] == "wrn3d-explain":
+        from wrn3d_tl import explain
+
+        main, args = explain.main, argv[1:]
     else:
         raise AssertionError(f"tests/test_docs.py does not know how to run {argv!r}")
     try:

@@ -8,6 +8,7 @@
     wrn3d-predict --checkpoint c.h5 --hdf5 data.h5 [--key volumes] --out preds.csv [--batch-size N]
     wrn3d-predict --checkpoint c.h5 --npy data.npy --out preds.csv
     wrn3d-predict --checkpoint c.h5 --nifti scans/ [--intensity zscore] [--target-shape D,H,W] --out preds.csv
+    wrn3d-predict ... --cam-dir cams/      # also a Grad-CAM montage per volume (wrn3d_tl.explain)
 
 Volumes are RAW (the units the training data had before normalisation, e.g. 0..255),
 shaped (N,) + the checkpoint's ``input_shape``: NDHWC (batch, depth, height, width,
@@ -39,7 +40,7 @@ import numpy as np
 
 from wrn3d_tl.cli import Parser, fail, intensity_arg, positive_int, quiet_tensorflow, shape_arg
 
-__all__ = ["Predictor", "predict", "write_csv", "load_npy", "main"]
+__all__ = ["Predictor", "predict", "write_csv", "load_npy", "add_input_flags", "open_inputs", "main"]
 
 _CLI = "wrn3d-predict"
 FROM_CHECKPOINT = "checkpoint"   # NIfTI reading: as the checkpoint's training data was read
@@ -150,18 +151,23 @@ class Predictor:
             target_shape = stored.get("target_shape")
         return intensity, target_shape
 
-    def predict(self, volumes, *, key="volumes", batch_size=32, top_k=5, intensity=FROM_CHECKPOINT,
-                target_shape=FROM_CHECKPOINT):
-        """See ``wrn3d_tl.predict.predict``."""
-        top_k = _positive_int(top_k, "top_k")
-        k = min(top_k, self.config.num_classes)
+    def open(self, volumes, *, key="volumes", intensity=FROM_CHECKPOINT, target_shape=FROM_CHECKPOINT):
+        """Context manager giving ``(array-like, description)`` for any input ``predict``
+        takes (files opened lazily; NIfTI read as the checkpoint says unless overridden)."""
         stored = (self.preprocessing or {}).get("reader") == "nifti"
         if hasattr(volumes, "intensity") and hasattr(volumes, "target_shape") and not stored:
             # NiftiVolumes for a model whose data did not say how it was read: theirs is the reading
             intensity = volumes.intensity if intensity == FROM_CHECKPOINT else intensity
             target_shape = volumes.target_shape if isinstance(target_shape, str) else target_shape
         intensity, target_shape = self.nifti_reading(intensity, target_shape)
-        with _open_volumes(volumes, key, intensity, target_shape) as (array, what):
+        return _open_volumes(volumes, key, intensity, target_shape)
+
+    def predict(self, volumes, *, key="volumes", batch_size=32, top_k=5, intensity=FROM_CHECKPOINT,
+                target_shape=FROM_CHECKPOINT):
+        """See ``wrn3d_tl.predict.predict``."""
+        top_k = _positive_int(top_k, "top_k")
+        k = min(top_k, self.config.num_classes)
+        with self.open(volumes, key=key, intensity=intensity, target_shape=target_shape) as (array, what):
             n = self.check_volumes(array, what)[0]
             logits = np.empty((n, self.config.num_classes), np.float32)
             probs = np.empty_like(logits)
@@ -334,9 +340,8 @@ def _or_checkpoint(kind):
     return parse
 
 
-def _parser():
-    p = Parser(prog=_CLI, description="Predict classes of raw volumes with a wrn3d_tl checkpoint; writes a CSV "
-               "(index, class, probability, top5, top5_probabilities).")
+def add_input_flags(p):
+    """The flags that name a checkpoint and the volumes to read (shared with ``wrn3d-explain``)."""
     p.add_argument("--checkpoint", required=True, help="checkpoint .h5 written by Trainer.save")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--hdf5", help="HDF5 file holding the volumes (N, D, H, W, C) at --key")
@@ -348,34 +353,38 @@ def _parser():
                         "training data was read, else zscore)")
     p.add_argument("--target-shape", type=_or_checkpoint(shape_arg), default=FROM_CHECKPOINT,
                    help="NIfTI: centre crop / zero pad to D,H,W, or checkpoint (as in training, else none)")
-    p.add_argument("--out", required=True, help="output CSV file (a file name, not a folder)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="volumes per forward pass")
+
+
+def _parser():
+    p = Parser(prog=_CLI, description="Predict classes of raw volumes with a wrn3d_tl checkpoint; writes a CSV "
+               "(index, class, probability, top5, top5_probabilities).")
+    add_input_flags(p)
+    p.add_argument("--out", required=True, help="output CSV file (a file name, not a folder)")
     p.add_argument("--top-k", type=positive_int, default=5, help="classes ranked per volume")
+    p.add_argument("--cam-dir", help="also write a Grad-CAM montage per volume here ({index}_{class}.png)")
     return p
 
 
-def main(argv=None):
-    """The ``wrn3d-predict`` command; returns the exit status (0 ok, 2 bad input).
+class _Exit(Exception):
+    """A command-line error already reported: carries the exit status."""
 
-    Every argument is checked before the (slow) model load, and every error is one line
-    ``wrn3d-predict: error: ...`` on stderr."""
-    try:
-        args = _parser().parse_args(argv)
-    except SystemExit as e:  # the parser already printed its one line (or the help)
-        return e.code
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if os.path.isdir(args.out):
-        return fail(_CLI, "--out", args.out, "is a folder; give the CSV file's name (e.g. preds.csv)")
-    if not os.path.isdir(out_dir):
-        return fail(_CLI, "--out", args.out, f"folder {out_dir!r} does not exist")
+
+def open_inputs(prog, args):
+    """Check the input flags of ``add_input_flags`` (before any model is loaded) and load the
+    checkpoint: ``(predictor, volumes, src_flag, src)``. Raises ``_Exit(2)`` after printing
+    one line ``prog: error: --flag value: ...``."""
+    def bad(flag, value, message):
+        raise _Exit(fail(prog, flag, value, message))
+
     for flag, value in (("--intensity", args.intensity), ("--target-shape", args.target_shape)):
         if value != FROM_CHECKPOINT and args.nifti is None:
-            return fail(_CLI, flag, value if isinstance(value, str) else ",".join(map(str, value or ["none"])),
-                        "applies to --nifti inputs only")
+            bad(flag, value if isinstance(value, str) else ",".join(map(str, value or ["none"])),
+                "applies to --nifti inputs only")
     src_arg, src = next((f"--{name}", value) for name, value in
                         (("hdf5", args.hdf5), ("npy", args.npy), ("nifti", args.nifti)) if value is not None)
     if not (os.path.isfile(src) or (args.nifti is not None and os.path.isdir(src))):
-        return fail(_CLI, src_arg, src, "no such file")
+        bad(src_arg, src, "no such file")
     try:
         if args.npy is not None:
             volumes = load_npy(src)
@@ -393,15 +402,44 @@ def main(argv=None):
             if not h5py.is_hdf5(src):
                 raise ValueError("not an HDF5 file")
     except (OSError, ValueError) as e:
-        return fail(_CLI, src_arg, src, e)
+        bad(src_arg, src, e)
     quiet_tensorflow()
     try:
         predictor = Predictor(args.checkpoint)
     except (OSError, ValueError) as e:  # FileNotFoundError, CheckpointError
-        return fail(_CLI, "--checkpoint", args.checkpoint, e)
+        bad("--checkpoint", args.checkpoint, e)
+    return predictor, volumes, src_arg, src
+
+
+def main(argv=None):
+    """The ``wrn3d-predict`` command; returns the exit status (0 ok, 2 bad input).
+
+    Every argument is checked before the (slow) model load, and every error is one line
+    ``wrn3d-predict: error: ...`` on stderr."""
     try:
-        out = predictor.predict(volumes, key=args.key, batch_size=args.batch_size, top_k=args.top_k,
-                                intensity=args.intensity, target_shape=args.target_shape)
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # the parser already printed its one line (or the help)
+        return e.code
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if os.path.isdir(args.out):
+        return fail(_CLI, "--out", args.out, "is a folder; give the CSV file's name (e.g. preds.csv)")
+    if not os.path.isdir(out_dir):
+        return fail(_CLI, "--out", args.out, f"folder {out_dir!r} does not exist")
+    if args.cam_dir is not None and os.path.exists(args.cam_dir) and not os.path.isdir(args.cam_dir):
+        return fail(_CLI, "--cam-dir", args.cam_dir, "is a file; give a folder for the montages")
+    try:
+        predictor, volumes, src_arg, src = open_inputs(_CLI, args)
+    except _Exit as e:
+        return e.args[0]
+    reading = dict(key=args.key, intensity=args.intensity, target_shape=args.target_shape)
+    try:
+        out = predictor.predict(volumes, batch_size=args.batch_size, top_k=args.top_k, **reading)
+        if args.cam_dir is not None:
+            from wrn3d_tl.explain import write_cam_montages
+
+            with predictor.open(volumes, **reading) as (array, _):
+                write_cam_montages(predictor, array, args.cam_dir, class_index=out["class"],
+                                   batch_size=args.batch_size)
     except (OSError, ValueError) as e:
         return fail(_CLI, src_arg, src, e)
     try:
@@ -409,7 +447,8 @@ def main(argv=None):
     except OSError as e:
         return fail(_CLI, "--out", args.out, e)
     n = len(out["class"])
-    print(f"{_CLI}: {n} prediction(s) from {args.checkpoint} -> {args.out}", file=sys.stderr)
+    print(f"{_CLI}: {n} prediction(s) from {args.checkpoint} -> {args.out}"
+          + (f", montages in {args.cam_dir}" if args.cam_dir else ""), file=sys.stderr)
     return 0
 
 

@@ -17,9 +17,11 @@ Public API:
   nifti_info, nifti_dataset, nifti_to_hdf5     -- NIfTI scans listed in a CSV or folders
   read_nifti, NiftiVolumes                     -- the same reading, for prediction
   load_medmnist3d, MEDMNIST3D                  -- MedMNIST-3D's official .npz files
+  synthetic_blobs, orthant_of                  -- class = where a blob sits (explanations)
 """
 
 from .augment import Augment3D
+from .blobs import orthant_of, synthetic_blobs
 from .cifar import load_cifar, synthetic_cifar
 from .hdf5 import HDF5Info, hdf5_dataset, hdf5_info, write_hdf5_volumes
 from .medmnist import MEDMNIST3D, load_medmnist3d
@@ -54,4 +56,6 @@ __all__ = [
     "NiftiVolumes",
     "load_medmnist3d",
     "MEDMNIST3D",
+    "synthetic_blobs",
+    "orthant_of",
 ]

@@ -1,0 +1,341 @@
+"""Where in a volume the evidence for a class lies: Grad-CAM maps and slice montages.
+
+    from wrn3d_tl.explain import grad_cam, save_montage
+    cams = grad_cam("runs/last.h5", volumes)          # (N, D, H, W) float32 in [0, 1]
+    save_montage(volumes[0], "cam0.png", cam=cams[0])  # slices along depth, CAM as a heat overlay
+
+    wrn3d-explain --checkpoint c.h5 --hdf5|--npy|--nifti INPUT --out DIR [--indices 0,5] [--class K]
+
+Grad-CAM (Selvaraju et al., ICCV 2017): the gradient of the class logit with respect to a
+feature map, averaged over space, weights that map's channels; their weighted sum, through a
+ReLU, is the class's map, upsampled (linearly) to the input's spatial shape and divided by
+its maximum. The default feature map is group3's output after the head's BN-ReLU: the last
+map before global pooling, so for it Grad-CAM equals CAM (Zhou et al., CVPR 2016).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+__all__ = ["grad_cam", "cam_layers", "save_montage", "montage_slices", "write_cam_montages", "main"]
+
+DEFAULT_LAYER = "head/bn"
+
+
+def cam_layers(config):
+    """The feature maps ``grad_cam`` can use: ``"stem/conv"``, every block
+    (``"group2/block1"``), ``"group1"``..``"group3"`` (a group's last block) and
+    ``"head/bn"`` (group3 after BN-ReLU, the default)."""
+    names = ["stem/conv"] + [b.name for b in config.blocks()] + [DEFAULT_LAYER]
+    groups = {f"group{b.group}": b.name for b in config.blocks()}
+    return names, groups
+
+
+def _split(model, config, layer):
+    """The model's layers as ``(front, back)`` around the output of ``layer``."""
+    names, groups = cam_layers(config)
+    target = groups.get(layer, layer)
+    if target not in names:
+        raise ValueError(f"layer must be one of {names} or a group name {sorted(groups)}, got {layer!r}")
+    chain = list(model.all_layers)
+    order = [lay.name for lay in chain]
+    if target not in order:  # a model not built by build_wrn's chain
+        raise ValueError(f"layer {target!r} is not among the model's layers {order}")
+    i = order.index(target) + 1
+    return chain[:i], chain[i:]
+
+
+def _resize(cam, spatial):
+    """Linear upsampling of (N,) + small spatial maps to (N,) + ``spatial``."""
+    import tensorflow as tf
+
+    x = cam[..., None]
+    if len(spatial) == 2:
+        return tf.image.resize(x, spatial)[..., 0]
+    n, d, h, w = tf.unstack(tf.shape(cam))
+    x = tf.reshape(x, tf.stack([n * d, h, w, 1]))
+    x = tf.image.resize(x, spatial[1:])                                    # H, W per slice
+    x = tf.reshape(x, tf.stack([n, d, spatial[1] * spatial[2], 1]))
+    x = tf.image.resize(x, (spatial[0], spatial[1] * spatial[2]))          # then depth
+    return tf.reshape(x, (-1,) + tuple(spatial))
+
+
+def grad_cam(model, volumes, *, class_index=None, layer=None, batch_size=16):
+    """Grad-CAM maps of a WRN for a batch of volumes (or images).
+
+    Args:
+      model: a ``build_wrn`` model (inputs already normalised), a ``Trainer`` or a
+        checkpoint path (raw inputs: the stored normalisation is applied, as in ``predict``),
+        or a ``wrn3d_tl.predict.Predictor``.
+      volumes: ``(N,) + input_shape`` array-like: NDHWC for 3D models, NHWC for 2D.
+      class_index: None (each volume's predicted class), an int, or an ``(N,)`` int array.
+      layer: the feature map (see :func:`cam_layers`); None: ``"head/bn"``.
+      batch_size: volumes per compiled call.
+
+    Returns:
+      float32 ``(N, D, H, W)`` (3D) or ``(N, H, W)`` (2D), each map in ``[0, 1]`` (all zero
+      when no location supports the class), in input order.
+
+    Inference mode (moving BN statistics, no dropout); the weights and statistics are not
+    changed. Deterministic. Raises ValueError for a bad shape, NaN/Inf input, a class index
+    outside ``[0, num_classes)`` or an unknown layer.
+    """
+    import tensorflow as tf
+
+    from wrn3d_tl.predict import Predictor
+
+    predictor = model if isinstance(model, Predictor) else Predictor(_as_checkpoint_or_trainer(model))
+    config = predictor.config
+    front, back = _split(predictor.model, config, DEFAULT_LAYER if layer is None else layer)
+    n = predictor.check_volumes(volumes)[0]
+    if class_index is None:
+        wanted = np.full(n, -1, np.int64)
+    else:
+        wanted = np.broadcast_to(np.asarray(class_index), (n,)).astype(np.int64) \
+            if np.ndim(class_index) == 0 else np.asarray(class_index)
+        if wanted.shape != (n,) or wanted.dtype.kind not in "iu":
+            raise ValueError(f"class_index must be None, an int or {n} ints, got {np.shape(class_index)} "
+                             f"{np.asarray(class_index).dtype}")
+        wanted = wanted.astype(np.int64)
+        if wanted.min() < 0 or wanted.max() >= config.num_classes:
+            raise ValueError(f"class_index must be in [0, {config.num_classes}), got values from {wanted.min()} "
+                             f"to {wanted.max()}")
+    mean, std = predictor.normalization_arrays()
+    spatial = tuple(config.input_shape[:-1])
+    axes = tuple(range(1, len(spatial) + 1))
+    fn = _compiled(predictor, front, back, mean, std, spatial, axes)
+    out = np.empty((n,) + spatial, np.float32)
+    mode = predictor.model.is_train
+    predictor.model.eval()                     # direct layer calls read each layer's mode
+    try:
+        for start, x in predictor.batches(volumes, batch_size):
+            out[start:start + len(x)] = fn(x, wanted[start:start + len(x)]).numpy()
+    finally:
+        # back to the model's own setting (None: the mode comes with each call's is_train);
+        # TensorLayer refuses model(x, is_train=True) on a model left in eval()
+        predictor.model.is_train = mode
+    return out
+
+
+def _compiled(predictor, front, back, mean, std, spatial, axes):
+    """One tf.function per (predictor, layer), kept on the predictor."""
+    import tensorflow as tf
+
+    key = tuple(lay.name for lay in back[:1])
+    cache = predictor.__dict__.setdefault("_cam_fns", {})
+    if key in cache:
+        return cache[key]
+    spec = (tf.TensorSpec((None,) + predictor.config.input_shape, tf.float32), tf.TensorSpec((None,), tf.int64))
+
+    @tf.function(input_signature=spec)
+    def fn(x, wanted):
+        h = x if mean is None else (x - mean) / std
+        for lay in front:
+            h = lay(h)
+        with tf.GradientTape() as tape:
+            tape.watch(h)
+            logits = h
+            for lay in back:
+                logits = lay(logits)
+            logits = tf.cast(logits, tf.float32)
+            cls = tf.where(wanted < 0, tf.argmax(logits, -1), wanted)
+            score = tf.reduce_sum(tf.gather(logits, cls, batch_dims=1))
+        grads = tf.cast(tape.gradient(score, h), tf.float32)
+        feats = tf.cast(h, tf.float32)
+        weights = tf.reduce_mean(grads, axis=axes, keepdims=True)
+        cam = tf.nn.relu(tf.reduce_sum(weights * feats, axis=-1))
+        cam = tf.nn.relu(_resize(cam, spatial))
+        peak = tf.reduce_max(cam, axis=axes, keepdims=True)
+        return tf.math.divide_no_nan(cam, peak)
+
+    cache[key] = fn
+    return fn
+
+
+def _as_checkpoint_or_trainer(model):
+    """A bare ``build_wrn`` model becomes a trainer-like holder without normalisation."""
+    if isinstance(model, (str, os.PathLike)) or hasattr(model, "normalization"):
+        return model
+    config = getattr(model, "wrn_config", None)
+    if config is None:
+        raise TypeError(f"model must be a build_wrn model, a Trainer, a Predictor or a checkpoint path, got "
+                        f"{type(model).__name__}")
+
+    class _Bare:
+        normalization = None
+        preprocessing = None
+
+    bare = _Bare()
+    bare.model, bare.config = model, config
+    return bare
+
+
+# ------------------------------------------------------------------- montages
+def montage_slices(length, slices=None, most=16):
+    """The slice indices a montage shows: ``slices`` as given, else every k-th of
+    ``range(length)`` with k chosen so that at most ``most`` tiles remain."""
+    if slices is not None:
+        idx = [int(i) for i in slices]
+        bad = [i for i in idx if not 0 <= i < length]
+        if bad or not idx:
+            raise ValueError(f"slices must be indices in [0, {length}), got {list(slices)}")
+        return idx
+    step = max(1, -(-length // most))
+    return list(range(0, length, step))
+
+
+def _display(volume):
+    """float32 (..., 1 or 3) in [0, 1] for imshow: channel 0 in grey, or RGB for 3 channels."""
+    v = np.asarray(volume, np.float32)
+    v = v[..., :3] if v.shape[-1] == 3 else v[..., :1]
+    lo, hi = np.nanmin(v), np.nanmax(v)
+    return (v - lo) / (hi - lo) if hi > lo else np.zeros_like(v)
+
+
+def save_montage(volume, path, *, cam=None, axis=0, slices=None, cols=None, title=None, alpha=0.45):
+    """Write a PNG grid of slices of one volume, with a Grad-CAM overlay when ``cam`` is given.
+
+    Args:
+      volume: ``(D, H, W, C)`` (or one ``(H, W, C)`` image); channel 0 is drawn in grey, or
+        channels 0-2 as RGB when C == 3, scaled to the volume's min..max.
+      path: the PNG file (its folder must exist).
+      cam: ``(D, H, W)`` (or ``(H, W)``) map in [0, 1], drawn as a semi-transparent heat map.
+      axis: the spatial axis the slices cut along (0: depth, 1: height, 2: width).
+      slices: which slice indices; default every k-th, at most 16 tiles.
+      cols: tiles per row (default: about square). ``title``: the figure's title.
+
+    Each tile is labelled with its slice index. Uses matplotlib's object API (no pyplot, no
+    backend switch). Returns ``path``.
+    """
+    from matplotlib.figure import Figure
+
+    v = np.asarray(volume)
+    if v.ndim == 3:                       # one image: a single tile
+        v, axis = v[None], 0
+    if v.ndim != 4:
+        raise ValueError(f"volume must be (D, H, W, C) or (H, W, C), got shape {np.shape(volume)}")
+    if axis not in (0, 1, 2):
+        raise ValueError(f"axis must be 0, 1 or 2 (D, H, W), got {axis!r}")
+    if cam is not None:
+        cam = np.asarray(cam, np.float32).reshape(v.shape[:3])
+    idx = montage_slices(v.shape[axis], slices)
+    cols = cols or int(np.ceil(np.sqrt(len(idx))))
+    rows = -(-len(idx) // cols)
+    shown = _display(v)
+    fig = Figure(figsize=(2.2 * cols, 2.2 * rows + (0.4 if title else 0)))
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax, i in zip(axes, idx):
+        tile = np.take(shown, i, axis=axis)
+        ax.imshow(tile[..., 0] if tile.shape[-1] == 1 else tile, cmap="gray", vmin=0, vmax=1,
+                  interpolation="nearest")
+        if cam is not None:
+            ax.imshow(np.take(cam, i, axis=axis), cmap="jet", vmin=0, vmax=1, alpha=alpha, interpolation="bilinear")
+        ax.set_title(f"{'DHW'[axis]}={i}", fontsize=8)
+    for ax in axes:
+        ax.set_axis_off()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    return path
+
+
+# ------------------------------------------------------------------ many montages
+def write_cam_montages(model, volumes, out_dir, *, indices=None, class_index=None, layer=None, axis=0,
+                       batch_size=16, names=None):
+    """Grad-CAM montages of chosen volumes, one PNG each: ``{out_dir}/{index}_{class}.png``.
+
+    ``model``: as for :func:`grad_cam`. ``volumes``: an array-like ``(N,) + input_shape``
+    (numpy, memmap, ``h5py.Dataset``, ``NiftiVolumes``) in the units ``model`` takes.
+    ``indices``: which volumes (default all); ``class_index``: None (each volume's predicted
+    class), an int, or one class per volume of ``volumes``. ``names``: optional class names
+    for the titles. Volumes are read ``batch_size`` at a time. Returns the written paths.
+    """
+    from wrn3d_tl.predict import Predictor
+
+    predictor = model if isinstance(model, Predictor) else Predictor(_as_checkpoint_or_trainer(model))
+    n = predictor.check_volumes(volumes)[0]
+    idx = list(range(n)) if indices is None else [int(i) for i in indices]
+    bad = [i for i in idx if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"indices must be in [0, {n}), got {bad[:5]}")
+    if class_index is not None and np.ndim(class_index):
+        class_index = np.asarray(class_index)
+        if class_index.shape != (n,):
+            raise ValueError(f"class_index must be None, an int or {n} ints, got shape {class_index.shape}")
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for start in range(0, len(idx), batch_size):
+        chunk = idx[start:start + batch_size]
+        x = np.stack([np.asarray(volumes[i], np.float32) for i in chunk])
+        if class_index is None:
+            cls = predictor.predict(x, batch_size=batch_size)["class"]
+        elif np.ndim(class_index):
+            cls = class_index[chunk]
+        else:
+            cls = np.full(len(chunk), int(class_index))
+        cams = grad_cam(predictor, x, class_index=cls, layer=layer, batch_size=batch_size)
+        for i, volume, cam, c in zip(chunk, x, cams, cls):
+            label = names[int(c)] if names else f"class {int(c)}"
+            path = os.path.join(out_dir, f"{i}_{int(c)}.png")
+            save_montage(volume, path, cam=cam, axis=axis, title=f"volume {i}: Grad-CAM of {label}")
+            paths.append(path)
+    return paths
+
+
+_CLI = "wrn3d-explain"
+
+
+def main(argv=None):
+    """The ``wrn3d-explain`` command: Grad-CAM montages of chosen volumes; returns the exit
+    status (0 ok, 2 bad input, one line ``wrn3d-explain: error: ...``)."""
+    from wrn3d_tl.cli import Parser, fail, non_negative_int
+    from wrn3d_tl.predict import _Exit, add_input_flags, open_inputs
+
+    p = Parser(prog=_CLI, description="Grad-CAM montages (one PNG per volume, {index}_{class}.png) of raw "
+               "volumes with a wrn3d_tl checkpoint.")
+    add_input_flags(p)
+    p.add_argument("--out", required=True, help="folder for the PNGs (created)")
+    p.add_argument("--indices", help="comma-separated volume indices (default: all)")
+    p.add_argument("--class", dest="class_index", type=non_negative_int,
+                   help="explain this class (default: each volume's predicted class)")
+    p.add_argument("--layer", help=f"feature map: stem/conv, groupG, groupG/blockB or {DEFAULT_LAYER} (default)")
+    p.add_argument("--axis", type=int, choices=(0, 1, 2), default=0, help="slice along D (0), H (1) or W (2)")
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as e:
+        return e.code
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        return fail(_CLI, "--out", args.out, "is a file; give a folder")
+    try:
+        indices = None if args.indices is None else [int(v) for v in args.indices.split(",")]
+    except ValueError:
+        return fail(_CLI, "--indices", args.indices, "expected comma-separated ints")
+    try:
+        predictor, volumes, src_arg, src = open_inputs(_CLI, args)
+    except _Exit as e:
+        return e.args[0]
+    config = predictor.config
+    if args.class_index is not None and args.class_index >= config.num_classes:
+        return fail(_CLI, "--class", args.class_index, f"the model has {config.num_classes} classes")
+    if args.layer is not None:
+        names, groups = cam_layers(config)
+        if args.layer not in names and args.layer not in groups:
+            return fail(_CLI, "--layer", args.layer, f"expected one of {sorted(groups) + names}")
+    try:
+        with predictor.open(volumes, key=args.key, intensity=args.intensity,
+                            target_shape=args.target_shape) as (array, _):
+            paths = write_cam_montages(predictor, array, args.out, indices=indices, class_index=args.class_index,
+                                       layer=args.layer, axis=args.axis, batch_size=args.batch_size)
+    except (OSError, ValueError) as e:
+        flag, value = ("--indices", args.indices) if "indices must be" in str(e) else (src_arg, src)
+        return fail(_CLI, flag, value, e)
+    print(f"{_CLI}: {len(paths)} montage(s) -> {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
