@@ -53,6 +53,9 @@ def parse_args(argv=None):
     a("--weight-decay", type=non_negative_float, help="L2 on convolution and dense kernels")
     a("--eval-samples", type=non_negative_int, help="test samples per evaluation (0: the whole test split)")
     a("--plot", help="PNG of loss/accuracy curves written at the end (needs --logdir)")
+    a("--report", metavar="DIR", help="at the end, DIR/index.html: one self-contained page with the config, the "
+      "curves, the evaluation's pictures (DIR/eval) and Grad-CAM montages of test volumes (logs in DIR/logs "
+      "without --logdir)")
     a("--distribute", choices=["none", "mirrored", "multiworker"],
       help="mirrored: every local GPU (or --cpu-replicas N CPUs); multiworker: the cluster in TF_CONFIG")
     a("--cpu-replicas", type=positive_int, help="with --distribute mirrored: N logical CPU devices (testing)")
@@ -62,6 +65,10 @@ def parse_args(argv=None):
     add_training_flags(p, iters_help=f"training iterations (None: {DEFAULT_ITERS}, or --epochs)")
     p.set_defaults(**DEFAULTS)
     args = p.parse_args(argv)
+    if args.report and os.path.isfile(args.report):
+        p.error(f"--report {args.report}: is a file; give a folder")
+    if args.report and not args.logdir:  # the report's curves
+        args.logdir = os.path.join(args.report, "logs")
     if args.plot and not args.logdir:
         p.error("--plot needs --logdir")
     if args.plot and os.path.isdir(args.plot):
@@ -105,7 +112,7 @@ def main(argv=None):
         print(message, file=sys.stderr, flush=True)
         sys.exit(3)
     t_train = time.perf_counter() - t0
-    result = trainer.evaluate()
+    result = trainer.evaluate(report_dir=os.path.join(args.report, "eval") if args.report else None)
     print(f"test  loss {result['loss']:.4f}  accuracy {result['accuracy']:.4f}  top5 {result['top5_accuracy']:.4f}  "
           f"({result['samples']} samples)", flush=True)
     if ckpt:
@@ -114,6 +121,12 @@ def main(argv=None):
             print(f"checkpoint: {path}")
     if opts["plot"] and trainer.is_chief:
         print(f"plot: {trainer.plot(opts['plot'])}")
+    if args.report and trainer.is_chief:
+        from wrn3d_tl.report import run_report
+
+        extra = {"data": exp.data_source, "iterations": trainer.step, "batch size": trainer.batch_size,
+                 "schedule": trainer.schedule, "test loss": result["loss"], "test accuracy": result["accuracy"]}
+        print(f"report: {run_report(trainer, args.report, evaluation=result, extra=extra)}", flush=True)
     trainer.close()
     final_loss = m["loss"] if m else float("nan")
     print(f"summary: {trainer.step} iterations, final train loss {final_loss:.4f}, "

@@ -39,11 +39,18 @@ def parse_args(argv=None):
     a("--batch-size", type=positive_int, help="global batch size")
     a("--depth-flip", action="store_true", help="also flip volumes along depth when augmenting")
     a("--no-augment", action="store_true", help="no random crop and flip")
+    a("--report", metavar="DIR", help="at the end, DIR/index.html: one self-contained page with the config, the "
+      "curves, the --val evaluation's pictures (DIR/eval) and Grad-CAM montages of --val volumes (logs in "
+      "DIR/logs without --logdir)")
     add_training_flags(p, iters_help="training iterations (None: one epoch, or --epochs)")
     p.set_defaults(x_key="volumes", y_key="labels", depth=16, width=4, dropout=0.0, batch_size=16, lr=0.1,
                    schedule="cosine", eval_every=0, checkpoint_every=0, mixed_precision="none", seed=0)
     args = p.parse_args(argv)
     check_training_flags(p, args)
+    if args.report and os.path.isfile(args.report):
+        p.error(f"--report {args.report}: is a file; give a folder")
+    if args.report and not args.logdir:  # the report's curves
+        args.logdir = os.path.join(args.report, "logs")
     quiet_tensorflow()
     from wrn3d_tl.data import hdf5_info
 
@@ -126,6 +133,7 @@ def main(argv=None):
     except (OSError, ValueError) as e:  # a file or flag that does not fit, a conflicting checkpoint
         die(e)
     result = None
+    report_dir = os.path.join(args.report, "eval") if args.report else None
     t0 = time.perf_counter()
     while trainer.step < steps:
         m = trainer.train_step()
@@ -133,11 +141,19 @@ def main(argv=None):
               f"{m['samples_per_sec']:.1f} vol/s", flush=True)
         last = m["step"] == steps
         if val is not None and (last or (args.eval_every and m["step"] % args.eval_every == 0)):
-            result = trainer.evaluate()
+            result = trainer.evaluate(report_dir=report_dir if last else None)
             print(f"val   step {m['step']}  loss {result['loss']:.4f}  acc {result['accuracy']:.4f}  "
                   f"top5 {result['top5_accuracy']:.4f}", flush=True)
         if args.checkpoint and (last or (args.eval_every and m["step"] % args.eval_every == 0)):
             trainer.save(args.checkpoint)
+    if args.report:
+        from wrn3d_tl.report import run_report
+
+        if val is not None and "report" not in (result or {}):  # nothing trained (resumed at the end)
+            result = trainer.evaluate(report_dir=report_dir)
+        extra = {"training data": args.train, "validation data": args.val or "none (no --val)",
+                 "iterations": trainer.step, "batch size": trainer.batch_size, "schedule": trainer.schedule}
+        print(f"report: {run_report(trainer, args.report, evaluation=result, extra=extra)}", flush=True)
     with contextlib.suppress(Exception):
         trainer.close()
     print(f"done: {trainer.step} iterations in {time.perf_counter() - t0:.1f} s"

@@ -438,7 +438,7 @@ class Trainer:
         top5 = tf.reduce_sum(tf.cast(tf.math.in_top_k(y, logits, k), tf.float32))
         return tf.reduce_sum(ce), top1, top5, tf.nn.softmax(logits, axis=-1)
 
-    def evaluate(self, data=None, batch_size=100, log=True):
+    def evaluate(self, data=None, batch_size=100, log=True, report_dir=None):
         """Inference-mode metrics (moving BN statistics, no dropout) over ``data``.
 
         ``data``: an ``(x, y)`` pair of arrays (x: (N,) + input_shape, normalised) or a
@@ -447,6 +447,8 @@ class Trainer:
         definitions of ``wrn3d_tl.metrics.classification_metrics``, ``"auc"`` (binary: ROC AUC
         of the class-1 probability; multi-class: mean one-vs-rest AUC), ``"auc_per_class"``,
         ``"confusion_matrix"`` (rows = true class) and ``"per_class_accuracy"``. Deterministic.
+        ``report_dir``: also write ``wrn3d_tl.report.evaluation_report``'s ``confusion.png``,
+        ``roc.png`` and ``metrics.json`` there (chief only) and return their paths as ``"report"``.
         """
         if data is None:
             if self.eval_data is None:
@@ -477,8 +479,13 @@ class Trainer:
         if n == 0:
             raise ValueError("evaluate: data is empty (no samples)")
         result = {"loss": loss / n, "accuracy": top1 / n, "top5_accuracy": top5 / n, "samples": n}
-        report = classification_metrics(np.concatenate(labels), np.concatenate(scores))
+        labels, scores = np.concatenate(labels), np.concatenate(scores)
+        report = classification_metrics(labels, scores)
         result.update({k: report[k] for k in ("auc", "auc_per_class", "confusion_matrix", "per_class_accuracy")})
+        if report_dir is not None and self.is_chief:
+            from wrn3d_tl.report import evaluation_report
+
+            result["report"] = evaluation_report(labels, scores, report_dir)
         if log and self.logger:
             self.logger.log(self._step, "eval", {**result, "wall_time": time.time()})
         return result
