@@ -94,8 +94,8 @@ def grad_cam(model, volumes, *, class_index=None, layer=None, batch_size=16):
     if class_index is None:
         wanted = np.full(n, -1, np.int64)
     else:
-        wanted = np.broadcast_to(np.asarray(class_index), (n,)).astype(np.int64) \
-            if np.ndim(class_index) == 0 else np.asarray(class_index)
+        wanted = np.asarray(class_index)
+        wanted = np.broadcast_to(wanted, (n,)) if wanted.ndim == 0 else wanted  # dtype kept: 1.5 is refused
         if wanted.shape != (n,) or wanted.dtype.kind not in "iu":
             raise ValueError(f"class_index must be None, an int or {n} ints, got {np.shape(class_index)} "
                              f"{np.asarray(class_index).dtype}")
@@ -109,7 +109,9 @@ def grad_cam(model, volumes, *, class_index=None, layer=None, batch_size=16):
     fn = _compiled(predictor, front, back, mean, std, spatial, axes)
     out = np.empty((n,) + spatial, np.float32)
     mode = predictor.model.is_train
-    predictor.model.eval()                     # direct layer calls read each layer's mode
+    layer_modes = [(lay, lay.is_train) for lay in _layer_tree(predictor.model.all_layers)]
+    predictor.model.is_train = False
+    predictor.model._set_mode_for_layers(False)  # direct layer calls read each layer's mode
     try:
         for start, x in predictor.batches(volumes, batch_size):
             out[start:start + len(x)] = fn(x, wanted[start:start + len(x)]).numpy()
@@ -117,7 +119,16 @@ def grad_cam(model, volumes, *, class_index=None, layer=None, batch_size=16):
         # back to the model's own setting (None: the mode comes with each call's is_train);
         # TensorLayer refuses model(x, is_train=True) on a model left in eval()
         predictor.model.is_train = mode
+        for lay, lay_mode in layer_modes:      # eval() left every layer in eval; model.train() would not show it
+            lay.is_train = lay_mode
     return out
+
+
+def _layer_tree(layers):
+    """Every layer, with the sublayers of composite ones (the wide basic blocks)."""
+    for lay in layers:
+        yield lay
+        yield from _layer_tree(getattr(lay, "_layers", None) or [])
 
 
 def _compiled(predictor, front, back, mean, std, spatial, axes):
@@ -195,14 +206,15 @@ def _display(volume):
     return (v - lo) / (hi - lo) if hi > lo else np.zeros_like(v)
 
 
-def save_montage(volume, path, *, cam=None, axis=0, slices=None, cols=None, title=None, alpha=0.45):
+def save_montage(volume, path, *, cam=None, axis=0, slices=None, cols=None, title=None, alpha=0.7):
     """Write a PNG grid of slices of one volume, with a Grad-CAM overlay when ``cam`` is given.
 
     Args:
       volume: ``(D, H, W, C)`` (or one ``(H, W, C)`` image); channel 0 is drawn in grey, or
         channels 0-2 as RGB when C == 3, scaled to the volume's min..max.
       path: the PNG file (its folder must exist).
-      cam: ``(D, H, W)`` (or ``(H, W)``) map in [0, 1], drawn as a semi-transparent heat map.
+      cam: ``(D, H, W)`` (or ``(H, W)``) map in [0, 1], drawn as a heat map whose opacity
+        grows with the value (``alpha * sqrt(cam)``: ``alpha`` at 1, none at 0).
       axis: the spatial axis the slices cut along (0: depth, 1: height, 2: width).
       slices: which slice indices; default every k-th, at most 16 tiles.
       cols: tiles per row (default: about square). ``title``: the figure's title.
@@ -213,7 +225,8 @@ def save_montage(volume, path, *, cam=None, axis=0, slices=None, cols=None, titl
     from matplotlib.figure import Figure
 
     v = np.asarray(volume)
-    if v.ndim == 3:                       # one image: a single tile
+    single = v.ndim == 3
+    if single:                            # one image: a single tile
         v, axis = v[None], 0
     if v.ndim != 4:
         raise ValueError(f"volume must be (D, H, W, C) or (H, W, C), got shape {np.shape(volume)}")
@@ -231,9 +244,12 @@ def save_montage(volume, path, *, cam=None, axis=0, slices=None, cols=None, titl
         tile = np.take(shown, i, axis=axis)
         ax.imshow(tile[..., 0] if tile.shape[-1] == 1 else tile, cmap="gray", vmin=0, vmax=1,
                   interpolation="nearest")
-        if cam is not None:
-            ax.imshow(np.take(cam, i, axis=axis), cmap="jet", vmin=0, vmax=1, alpha=alpha, interpolation="bilinear")
-        ax.set_title(f"{'DHW'[axis]}={i}", fontsize=8)
+        if cam is not None:   # opacity grows with the map: where it is 0 the slice shows unchanged
+            heat = np.take(cam, i, axis=axis)
+            ax.imshow(heat, cmap="jet", vmin=0, vmax=1, alpha=alpha * np.sqrt(np.clip(heat, 0, 1)),
+                      interpolation="bilinear")
+        if not single:
+            ax.set_title(f"{'DHW'[axis]}={i}", fontsize=8)
     for ax in axes:
         ax.set_axis_off()
     if title:
