@@ -19,8 +19,10 @@ $(STAMP): setup.py | $(PY)
 demo: $(STAMP)
 	$(PY) examples/cifar_wide_resnet_tl.py --iters $(ITERS)
 
+# Two pytest processes (pytest-xdist), a test file each at a time: one TensorFlow process
+# leaves the second core idle about half of the time.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_train.py

@@ -27,7 +27,7 @@ setup(
     ],
     extras_require={
         "gpu": [TF.replace("tensorflow", "tensorflow[and-cuda]")],
-        "test": ["pytest>=7", "psutil>=5.9", "hypothesis>=6.80"],
+        "test": ["pytest>=7", "pytest-xdist>=3.5", "psutil>=5.9", "hypothesis>=6.80"],
         # only wrn3d_tl.convert reads .pt files with it; nothing else imports torch
         "torch": ["torch>=2.1"],
     },
