@@ -43,13 +43,16 @@ def parse_args(argv=None):
     a("--crop-padding", type=non_negative_int, default=2, help="random crop after zero-padding each axis by this")
     a("--flip-axes", default="", help="random flips along these of D, H, W (e.g. DHW); none by default")
     a("--limit", type=positive_int, help="use only the first N volumes of each split (a quick look)")
+    a("--no-check-sizes", action="store_true", help="accept a file whose split sizes differ from the official "
+      "release (a subset you made yourself)")
     a("--seed", type=int, default=0, help="data order, augmentation and initial weights")
     a("--checkpoint", help="also save the selected (best-val) model here")
     a("--out", help="result JSON (default runs/medmnist3d_{flag}_{size}.json)")
     args = p.parse_args(argv)
     if any(c not in "DHW" for c in args.flip_axes.upper()):
         p.error(f"--flip-axes {args.flip_axes}: use letters of D, H, W")
-    args.out = args.out or os.path.join("runs", f"medmnist3d_{args.flag}_{args.size}.json")
+    suffix = f"_limit{args.limit}" if args.limit else ""   # a quick look never overwrites a full run's result
+    args.out = args.out or os.path.join("runs", f"medmnist3d_{args.flag}_{args.size}{suffix}.json")
     return args
 
 
@@ -68,7 +71,8 @@ def main(argv=None):
     from wrn3d_tl.train import Trainer
 
     try:
-        splits = load_medmnist3d(args.flag, data_dir=args.data_dir, size=args.size, download=args.download)
+        splits = load_medmnist3d(args.flag, data_dir=args.data_dir, size=args.size, download=args.download,
+                                 check_sizes=not args.no_check_sizes)
         config = WRNConfig(depth=args.depth, widen_factor=args.width, dropout=args.dropout,
                            num_classes=MEDMNIST3D[args.flag]["num_classes"], input_shape=(args.size,) * 3 + (1,))
     except (OSError, ValueError) as e:
@@ -106,6 +110,9 @@ def main(argv=None):
     if args.checkpoint:
         trainer.save(args.checkpoint)
     result = {"flag": args.flag, "size": args.size, "model": config.name, "epochs": args.epochs, "steps": steps,
+              "samples": {k: len(v[0]) for k, v in splits.items()}, "limit": args.limit, "batch_size": batch,
+              "lr": args.lr, "seed": args.seed, "augment": {"flip_axes": args.flip_axes.upper(),
+                                                              "crop_padding": args.crop_padding},
               "selected_step": best["step"], "val": {"acc": best["accuracy"], "auc": _number(best["auc"])},
               "test": {"acc": test["accuracy"], "auc": _number(test["auc"]),
                        "confusion_matrix": test["confusion_matrix"]},

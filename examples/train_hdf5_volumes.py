@@ -38,7 +38,8 @@ def parse_args(argv=None):
     a("--keep-depth", action="store_true", help="stride 1 along depth (anisotropic volumes)")
     a("--batch-size", type=positive_int, help="global batch size")
     a("--depth-flip", action="store_true", help="also flip volumes along depth when augmenting")
-    a("--no-augment", action="store_true", help="no random crop and flip")
+    a("--no-augment", action="store_true", help="no random crop and flip (scans from nifti_to_hdf5 get none anyway: "
+      "a flip may change an anatomical label)")
     a("--report", metavar="DIR", help="at the end, DIR/index.html: one self-contained page with the config, the "
       "curves, the --val evaluation's pictures (DIR/eval) and Grad-CAM montages of --val volumes (logs in "
       "DIR/logs without --logdir)")
@@ -97,7 +98,8 @@ def build(args):
                          f"{info.volume_shape}")
     data = dict(x_key=args.x_key, y_key=args.y_key, num_classes=num_classes, normalization=norm)
     train = hdf5_dataset(args.train, batch_size=args.batch_size, training=True, seed=args.seed, repeat=True,
-                         drop_remainder=True, augment=not args.no_augment, depth_flip=args.depth_flip, **data)
+                         drop_remainder=True, augment=False if args.no_augment else None, depth_flip=args.depth_flip,
+                         **data)
     val = hdf5_dataset(args.val, batch_size=args.batch_size, **data) if args.val else None
     strides = (1, (1, 2, 2), (1, 2, 2)) if args.keep_depth else (1, 2, 2)
     config = WRNConfig(depth=args.depth, widen_factor=args.width, num_classes=num_classes,

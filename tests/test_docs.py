@@ -426,8 +426,9 @@ def _check_hdf5_cli(workdir):
 
 
 def _check_medmnist_cli(workdir):
-    result = json.loads((workdir / "runs" / "medmnist3d_organmnist3d_28.json").read_text())
+    result = json.loads((workdir / "runs" / "medmnist3d_organmnist3d_28_limit16.json").read_text())
     assert result["flag"] == "organmnist3d" and result["model"] == "WRN-10-1" and result["steps"] == 2
+    assert result["limit"] == 16 and result["samples"] == {"train": 16, "val": 16, "test": 16}
     assert 0 <= result["test"]["acc"] <= 1 and sum(map(sum, result["test"]["confusion_matrix"])) == 16
 
 

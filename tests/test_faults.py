@@ -148,7 +148,7 @@ def _check_folder_after_kill(folder):
 
 # One training run, killed and resumed over and over: the resumed run is the next victim.
 # "write": SIGKILL as soon as a checkpoint temp file appears, i.e. during a checkpoint write.
-KILL_PLAN = ["random", "write", "random", "write"]
+KILL_PLAN = ["random", "write"]
 
 
 @pytest.mark.slow
@@ -452,7 +452,7 @@ def valid_configs(draw):
                      bn_decay=draw(st.floats(0.0, 0.999)), bn_epsilon=draw(st.floats(1e-6, 1e-2)))
 
 
-@settings(max_examples=12, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cfg=valid_configs(), batch=st.integers(1, 3))
 def test_valid_configs_build_and_run(cfg, batch):
     model = build_wrn(cfg)

@@ -779,3 +779,18 @@ def test_predict_cli_nifti_flags_need_nifti_input(tmp_path, checkpoint, capsys):
                          "--out", str(tmp_path / "p.csv")])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "--intensity" in lines[0] and "--nifti inputs only" in lines[0]
+
+
+def test_converted_scans_are_not_augmented_unless_asked(tmp_path, rng):
+    """hdf5_dataset(training=True) on a nifti_to_hdf5 file: no WRN crop/flip by default (a flip
+    may swap left and right organs), as in nifti_dataset; augment=True still applies it."""
+    rows = [(save(tmp_path / f"{i}.nii.gz", volume(rng, (4, 8, 8))), i % 2) for i in range(4)]
+    h5 = nifti_to_hdf5(write_csv(tmp_path / "t.csv", rows), tmp_path / "v.h5")
+
+    def first(**kw):
+        ds = hdf5_dataset(h5.path, batch_size=4, training=True, shuffle=False, normalization=None, **kw)
+        return next(iter(ds))[0].numpy()
+
+    plain = next(iter(hdf5_dataset(h5.path, batch_size=4, normalization=None)))[0].numpy()
+    np.testing.assert_array_equal(first(), plain)
+    assert not np.array_equal(first(augment=True, crop_padding=2), plain)

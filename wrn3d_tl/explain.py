@@ -212,7 +212,7 @@ def save_montage(volume, path, *, cam=None, axis=0, slices=None, cols=None, titl
     Args:
       volume: ``(D, H, W, C)`` (or one ``(H, W, C)`` image); channel 0 is drawn in grey, or
         channels 0-2 as RGB when C == 3, scaled to the volume's min..max.
-      path: the PNG file (its folder must exist).
+      path: the PNG file (its folder is created).
       cam: ``(D, H, W)`` (or ``(H, W)``) map in [0, 1], drawn as a heat map whose opacity
         grows with the value (``alpha * sqrt(cam)``: ``alpha`` at 1, none at 0).
       axis: the spatial axis the slices cut along (0: depth, 1: height, 2: width).
@@ -255,6 +255,7 @@ def save_montage(volume, path, *, cam=None, axis=0, slices=None, cols=None, titl
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
     fig.savefig(path, dpi=80)
     return path
 

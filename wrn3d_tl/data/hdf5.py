@@ -302,6 +302,8 @@ def hdf5_dataset(path, *, x_key: str = "volumes", y_key: str = "labels",
       augment: True: one random crop (reflect-pad ``crop_padding``) + h-flip
         per volume, shared by all slices (:func:`augment_volume`); or an
         :class:`Augment3D` / callable ``(volume, seed [2]) -> volume``.
+        None: ``training``, except for scans written by ``nifti_to_hdf5``
+        (no augmentation unless asked for, as in ``nifti_dataset``).
       depth_flip: with augmentation, also randomly reverse the depth axis.
       shuffle: see above. Without shuffling the order is the file order.
       drop_remainder, repeat: as in :func:`make_dataset`.
@@ -315,12 +317,16 @@ def hdf5_dataset(path, *, x_key: str = "volumes", y_key: str = "labels",
       ``Trainer`` stores it for ``predict``).
     """
     batch_size = _check_positive_int("batch_size", batch_size)
+    augment_given = augment
     training, augment, shuffle, depth_flip, drop_remainder, repeat, seed, crop_padding = _check_pipeline_flags(
         training, augment, shuffle, depth_flip, drop_remainder, repeat, seed, crop_padding)
     if num_classes is not None:
         num_classes = _check_positive_int("num_classes", num_classes)
 
     info, labels = _inspect(path, x_key, y_key, num_classes)
+    if augment is True and info.preprocessing is not None and augment_given is None:
+        # scans from nifti_to_hdf5: as in nifti_dataset, no flip is assumed safe for an anatomy
+        augment = False
     path, n = info.path, info.n
     channels = info.volume_shape[-1]
     if isinstance(normalization, str):

@@ -121,14 +121,14 @@ class NiftiInfo:
     """
 
     table: str
-    paths: tuple
-    where: tuple
-    labels: np.ndarray | None
+    paths: tuple = dataclasses.field(repr=False)
+    where: tuple = dataclasses.field(repr=False)
+    labels: np.ndarray | None = dataclasses.field(repr=False)
     class_names: tuple | None
     num_classes: int | None
     n: int
     volume_shape: tuple | None
-    shapes: tuple
+    shapes: tuple = dataclasses.field(repr=False)
 
     @property
     def channels(self) -> int:
