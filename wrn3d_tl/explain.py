@@ -83,11 +83,9 @@ def grad_cam(model, volumes, *, class_index=None, layer=None, batch_size=16):
     changed. Deterministic. Raises ValueError for a bad shape, NaN/Inf input, a class index
     outside ``[0, num_classes)`` or an unknown layer.
     """
-    import tensorflow as tf
+    from wrn3d_tl.predict import as_predictor
 
-    from wrn3d_tl.predict import Predictor
-
-    predictor = model if isinstance(model, Predictor) else Predictor(_as_checkpoint_or_trainer(model))
+    predictor = as_predictor(model)
     config = predictor.config
     front, back = _split(predictor.model, config, DEFAULT_LAYER if layer is None else layer)
     n = predictor.check_volumes(volumes)[0]
@@ -164,24 +162,6 @@ def _compiled(predictor, front, back, mean, std, spatial, axes):
 
     cache[key] = fn
     return fn
-
-
-def _as_checkpoint_or_trainer(model):
-    """A bare ``build_wrn`` model becomes a trainer-like holder without normalisation."""
-    if isinstance(model, (str, os.PathLike)) or hasattr(model, "normalization"):
-        return model
-    config = getattr(model, "wrn_config", None)
-    if config is None:
-        raise TypeError(f"model must be a build_wrn model, a Trainer, a Predictor or a checkpoint path, got "
-                        f"{type(model).__name__}")
-
-    class _Bare:
-        normalization = None
-        preprocessing = None
-
-    bare = _Bare()
-    bare.model, bare.config = model, config
-    return bare
 
 
 # ------------------------------------------------------------------- montages
@@ -271,9 +251,9 @@ def write_cam_montages(model, volumes, out_dir, *, indices=None, class_index=Non
     class), an int, or one class per volume of ``volumes``. ``names``: optional class names
     for the titles. Volumes are read ``batch_size`` at a time. Returns the written paths.
     """
-    from wrn3d_tl.predict import Predictor
+    from wrn3d_tl.predict import as_predictor
 
-    predictor = model if isinstance(model, Predictor) else Predictor(_as_checkpoint_or_trainer(model))
+    predictor = as_predictor(model)
     n = predictor.check_volumes(volumes)[0]
     idx = list(range(n)) if indices is None else [int(i) for i in indices]
     bad = [i for i in idx if not 0 <= i < n]

@@ -37,10 +37,13 @@ def roc_auc(y_true, scores) -> float:
     ``(N,)`` int labels. Binary (K = 2): ROC AUC of the class-1 score. Multi-class: the
     mean of the one-vs-rest AUCs over the classes; a class absent from ``y_true`` has no
     AUC and is left out of the mean (NaN when no class has one)."""
-    y, s = _checked(y_true, scores)
-    if s.shape[1] == 2:
-        return float(auc_per_class(y, s)[1])
-    per_class = auc_per_class(y, s)
+    return _auc_of(auc_per_class(y_true, scores))
+
+
+def _auc_of(per_class):
+    """:func:`roc_auc` from the per-class AUCs (binary: class 1's)."""
+    if len(per_class) == 2:
+        return float(per_class[1])
     return float(np.nanmean(per_class)) if np.isfinite(per_class).any() else float("nan")
 
 
@@ -68,6 +71,7 @@ def classification_metrics(y_true, scores) -> dict:
     support = counts.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         recall = np.where(support > 0, np.diag(counts) / np.maximum(support, 1), np.nan)
-    return {"accuracy": float(np.trace(counts) / max(len(y), 1)), "auc": roc_auc(y, s),
-            "auc_per_class": [float(v) for v in auc_per_class(y, s)],
+    per_class = auc_per_class(y, s)
+    return {"accuracy": float(np.trace(counts) / max(len(y), 1)), "auc": _auc_of(per_class),
+            "auc_per_class": [float(v) for v in per_class],
             "confusion_matrix": counts.tolist(), "per_class_accuracy": [float(v) for v in recall]}

@@ -39,8 +39,9 @@ import h5py
 import numpy as np
 
 from wrn3d_tl.cli import Parser, fail, intensity_arg, positive_int, quiet_tensorflow, shape_arg
+from wrn3d_tl.files import written_atomically
 
-__all__ = ["Predictor", "predict", "write_csv", "load_npy", "add_input_flags", "open_inputs", "main"]
+__all__ = ["Predictor", "as_predictor", "predict", "write_csv", "load_npy", "add_input_flags", "open_inputs", "main"]
 
 _CLI = "wrn3d-predict"
 FROM_CHECKPOINT = "checkpoint"   # NIfTI reading: as the checkpoint's training data was read
@@ -59,8 +60,9 @@ def _positive_int(value, name):
 class Predictor:
     """A checkpoint's model and normalisation, loaded once for many ``predict`` calls.
 
-    ``checkpoint``: a checkpoint path (verified: format, checksum, config) or a
-    ``wrn3d_tl.train.Trainer`` (its current weights and normalisation are used).
+    ``checkpoint``: a checkpoint path (verified: format, checksum, config), a
+    ``wrn3d_tl.train.Trainer`` (its current weights and normalisation are used) or a bare
+    ``build_wrn`` model (no normalisation: its inputs are taken as already normalised).
     Attributes: ``config`` (WRNConfig), ``normalization`` (dict or None), ``model``.
     """
 
@@ -70,7 +72,11 @@ class Predictor:
         from wrn3d_tl.config import WRNConfig
         from wrn3d_tl.train import load_for_inference
 
-        if hasattr(checkpoint, "model") and isinstance(getattr(checkpoint, "config", None), WRNConfig):
+        if isinstance(getattr(checkpoint, "wrn_config", None), WRNConfig):  # a bare build_wrn model
+            self.config, self.model = checkpoint.wrn_config, checkpoint
+            self.normalization = self.preprocessing = None       # its inputs are already normalised
+            self.source = "model"
+        elif hasattr(checkpoint, "model") and isinstance(getattr(checkpoint, "config", None), WRNConfig):
             self.config, self.model = checkpoint.config, checkpoint.model
             self.normalization = checkpoint.normalization
             self.preprocessing = getattr(checkpoint, "preprocessing", None)
@@ -191,6 +197,11 @@ class Predictor:
         return out
 
 
+def as_predictor(model):
+    """``model`` itself when it is a ``Predictor``, else ``Predictor(model)``."""
+    return model if isinstance(model, Predictor) else Predictor(model)
+
+
 def load_npy(path):
     """Memory-map a ``.npy`` file (never unpickling); ValueError naming the file when it is
     not one (numpy's format starts with the bytes ``\\x93NUMPY``) or cannot be read."""
@@ -300,8 +311,7 @@ def predict(checkpoint, volumes, *, key="volumes", batch_size=32, top_k=5, inten
     Raises ValueError (bad shape, channels, dtype, NaN/Inf, empty input, missing key, not
     HDF5/.npy), FileNotFoundError, or CheckpointError, each naming the input.
     """
-    predictor = checkpoint if isinstance(checkpoint, Predictor) else Predictor(checkpoint)
-    return predictor.predict(volumes, key=key, batch_size=batch_size, top_k=top_k, intensity=intensity,
+    return as_predictor(checkpoint).predict(volumes, key=key, batch_size=batch_size, top_k=top_k, intensity=intensity,
                              target_shape=target_shape)
 
 
@@ -309,27 +319,18 @@ def write_csv(predictions, path, top_k=5):
     """Write ``predict`` output to CSV: index, [path (NIfTI inputs),] class, probability,
     top{k} (space-separated classes), top{k}_probabilities (space-separated, 6 decimals).
     Written atomically."""
-    from wrn3d_tl.files import temporary_path
-
     path = os.fspath(path)
-    tmp = temporary_path(path)
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            w = csv.writer(fh)
-            paths = predictions.get("path")
-            w.writerow(["index"] + (["path"] if paths else []) + ["class", "probability", f"top{top_k}",
-                                                                  f"top{top_k}_probabilities"])
-            for i, (c, p, tc, tp) in enumerate(zip(predictions["class"], predictions["probability"],
-                                                   predictions["top_k_classes"],
-                                                   predictions["top_k_probabilities"])):
-                w.writerow([i] + ([paths[i]] if paths else []) + [
-                    int(c), f"{float(p):.6f}", " ".join(str(int(v)) for v in tc),
-                    " ".join(f"{float(v):.6f}" for v in tp)])
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with written_atomically(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        paths = predictions.get("path")
+        w.writerow(["index"] + (["path"] if paths else []) + ["class", "probability", f"top{top_k}",
+                                                              f"top{top_k}_probabilities"])
+        for i, (c, p, tc, tp) in enumerate(zip(predictions["class"], predictions["probability"],
+                                               predictions["top_k_classes"],
+                                               predictions["top_k_probabilities"])):
+            w.writerow([i] + ([paths[i]] if paths else []) + [
+                int(c), f"{float(p):.6f}", " ".join(str(int(v)) for v in tc),
+                " ".join(f"{float(v):.6f}" for v in tp)])
     return path
 
 

@@ -26,6 +26,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from wrn3d_tl import metrics
+from wrn3d_tl.files import written_atomically
+from wrn3d_tl.predict import as_predictor
 
 __all__ = ["cam_gallery", "evaluation_report", "first_samples", "run_report", "write_run_report"]
 
@@ -200,21 +202,6 @@ def evaluation_report(y_true, probabilities, out_dir, *, class_names=None, title
 
 
 # ------------------------------------------------------------ Grad-CAM gallery
-def _predictor(model):
-    """A ``Predictor`` for a Trainer, a checkpoint path, a Predictor or a bare ``build_wrn``
-    model (whose inputs are taken as already normalised)."""
-    from types import SimpleNamespace
-
-    from wrn3d_tl.predict import Predictor
-
-    if isinstance(model, Predictor):
-        return model
-    config = getattr(model, "wrn_config", None)
-    if config is not None and not hasattr(model, "normalization"):
-        return Predictor(SimpleNamespace(model=model, config=config, normalization=None, preprocessing=None))
-    return Predictor(model)
-
-
 def _count(value, name):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
         raise ValueError(f"{name} must be an int >= 0, got {value!r}")
@@ -242,7 +229,7 @@ def cam_gallery(trainer_or_checkpoint, x, y, out_dir, *, correct=3, wrong=3, cla
     from wrn3d_tl.predict import predict
 
     correct, wrong = _count(correct, "correct"), _count(wrong, "wrong")
-    predictor = _predictor(trainer_or_checkpoint)
+    predictor = as_predictor(trainer_or_checkpoint)
     k = predictor.config.num_classes
     labels = np.asarray(y).reshape(-1) if np.ndim(y) == 2 and np.shape(y)[1] == 1 else np.asarray(y)
     n = predictor.check_volumes(x, "x")[0]
@@ -442,10 +429,8 @@ def write_run_report(out_dir, *, config, metrics_csv=None, evaluation=None, mont
             f"<title>{html.escape(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n<main>\n"
             + "\n".join(parts) + "\n</main>\n</body>\n</html>\n")
     path = os.path.join(out, INDEX_HTML)
-    tmp = path + f".tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with written_atomically(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(page)
-    os.replace(tmp, path)
     return path
 
 

@@ -11,6 +11,8 @@ import urllib.request
 
 import numpy as np
 
+from wrn3d_tl.files import written_atomically
+
 from .cifar import DATA_DIR_ENV
 
 __all__ = ["MEDMNIST3D", "MEDMNIST_URL", "MEDMNIST_SIZES", "load_medmnist3d", "medmnist_file_name"]
@@ -105,16 +107,11 @@ def _download(flag, size, folder):
     name = medmnist_file_name(flag, size)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, name)
-    tmp = f"{path}.part-{os.getpid()}"
     url = MEDMNIST_URL.format(name=name)
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as fh:
-            while chunk := response.read(1 << 20):
-                fh.write(chunk)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with written_atomically(path) as tmp, urllib.request.urlopen(url, timeout=60) as response, \
+            open(tmp, "wb") as fh:
+        while chunk := response.read(1 << 20):
+            fh.write(chunk)
     return path
 
 
