@@ -312,7 +312,8 @@ def test_bf16_keeps_float32_master_weights_and_logits():
     out = t.train_step(x, y)
     assert np.isfinite(out["loss"])
     assert all(v.dtype == tf.float32 for v in t.model.all_weights)
-    assert t._eval_fn.get_concrete_function(tf.constant(x), tf.constant(y, tf.int64)).structured_outputs[0].dtype \
+    # the class probabilities (from the logits) are float32
+    assert t._eval_fn.get_concrete_function(tf.constant(x), tf.constant(y, tf.int64)).structured_outputs[1].dtype \
         == tf.float32
     logits = t.model(tf.cast(x, tf.bfloat16), is_train=False)
     assert logits.dtype == tf.float32

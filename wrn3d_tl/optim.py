@@ -110,16 +110,18 @@ class LossScale:
     def unscale(self, grad):
         return grad / self.scale
 
-    def update(self, ok):
-        """After a step: adjust the scale by whether the step was finite (cross-replica)."""
+    def update(self, ok, counts=True):
+        """After a step: adjust the scale by whether the step was finite (cross-replica).
+        ``counts`` (a bool tensor): False leaves the scale alone, for a step refused for its
+        inputs, which says nothing about the scale."""
         at_floor = self.scale <= self.FLOOR
         grow = tf.logical_and(ok, self.good_steps >= self.GROWTH_INTERVAL - 1)
-        self.floor_skips.assign(tf.where(tf.logical_or(ok, tf.logical_not(at_floor)), tf.zeros_like(self.floor_skips),
-                                         self.floor_skips + 1))
-        self.scale.assign(tf.where(ok, tf.where(grow, self.scale * 2.0, self.scale),
-                                   tf.maximum(self.scale / 2.0, self.FLOOR)))
-        self.good_steps.assign(tf.where(tf.logical_and(ok, tf.logical_not(grow)), self.good_steps + 1,
-                                        tf.zeros_like(self.good_steps)))
+        new = (tf.where(tf.logical_or(ok, tf.logical_not(at_floor)), tf.zeros_like(self.floor_skips),
+                        self.floor_skips + 1),
+               tf.where(ok, tf.where(grow, self.scale * 2.0, self.scale), tf.maximum(self.scale / 2.0, self.FLOOR)),
+               tf.where(tf.logical_and(ok, tf.logical_not(grow)), self.good_steps + 1, tf.zeros_like(self.good_steps)))
+        for var, value in zip((self.floor_skips, self.scale, self.good_steps), new):
+            var.assign(tf.where(counts, value, var))
 
     def diverged(self):
         """True after ``FP16_MAX_FLOOR_SKIPS`` consecutive non-finite steps at the floor (a host read)."""

@@ -24,6 +24,7 @@ from wrn3d_tl.axes import check_batch_shape
 from wrn3d_tl.checkpoint import CheckpointError, CheckpointManager, read_checkpoint, write_checkpoint
 from wrn3d_tl.data import as_normalization, normalization_of, same_normalization
 from wrn3d_tl.data.nifti import check_preprocessing
+from wrn3d_tl.data.shards import Share, input_share, share_problem
 from wrn3d_tl.layers import variable_name
 from wrn3d_tl.logs import MetricsLogger, plot_metrics
 from wrn3d_tl.metrics import classification_metrics
@@ -84,7 +85,15 @@ class Trainer:
             or a ``tf.data.Dataset``), e.g. the test split.
         strategy: a ``tf.distribute.Strategy`` or None. ``x``/``y`` given to ``train_step``
             are the GLOBAL batch (the same on every worker); each replica trains on its own
-            slice, chosen by its global replica id.
+            slice, chosen by its global replica id. ``train_step()`` on a ``wrn3d_tl.data``
+            pipeline instead gives every worker only its replicas' share to read and augment
+            (``shard_input``); ``evaluate`` spreads every batch over the replicas.
+        shard_input: True (default): under a strategy of several replicas, ``train_data``
+            built by ``wrn3d_tl.data`` is split with ``distribute_datasets_from_function``
+            (``wrn3d_tl.data.shards``: the same global batches as in one process, except for
+            ``hdf5_dataset`` over several workers, whose workers read disjoint blocks). Data
+            that cannot be split (another dataset, a partial last batch, ...) is read whole by
+            every worker, as a printed line says. False: always read whole.
         logdir: when set, metrics go to ``{logdir}/metrics.csv`` and TensorBoard.
         checkpoint_dir, checkpoint_every, keep_checkpoints: save ``ckpt-XXXXXXXX.h5`` every
             N steps, keeping the newest K (a ``CheckpointManager``, ``trainer.checkpoints``).
@@ -100,7 +109,7 @@ class Trainer:
                  schedule="constant", total_steps=None, warmup_steps=0, mixed_precision=None, seed=0,
                  batch_size=None, normalization=None, eval_data=None, strategy=None, logdir=None,
                  checkpoint_dir=None, checkpoint_every=None, keep_checkpoints=3, jit_compile=False, trainable=None,
-                 preprocessing=None, verbose=True):
+                 preprocessing=None, shard_input=True, verbose=True):
         config = getattr(model, "wrn_config", None)
         if not isinstance(config, WRNConfig):
             raise TypeError("model must be built by wrn3d_tl.model.build_wrn (it has no wrn_config), "
@@ -152,6 +161,7 @@ class Trainer:
         self.verbose = verbose
         self._lr_override = None
         self._step = 0
+        self.shard_input = bool(shard_input)
         self._iterator = None
         self._train_data = None
         self.train_data = train_data
@@ -164,7 +174,7 @@ class Trainer:
         # XLA stays off by default: it ran 3D convolutions 7-14x slower on the CPUs we measured.
         self.jit_compile = bool(jit_compile)
         self._train_fn = tf.function(self._distributed_step, jit_compile=self.jit_compile or None)
-        self._eval_fn = tf.function(self._eval_batch)
+        self._eval_fn = tf.function(self._distributed_eval)
         self.logger = MetricsLogger(logdir) if logdir and self.is_chief else None
         if verbose and self.is_chief:
             print(f"[wrn3d_tl] {config.name} {config.spatial_rank}D on {describe_devices()}, "
@@ -251,6 +261,7 @@ class Trainer:
         self._adopt_normalization(data, "train_data")
         self._train_data = data
         self._iterator = None
+        self._distributed = None
 
     def _adopt_normalization(self, data, what):
         """A tagged pipeline (``wrn3d_tl.data.normalization_of``) says which stats its batches
@@ -276,38 +287,79 @@ class Trainer:
                              "training, evaluation and inference")
 
     def _next_batch(self):
+        """``(x, y, whole)``: the next batch of ``train_data``; ``whole`` is False when it comes
+        as per-replica shares of a split pipeline (``shard_input``)."""
         if self._train_data is None:
             raise ValueError("train_step() without arguments needs train_data; pass x and y or set train_data")
         for _ in range(2):
             if self._iterator is None:
-                self._iterator = iter(self._train_data)
+                self._iterator = iter(self._split_train_data() or self._train_data)
             try:
-                return next(self._iterator)
+                batch = next(self._iterator)
             except StopIteration:  # end of an epoch: start the next one
                 self._iterator = None
+                continue
+            return (*batch, self._distributed is None)
         raise ValueError("train_data yields no batches")
 
+    def _split_train_data(self):
+        """The distributed dataset of ``train_data``'s per-worker shares, created once per
+        ``train_data`` (its passes continue the epochs); None when it is read whole."""
+        replicas = self.strategy.num_replicas_in_sync
+        if self._distributed is None and replicas > 1 and self.shard_input:
+            local = len(self.strategy.extended.worker_devices)
+            problem = share_problem(self._train_data, Share(0, replicas // local, local))
+            if problem:
+                if self.verbose and self.is_chief:
+                    print(f"[wrn3d_tl] train_data is read whole by every worker ({problem})", flush=True)
+                return None
+            spec = self._train_data.element_spec
+            self._check_batch_spec(spec[0].shape, spec[0].dtype, spec[1].dtype)
+            data = self._train_data
+            self._distributed = self.strategy.distribute_datasets_from_function(
+                lambda ctx: input_share(data, Share.of(ctx)))
+        return self._distributed
+
+    def _check_batch_spec(self, shape, x_dtype, y_dtype, what="train_step"):
+        if not (x_dtype.is_floating or x_dtype.is_integer):
+            raise ValueError(f"{what}: x must be numeric, got dtype {x_dtype.name}")
+        check_batch_shape(shape, self.config.input_shape, what)
+        if not y_dtype.is_integer:
+            raise ValueError(f"{what}: y must hold integer class labels, got dtype {y_dtype.name}")
+
     def _check_batch(self, x, y, what="train_step"):
-        """Validate and convert one batch; returns (float32 x, int64 y)."""
-        x = tf.convert_to_tensor(x)
-        if not (x.dtype.is_floating or x.dtype.is_integer):
-            raise ValueError(f"{what}: x must be numeric, got dtype {x.dtype.name}")
-        check_batch_shape(x.shape, self.config.input_shape, what)
-        y = tf.convert_to_tensor(y)
-        if not y.dtype.is_integer:
-            raise ValueError(f"{what}: y must hold integer class labels, got dtype {y.dtype.name}")
+        """Check what the shapes and dtypes of one batch tell (free: no data is read) and
+        return it as tensors. Checks of values (labels in range, finite x) run in the
+        compiled step, which reports them with its results (``_input_checks``). Returns
+        (float32 x, int64 y)."""
+        x, y = tf.convert_to_tensor(x), tf.convert_to_tensor(y)
+        self._check_batch_spec(x.shape, x.dtype, y.dtype, what)
         if y.shape.rank != 1 or y.shape[0] != x.shape[0]:
             raise ValueError(f"{what}: y must have shape ({x.shape[0]},) to match x, got {tuple(y.shape)}")
         if x.shape[0] == 0:
             raise ValueError(f"{what}: the batch is empty (x has shape {tuple(x.shape)})")
-        y_np = y.numpy()
-        if y_np.min() < 0 or y_np.max() >= self.config.num_classes:
+        return tf.cast(x, tf.float32), tf.cast(y, tf.int64)  # one compiled step for every input dtype
+
+    def _raise_for_inputs(self, checks, what):
+        """Raise the ValueError of a batch whose values ``_input_checks`` refused."""
+        nonfinite, bad_labels, low, high = checks
+        if bad_labels:
             raise ValueError(f"{what}: labels must be in [0, {self.config.num_classes}), "
-                             f"got values from {y_np.min()} to {y_np.max()}")
-        x = tf.cast(x, tf.float32)
-        if not bool(tf.reduce_all(tf.math.is_finite(x))):
+                             f"got values from {int(low)} to {int(high)}")
+        if nonfinite:
             raise ValueError(f"{what}: x contains NaN or Inf")
-        return x, tf.cast(y, tf.int64)
+
+    def _input_checks(self, x, y):
+        """In-graph checks of one replica's batch: ``(float32 x, labels clipped into range,
+        float64 [non-finite values in x, labels out of range, min label, max label])``."""
+        x = tf.cast(x, tf.float32)
+        y = tf.cast(y, tf.int64)
+        bad = tf.logical_or(y < 0, y >= self.config.num_classes)
+        checks = tf.stack([tf.cast(tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(x)), tf.int64)), tf.float64),
+                           tf.cast(tf.reduce_sum(tf.cast(bad, tf.int64)), tf.float64),
+                           tf.cast(tf.reduce_min(y), tf.float64), tf.cast(tf.reduce_max(y), tf.float64)])
+        # in range, so that a bad label cannot fail a kernel: the step is refused by the checks
+        return x, tf.clip_by_value(y, 0, self.config.num_classes - 1), checks
 
     # -------------------------------------------------------------------- step
     def train_step(self, x=None, y=None):
@@ -317,22 +369,30 @@ class Trainer:
 
         ``x``: (B,) + input_shape, any real dtype (converted to float32); ``y``: (B,)
         integer labels in [0, num_classes). Without arguments the batch comes from
-        ``train_data``. Raises FloatingPointError, leaving the weights unchanged, when
-        the loss or a gradient is NaN/Inf.
+        ``train_data``. A batch with labels out of range or NaN/Inf in ``x`` raises
+        ValueError, and a NaN/Inf loss or gradient FloatingPointError; either way the
+        weights, optimizer and BN statistics are left unchanged. One host transfer per step:
+        those checks run inside the compiled step and return with its metrics.
         """
         start = time.perf_counter()
         if x is None and y is None:
-            x, y = self._next_batch()
+            x, y, whole = self._next_batch()
         elif x is None or y is None:
             raise ValueError("train_step takes both x and y, or neither (then it reads train_data)")
-        x, y = self._check_batch(x, y)
+        else:
+            whole = True
         replicas = self.strategy.num_replicas_in_sync
-        if x.shape[0] % replicas:
-            raise ValueError(f"train_step: the global batch of {x.shape[0]} does not divide evenly over "
-                             f"{replicas} replicas")
+        if whole:
+            x, y = self._check_batch(x, y)
+            batch = x.shape[0]
+            if batch % replicas:
+                raise ValueError(f"train_step: the global batch of {batch} does not divide evenly over "
+                                 f"{replicas} replicas")
+        else:
+            batch = self.strategy.experimental_local_results(x)[0].shape[0] * replicas
         lr = self.learning_rate
-        self.optimizer.lr.assign(lr)
-        loss, accuracy, ok = (t.numpy() for t in self._train_fn(x, y))
+        loss, accuracy, ok, *checks = self._train_fn(x, y, tf.constant(lr, tf.float32), whole).numpy()
+        self._raise_for_inputs(checks, "train_step")
         if not ok and self.mixed_precision != "fp16":
             raise FloatingPointError(f"non-finite loss or gradient at step {self._step + 1} (loss={loss}); "
                                      "the weights were not updated and checkpoints on disk are untouched")
@@ -344,27 +404,31 @@ class Trainer:
         self._step += 1
         elapsed = time.perf_counter() - start
         metrics = {"loss": float(loss), "accuracy": float(accuracy), "lr": float(lr), "step": self._step,
-                   "samples_per_sec": x.shape[0] / elapsed}
+                   "samples_per_sec": batch / elapsed}
         if self.logger:
             self.logger.log(self._step, "train", {**metrics, "wall_time": time.time()})
         if self.checkpoint_every and self._step % self.checkpoint_every == 0:
             self._periodic_save()
         return metrics
 
-    def _distributed_step(self, x, y):
-        loss_sum, correct, ok = self.strategy.run(self._replica_step, args=(x, y))
-        first = self.strategy.experimental_local_results
-        batch = tf.cast(tf.shape(x)[0], tf.float32)
-        return first(loss_sum)[0] / batch, first(correct)[0] / batch, first(ok)[0]
+    def _distributed_step(self, x, y, lr, whole):
+        """One step on every replica: ``x``/``y`` the global batch (``whole``, each replica
+        takes its slice) or per-replica shares. Returns float64 ``[loss, accuracy, ok,
+        *input checks]`` of the global batch, the same on every replica."""
+        self.optimizer.lr.assign(lr)
+        results = self.strategy.run(self._replica_step, args=(x, y, whole))
+        return self.strategy.experimental_local_results(results)[0]
 
-    def _replica_step(self, x, y):
+    def _replica_step(self, x, y, whole):
         ctx = tf.distribute.get_replica_context()
         n, i = ctx.num_replicas_in_sync, ctx.replica_id_in_sync_group
-        per = tf.shape(x)[0] // n
-        x, y = x[i * per:(i + 1) * per], y[i * per:(i + 1) * per]
-        global_batch = tf.cast(per * n, tf.float32)
+        if whole:
+            per = tf.shape(x)[0] // n
+            x, y = x[i * per:(i + 1) * per], y[i * per:(i + 1) * per]
+        x, y, checks = self._input_checks(x, y)
+        global_batch = tf.cast(tf.shape(x)[0] * n, tf.float32)
         # The forward pass moves the BN statistics; keep their old values so a step that
-        # turns out non-finite can be undone completely.
+        # turns out non-finite (or refused) can be undone completely.
         stats_before = [tf.identity(v.read_value()) for v in self._stats]
         with tf.GradientTape() as tape:
             logits = self.model(tf.cast(x, self.compute_dtype), is_train=True)
@@ -373,26 +437,30 @@ class Trainer:
             scaled = self.loss_scale.scale_loss(loss)
         grads = tape.gradient(scaled, self.optimizer.weights)
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), y), tf.float32))
-        # All-reduces of gradients and metrics are created in one cross-replica call so
-        # that every replica launches its collectives in the same order (sync BN adds
-        # replica-side collectives to the forward and backward passes).
-        loss_sum, correct, ok = ctx.merge_call(self._apply, args=(grads, tf.reduce_sum(ce), correct))
+        sums = tf.concat([tf.cast(tf.stack([tf.reduce_sum(ce), correct, global_batch / n]), tf.float64), checks], 0)
+        # All collectives (gradients, metrics) are created in one cross-replica call so that
+        # every replica launches them in the same order (sync BN adds replica-side
+        # collectives to the forward and backward passes).
+        results = ctx.merge_call(self._apply, args=(grads, sums[None]))
+        ok = results[2] > 0
         for v, old in zip(self._stats, stats_before):
             v.assign(tf.where(ok, v.read_value(), old))
-        return loss_sum, correct, ok
+        return results
 
-    def _apply(self, strategy, grads, loss_sum, correct):
-        """Cross-replica: sum gradients and metrics over replicas, then one SGD-Nesterov
-        update per weight, skipped entirely when the loss or a gradient is not finite."""
-        sum_ = tf.distribute.ReduceOp.SUM
-        grads = strategy.extended.batch_reduce_to(sum_, list(zip(grads, self.optimizer.weights)))
-        loss_sum, correct = (strategy.reduce(sum_, v, axis=None) for v in (loss_sum, correct))
+    def _apply(self, strategy, grads, sums):
+        """Cross-replica: sum gradients over replicas and gather the replicas' metrics and
+        input checks, then one SGD-Nesterov update per weight, skipped entirely when the
+        loss or a gradient is not finite or the inputs were refused."""
+        grads = strategy.extended.batch_reduce_to(tf.distribute.ReduceOp.SUM, list(zip(grads, self.optimizer.weights)))
+        loss_sum, correct, samples, checks = _combine(strategy.gather(sums, axis=0), 3)
         first = [strategy.experimental_local_results(g)[0] for g in grads]
-        ok = tf.reduce_all([tf.math.is_finite(loss_sum)] + [tf.reduce_all(tf.math.is_finite(g)) for g in first])
+        inputs_ok = tf.logical_and(checks[0] == 0, checks[1] == 0)
+        finite = tf.reduce_all([tf.math.is_finite(loss_sum)] + [tf.reduce_all(tf.math.is_finite(g)) for g in first])
+        ok = tf.logical_and(finite, inputs_ok)
         self.optimizer.apply(strategy, grads, ok, unscale=self.loss_scale.unscale if self.loss_scale.enabled else None)
         if self.loss_scale.enabled:
-            self.loss_scale.update(ok)
-        return loss_sum, correct, ok
+            self.loss_scale.update(ok, counts=inputs_ok)
+        return tf.concat([tf.stack([loss_sum / samples, correct / samples, tf.cast(ok, tf.float64)]), checks], 0)
 
     def fit(self, steps, *, eval_data=None, eval_every=0, on_step=None, on_eval=None, progress=None):
         """Train until ``self.step == steps``; returns the last step's metrics (or None).
@@ -430,16 +498,32 @@ class Trainer:
         return metrics
 
     # --------------------------------------------------------------- evaluate
-    def _eval_batch(self, x, y):
+    def _distributed_eval(self, x, y):
+        """Inference on the global batch ``x``/``y`` spread over the replicas: float64
+        ``[ce sum, top-1 hits, top-5 hits, samples, *input checks]`` summed (checks combined)
+        over replicas, and the class probabilities (B, classes) in batch order."""
+        sums, probs = self.strategy.run(self._eval_replica, args=(x, y))
+        loss_sum, top1, top5, samples, checks = _combine(self.strategy.gather(sums, axis=0), 4)
+        return tf.concat([tf.stack([loss_sum, top1, top5, samples]), checks], 0), self.strategy.gather(probs, axis=0)
+
+    def _eval_replica(self, x, y):
+        ctx = tf.distribute.get_replica_context()
+        n, i = ctx.num_replicas_in_sync, ctx.replica_id_in_sync_group
+        size = tf.shape(x)[0]
+        per = -(-size // n)  # a partial last batch leaves the last replicas fewer (or no) samples
+        lo, hi = tf.minimum(i * per, size), tf.minimum((i + 1) * per, size)
+        x, y, checks = self._input_checks(x[lo:hi], y[lo:hi])
         logits = tf.cast(self.model(tf.cast(x, self.compute_dtype), is_train=False), tf.float32)
         ce = tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)
         top1 = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), y), tf.float32))
         k = min(5, self.config.num_classes)
         top5 = tf.reduce_sum(tf.cast(tf.math.in_top_k(y, logits, k), tf.float32))
-        return tf.reduce_sum(ce), top1, top5, tf.nn.softmax(logits, axis=-1)
+        sums = tf.cast(tf.stack([tf.reduce_sum(ce), top1, top5, tf.cast(hi - lo, tf.float32)]), tf.float64)
+        return tf.concat([sums, checks], 0)[None], tf.nn.softmax(logits, axis=-1)
 
     def evaluate(self, data=None, batch_size=100, log=True, report_dir=None):
-        """Inference-mode metrics (moving BN statistics, no dropout) over ``data``.
+        """Inference-mode metrics (moving BN statistics, no dropout) over ``data``; under a
+        strategy every batch is spread over the replicas (sums reduced, the same result).
 
         ``data``: an ``(x, y)`` pair of arrays (x: (N,) + input_shape, normalised) or a
         ``tf.data.Dataset`` of such batches; None: the trainer's ``eval_data``. Returns
@@ -472,8 +556,10 @@ class Trainer:
         labels, scores = [], []
         for x, y in batches:
             x, y = self._check_batch(x, y, "evaluate")
-            s, c1, c5, p = self._eval_fn(x, y)
-            loss, top1, top5, n = loss + float(s), top1 + float(c1), top5 + float(c5), n + int(x.shape[0])
+            sums, p = self._eval_fn(x, y)
+            s, c1, c5, _, *checks = sums.numpy()
+            self._raise_for_inputs(checks, "evaluate")
+            loss, top1, top5, n = loss + s, top1 + c1, top5 + c5, n + int(x.shape[0])
             labels.append(y.numpy())
             scores.append(p.numpy())
         if n == 0:
@@ -587,6 +673,17 @@ class Trainer:
         if self.logger:
             self.logger.close()
             self.logger = None
+
+
+def _combine(gathered, k):
+    """Rows of the replicas' float64 ``[k sums, non-finite, bad labels, min label, max label]``
+    (``gathered``, (replicas, k + 4)) -> the ``k`` summed columns, one by one, then the
+    combined checks ``[non-finite, bad labels, min label, max label]`` (a replica without
+    samples reports +/- the largest int64 as its min/max label, which the others' beat)."""
+    sums = tf.reduce_sum(gathered[:, :k], axis=0)
+    checks = tf.stack([tf.reduce_sum(gathered[:, -4]), tf.reduce_sum(gathered[:, -3]),
+                       tf.reduce_min(gathered[:, -2]), tf.reduce_max(gathered[:, -1])])
+    return (*tf.unstack(sums, num=k), checks)
 
 
 def under(name, prefixes):

@@ -22,8 +22,9 @@ import tensorflow as tf
 from wrn3d_tl.axes import is_int
 from wrn3d_tl.files import written_atomically
 
-from .pipeline import (AUTOTUNE, _EpochCounter, _augmenter, _batch_transform, _check_pipeline_flags,
-                       _check_labels, _element_seed, _finish)
+from .pipeline import (AUTOTUNE, _augmenter, _batch_transform, _check_pipeline_flags,
+                       _check_labels, _element_seed, _finish, _tagged)
+from .shards import EpochCounter, Share, start_of
 from .nifti import check_preprocessing
 from .transforms import (Normalization, _check_positive_int, as_normalization,
                          compute_normalization)
@@ -360,24 +361,39 @@ def hdf5_dataset(path, *, x_key: str = "volumes", y_key: str = "labels",
     starts = np.arange(0, n, block_size)
     dtype = info.dtype
 
-    def blocks(epoch):
-        """Python generator for one epoch: (x, y, index, epoch) blocks."""
-        epoch = int(epoch)
-        rng = np.random.default_rng([seed % 2**64, epoch])
-        order = rng.permutation(len(starts)) if shuffle else range(len(starts))
-        order = [int(starts[i]) for i in order]
+    def block_order(epoch, share):
+        """``(rng, the starts of the blocks this worker reads in epoch)``: each epoch's seeded
+        block order, every ``share.count``-th block from ``share.index`` (disjoint blocks)."""
+        rng = np.random.default_rng([seed % 2**64, int(epoch)])
+        order = rng.permutation(len(starts)) if shuffle else np.arange(len(starts))
+        return rng, [int(starts[i]) for i in order[share.index::share.count]]
+
+    def blocks(epoch, skip, stop, index, count):
+        """Python generator for one epoch: (x, y, index, epoch) blocks, samples ``skip`` to
+        ``stop`` of this worker's stream (windows before ``skip`` are not read, only their
+        shuffles drawn)."""
+        epoch, skip, stop = int(epoch), int(skip), int(stop)
+        rng, order = block_order(epoch, Share(int(index), int(count)))
         with h5py.File(path, "r") as f:
             dx = f[x_key]
             for w in range(0, len(order), window):
                 group = order[w:w + window]
-                xs = [np.asarray(dx[s:s + block_size], dtype=dtype)
-                      for s in group]
-                idx = np.concatenate([np.arange(s, s + len(b))
-                                      for s, b in zip(group, xs)])
+                sizes = [min(block_size, n - s) for s in group]
+                if stop <= 0:
+                    return
+                if skip >= sum(sizes):
+                    if shuffle:
+                        rng.permutation(sum(sizes))  # keeps the later windows' shuffles those of a full pass
+                    skip, stop = skip - sum(sizes), stop - sum(sizes)
+                    continue
+                xs = [np.asarray(dx[s:s + size], dtype=dtype) for s, size in zip(group, sizes)]
+                idx = np.concatenate([np.arange(s, s + size) for s, size in zip(group, sizes)])
                 xs = np.concatenate(xs) if len(xs) > 1 else xs[0]
                 if shuffle:
                     perm = rng.permutation(len(idx))
                     xs, idx = xs[perm], idx[perm]
+                xs, idx = xs[skip:stop], idx[skip:stop]
+                stop, skip = stop - sum(sizes), 0
                 for i in range(0, len(idx), block_size):
                     sl = slice(i, i + block_size)
                     yield (xs[sl], labels[idx[sl]], idx[sl],
@@ -387,22 +403,31 @@ def hdf5_dataset(path, *, x_key: str = "volumes", y_key: str = "labels",
                  tf.TensorSpec([None], tf.int64),
                  tf.TensorSpec([None], tf.int64),
                  tf.TensorSpec([None], tf.int64))
-    ds = _EpochCounter().dataset(repeat).flat_map(
-        lambda epoch: tf.data.Dataset.from_generator(
-            blocks, args=(epoch,), output_signature=signature))
-    if augment:
-        augmenter = _augmenter(augment, crop_padding, depth_flip)
+    augmenter = _augmenter(augment, crop_padding, depth_flip) if augment else None
 
-        def aug(volume, label, index, epoch):
-            return augmenter(volume, _element_seed(seed, epoch, index)), label
-        ds = ds.unbatch().map(aug, num_parallel_calls=AUTOTUNE,
-                              deterministic=True)
-        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    else:
-        ds = ds.map(lambda v, label, index, epoch: (v, label))
-        ds = ds.rebatch(batch_size, drop_remainder=drop_remainder)
-    ds = ds.map(_batch_transform(normalization, None, "repeat"),
-                num_parallel_calls=AUTOTUNE, deterministic=True)
-    ds = _finish(ds, n, batch_size, drop_remainder, repeat, normalization)
-    ds.wrn3d_preprocessing = info.preprocessing
-    return ds
+    def aug(volume, label, index, epoch):
+        return augmenter(volume, _element_seed(seed, epoch, index)), label
+
+    def build(pipeline):
+        share = pipeline.share
+        per_worker = None
+        if share.count > 1:
+            def per_worker(epoch):
+                return sum(min(block_size, n - s) for s in block_order(epoch, share)[1])
+        first, skip = start_of(pipeline, per_worker)
+        # the samples of a dropped partial batch are never read (one worker: sharding checked)
+        stop = (n // batch_size) * batch_size if drop_remainder and not repeat else n
+        ds = EpochCounter(first, skip).dataset(repeat).flat_map(
+            lambda epoch, skip: tf.data.Dataset.from_generator(
+                blocks, args=(epoch, skip, stop, share.index, share.count), output_signature=signature))
+        if augmenter is not None:
+            ds = ds.unbatch().map(aug, num_parallel_calls=AUTOTUNE, deterministic=True)
+            ds = ds.batch(pipeline.replica_batch, drop_remainder=drop_remainder)
+        else:
+            ds = ds.map(lambda v, label, index, epoch: (v, label))
+            ds = ds.rebatch(pipeline.replica_batch, drop_remainder=drop_remainder)
+        ds = ds.map(_batch_transform(normalization, None, "repeat"), num_parallel_calls=AUTOTUNE, deterministic=True)
+        return _finish(ds, pipeline)
+
+    return _tagged(build, n, batch_size, drop_remainder, repeat, normalization, block_shards=True,
+                   wrn3d_preprocessing=info.preprocessing)

@@ -34,7 +34,7 @@ import tensorflow as tf
 from wrn3d_tl.axes import is_int
 from wrn3d_tl.files import written_atomically
 
-from .pipeline import AUTOTUNE, _EpochCounter, _augmenter, _check_pipeline_flags, _element_seed, _finish, _permutation
+from .pipeline import AUTOTUNE, _augmenter, _check_pipeline_flags, _element_seed, _finish, _sample_order, _tagged
 from .transforms import _check_positive_int
 
 __all__ = ["NIFTI_SUFFIXES", "INTENSITY_MODES", "NiftiInfo", "NiftiVolumes", "nifti_info", "read_nifti",
@@ -502,10 +502,6 @@ def nifti_dataset(table, *, batch_size: int, training: bool = False, target_shap
     labels = tf.constant(info.labels)
     augmenter = _augmenter(augment, 0, False) if augment else None
 
-    def per_epoch(epoch):
-        order = _permutation(n, seed, epoch) if shuffle else tf.range(n, dtype=tf.int64)
-        return tf.data.Dataset.from_tensor_slices((order, tf.fill([n], epoch)))
-
     def load(index, epoch):
         volume = tf.numpy_function(lambda i: volumes.read(int(i)), [index], tf.float32, stateful=False)
         volume = tf.ensure_shape(volume, shape)
@@ -513,13 +509,12 @@ def nifti_dataset(table, *, batch_size: int, training: bool = False, target_shap
             volume = tf.cast(augmenter(volume, _element_seed(seed, epoch, index)), tf.float32)
         return volume, tf.gather(labels, index)
 
-    ds = _EpochCounter().dataset(repeat).flat_map(per_epoch)
-    ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    ds = _finish(ds, n, batch_size, drop_remainder, repeat, None)
-    ds.wrn3d_class_names = info.class_names
-    ds.wrn3d_preprocessing = preprocessing_of(volumes.intensity, volumes.target_shape)
-    return ds
+    def build(pipeline):
+        ds = _sample_order(pipeline, seed, shuffle).map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
+        return _finish(ds.batch(pipeline.replica_batch, drop_remainder=drop_remainder), pipeline)
+
+    return _tagged(build, n, batch_size, drop_remainder, repeat, None, wrn3d_class_names=info.class_names,
+                   wrn3d_preprocessing=preprocessing_of(volumes.intensity, volumes.target_shape))
 
 
 def nifti_to_hdf5(table, out_path, *, target_shape=None, intensity="zscore", classes=None, num_classes=None,

@@ -9,8 +9,6 @@ the k-th time a dataset object is iterated (or the k-th pass inside a
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import tensorflow as tf
 
@@ -22,6 +20,7 @@ except ImportError:  # pragma: no cover - moved in some future TF
 
 from wrn3d_tl.axes import is_int
 
+from .shards import EpochCounter, Pipeline, epoch_positions, start_of
 from .transforms import (_check_positive_int, _check_tile_mode,
                          _crop_flip, _check_non_negative_int, as_normalization,
                          tile_to_volume)
@@ -77,30 +76,6 @@ def _augmenter(augment, crop_padding, depth_flip):
     return augment
 
 
-class _EpochCounter:
-    """Hands out 0, 1, 2, ... -- one epoch number per pass over the data."""
-
-    def __init__(self):
-        self._next = 0
-        self._lock = threading.Lock()
-
-    def _take(self) -> int:
-        with self._lock:
-            epoch = self._next
-            self._next += 1
-            return epoch
-
-    def dataset(self, repeat: bool) -> tf.data.Dataset:
-        """Scalar int64 epoch numbers: one per iteration, or endless."""
-        def gen():
-            while True:
-                yield np.int64(self._take())
-                if not repeat:
-                    return
-        return tf.data.Dataset.from_generator(
-            gen, output_signature=tf.TensorSpec([], tf.int64))
-
-
 def _epoch_seed(seed: int, epoch, stream: int):
     """Stateless seed (shape [2] int64) for one random stream of one epoch."""
     base = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
@@ -134,17 +109,34 @@ def _batch_transform(normalization, tile_depth, tile_mode):
     return transform
 
 
-def _finish(ds, n, batch_size, drop_remainder, repeat, normalization):
+def _finish(ds, pipeline):
+    """Prefetch and state the cardinality of one build of ``pipeline`` (when known)."""
     ds = ds.prefetch(AUTOTUNE)
-    if repeat:
-        cardinality = tf.data.INFINITE_CARDINALITY
-    elif drop_remainder:
-        cardinality = n // batch_size
-    else:
-        cardinality = -(-n // batch_size)
-    ds = ds.apply(tf.data.experimental.assert_cardinality(cardinality))
-    ds.wrn3d_normalization = None if normalization is None else normalization.to_dict()
-    return ds
+    if pipeline.cardinality() == tf.data.UNKNOWN_CARDINALITY:
+        return ds
+    return ds.apply(tf.data.experimental.assert_cardinality(pipeline.cardinality()))
+
+
+def _tagged(build, n, batch_size, drop_remainder, repeat, normalization, block_shards=False, **tags):
+    """The dataset of ``build(pipeline)`` (see ``shards.Pipeline``), tagged with the normalisation it
+    applies and ``tags`` (``wrn3d_preprocessing``, ...)."""
+    tags = {"wrn3d_normalization": None if normalization is None else normalization.to_dict(), **tags}
+    return Pipeline(build, n, batch_size, repeat, drop_remainder, tags, block_shards=block_shards).dataset()
+
+
+def _sample_order(pipeline, seed, shuffle):
+    """Dataset of ``(sample index, epoch)`` in the order the pipeline reads them: per epoch
+    (one per pass, or endless with ``repeat``) a fresh seeded permutation when shuffling,
+    from the pipeline's start on and only its share of every global batch."""
+    n = pipeline.n
+    first, skip = start_of(pipeline)
+
+    def per_epoch(epoch, skip):
+        order = _permutation(n, seed, epoch) if shuffle else tf.range(n, dtype=tf.int64)
+        order = epoch_positions(pipeline, order, epoch, skip)
+        return tf.data.Dataset.from_tensor_slices((order, tf.fill(tf.shape(order), epoch)))
+
+    return EpochCounter(first, skip).dataset(pipeline.repeat).flat_map(per_epoch)
 
 
 def normalization_of(dataset):
@@ -279,30 +271,24 @@ def make_dataset(x, y, *, batch_size: int, volume_depth=8,
     augmenter = _augmenter(augment, crop_padding, is_volume and depth_flip)
     transform = _batch_transform(normalization, tile_depth, tile_mode)
 
-    if shuffle or augment:
-        def per_epoch(epoch):
-            order = (_permutation(n, seed, epoch) if shuffle
-                     else tf.range(n, dtype=tf.int64))
-            return tf.data.Dataset.from_tensor_slices(
-                (order, tf.fill([n], epoch)))
+    def build(pipeline):
+        ds = _sample_order(pipeline, seed, shuffle)
+        batch = pipeline.replica_batch
+        if shuffle or augment:
+            def load(index, epoch):
+                sample = tf.gather(x_t, index)
+                if augment:
+                    sample = augmenter(sample, _element_seed(seed, epoch, index))
+                return sample, tf.gather(y_t, index)
 
-        def load(index, epoch):
-            sample = tf.gather(x_t, index)
-            if augment:
-                sample = augmenter(sample, _element_seed(seed, epoch, index))
-            return sample, tf.gather(y_t, index)
+            ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
+            ds = ds.batch(batch, drop_remainder=drop_remainder)
+            ds = ds.map(transform, num_parallel_calls=AUTOTUNE, deterministic=True)
+        else:
+            # fixed order, no randomness: gather whole batches at once
+            ds = ds.batch(batch, drop_remainder=drop_remainder)
+            ds = ds.map(lambda i, _: transform(tf.gather(x_t, i), tf.gather(y_t, i)),
+                        num_parallel_calls=AUTOTUNE, deterministic=True)
+        return _finish(ds, pipeline)
 
-        ds = _EpochCounter().dataset(repeat).flat_map(per_epoch)
-        ds = ds.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)
-        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-        ds = ds.map(transform, num_parallel_calls=AUTOTUNE,
-                    deterministic=True)
-    else:
-        # fixed order, no randomness: gather whole batches at once
-        ds = tf.data.Dataset.range(n)
-        if repeat:
-            ds = ds.repeat()
-        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-        ds = ds.map(lambda i: transform(tf.gather(x_t, i), tf.gather(y_t, i)),
-                    num_parallel_calls=AUTOTUNE, deterministic=True)
-    return _finish(ds, n, batch_size, drop_remainder, repeat, normalization)
+    return _tagged(build, n, batch_size, drop_remainder, repeat, normalization)
