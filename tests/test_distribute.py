@@ -3,6 +3,7 @@ two worker processes on 127.0.0.1, a killed worker, checkpoints across strategie
 
 import csv
 import json
+from collections import Counter
 import os
 import signal
 import socket
@@ -201,3 +202,198 @@ def test_killed_worker_fails_the_other_fast_and_resume_completes(tmp_path):
     assert codes == [0, 0], logs
     for text in logs:
         assert f"at step {step}" in text and f"iter {step + 2:>5}/{step + 2}" in text
+
+
+# ------------------------------------------------- split input, distributed evaluate
+
+from wrn3d_tl.data import hdf5_dataset, make_dataset, write_hdf5_volumes  # noqa: E402
+from wrn3d_tl.data.shards import Share, input_share  # noqa: E402
+
+SPLIT_CFG = WRNConfig(depth=10, widen_factor=1, input_shape=(2, 6, 6, 1), num_classes=4, sync_bn=True)
+SPLIT_N, SPLIT_B = 20, 8
+
+
+def split_data(seed=0):
+    """Volumes whose voxel (0, 0, 0) is the sample's index (what Counting reads)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(SPLIT_N,) + SPLIT_CFG.input_shape).astype("float32")
+    x[:, 0, 0, 0, 0] = np.arange(SPLIT_N)
+    return x, np.arange(SPLIT_N) % 4
+
+
+class Counting:
+    """augment= that records which samples a pipeline decoded, then flips W (or not)."""
+
+    def __init__(self, flip=True):
+        self.seen = []
+        self.flip = flip
+
+    def __call__(self, sample, seed):
+        def record(v):
+            self.seen.append(int(round(float(v[0, 0, 0, 0]))))
+            return v
+        sample = tf.ensure_shape(tf.numpy_function(record, [sample], tf.float32, stateful=True), sample.shape)
+        flip = tf.random.stateless_uniform([], seed) < 0.5
+        return tf.where(flip, tf.reverse(sample, [2]), sample) if self.flip else sample
+
+
+def memory_pipeline(augment=None):
+    x, y = split_data()
+    return make_dataset(x, y, batch_size=SPLIT_B, volume_depth=None, training=True, augment=augment or Counting(),
+                        repeat=True, seed=7)
+
+
+def hdf5_pipeline(path):
+    return hdf5_dataset(path, batch_size=SPLIT_B, training=True, augment=False, repeat=True, seed=7,
+                        normalization=None, block_size=3, shuffle_buffer=6)
+
+
+def global_batches(streams, steps):
+    """Global batch k = the k-th batches of the input pipelines, side by side (one replica each)."""
+    return [(np.concatenate([s[k][0] for s in streams]), np.concatenate([s[k][1] for s in streams]))
+            for k in range(steps)]
+
+
+def first_batches(ds, k):
+    return [(x.numpy(), y.numpy()) for x, y in ds.take(k)]
+
+
+def single_trained_on(batches_, seed=0):
+    tf.random.set_seed(seed)
+    t = Trainer(build_wrn(SPLIT_CFG), lr=0.1, verbose=False)
+    for x, y in batches_:
+        t.train_step(x, y)
+    return t
+
+
+@pytest.mark.parametrize("kind", ["memory", "hdf5"])
+def test_split_train_data_under_mirrored_trains_as_one_process(two_cpu_strategy, tmp_path, kind):
+    path = str(tmp_path / "v.h5")
+    write_hdf5_volumes(path, *split_data(), chunks=(3,) + SPLIT_CFG.input_shape)
+    make = memory_pipeline if kind == "memory" else (lambda: hdf5_pipeline(path))
+    tf.random.set_seed(0)
+    with two_cpu_strategy.scope():
+        model = build_wrn(SPLIT_CFG)
+    mirrored = Trainer(model, make(), lr=0.1, strategy=two_cpu_strategy, verbose=False)
+    for _ in range(3):
+        mirrored.train_step()
+    assert mirrored._distributed is not None  # the input was split, not read whole
+    single = single_trained_on(first_batches(make(), 3))
+    for v1, v2 in zip(single.model.all_weights, mirrored.model.all_weights):
+        np.testing.assert_allclose(v1.numpy(), v2.numpy(), atol=1e-5, err_msg=v1.name)
+
+
+def test_distributed_evaluate_equals_single_device(two_cpu_strategy):
+    x, y = split_data(1)
+    single = single_trained_on(first_batches(memory_pipeline(), 2))
+    with two_cpu_strategy.scope():
+        model = build_wrn(SPLIT_CFG)
+    for a, b in zip(single.model.all_weights, model.all_weights):
+        b.assign(a)
+    mirrored = Trainer(model, lr=0.1, strategy=two_cpu_strategy, verbose=False)
+    # batches of 8, 8, 3 and (second call) 1: a partial batch over two replicas gives them 2 + 1, and 1 + 0
+    for data, batch in (((x[:19], y[:19]), 8), ((x[:9], y[:9]), 8)):
+        a, b = single.evaluate(data, batch_size=batch), mirrored.evaluate(data, batch_size=batch)
+        assert a["samples"] == b["samples"] == len(data[0])
+        for key in ("loss", "accuracy", "top5_accuracy", "auc"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, nan_ok=True), key
+        np.testing.assert_array_equal(a["confusion_matrix"], b["confusion_matrix"])
+        np.testing.assert_allclose(a["auc_per_class"], b["auc_per_class"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("fault, pattern", [("nan", r"train_step: x contains NaN or Inf"),
+                                            ("label", r"train_step: labels must be in \[0, 4\), got values from 0 to 6")])
+def test_bad_input_in_one_share_is_refused_and_changes_nothing(two_cpu_strategy, fault, pattern):
+    x, y = split_data()
+    if fault == "nan":
+        x[np.arange(SPLIT_N) % 8 == 6, 1, 2, 3, 0] = np.nan  # in replica 1's half of every batch
+    else:
+        y = np.where(np.arange(SPLIT_N) % 8 == 6, 6, y)
+    ds = make_dataset(x, y, batch_size=SPLIT_B, volume_depth=None, training=False, repeat=True)
+    with two_cpu_strategy.scope():
+        model = build_wrn(SPLIT_CFG)
+    t = Trainer(model, ds, lr=0.1, strategy=two_cpu_strategy, verbose=False)
+    before = [v.numpy().copy() for v in list(model.all_weights) + t.optimizer.slots]
+    with pytest.raises(ValueError, match=pattern):
+        t.train_step()
+    assert t.step == 0 and t._distributed is not None
+    for v, old in zip(list(model.all_weights) + t.optimizer.slots, before):
+        np.testing.assert_array_equal(v.numpy(), old, err_msg=v.name)
+
+
+WORKER = r'''
+import json, sys
+import numpy as np
+from wrn3d_tl.distribute import make_strategy
+strategy = make_strategy("multiworker")
+import tensorflow as tf
+sys.path.insert(0, sys.argv[2])
+import test_distribute as T
+from wrn3d_tl.model import build_wrn
+from wrn3d_tl.train import Trainer
+
+out, index = {}, strategy.cluster_resolver.task_id
+for kind in ("memory", "hdf5"):
+    counter = T.Counting()
+    data = T.memory_pipeline(counter) if kind == "memory" else T.hdf5_pipeline(sys.argv[3])
+    tf.random.set_seed(0)
+    with strategy.scope():
+        model = build_wrn(T.SPLIT_CFG)
+    trainer = Trainer(model, data, lr=0.1, strategy=strategy, verbose=False)
+    for _ in range(3):
+        trainer.train_step()
+    out[kind] = {"split": trainer._distributed is not None, "seen": counter.seen,
+                 "weights": {v.name: v.numpy().tolist() for v in model.all_weights}}
+    if kind == "memory":
+        x, y = T.split_data(1)
+        result = trainer.evaluate((x[:19], y[:19]), batch_size=8)
+        out["evaluate"] = {k: result[k] for k in ("loss", "accuracy", "samples")}
+        out["evaluate"]["confusion_matrix"] = np.asarray(result["confusion_matrix"]).tolist()
+json.dump(out, open(sys.argv[1] + f"/worker{index}.json", "w"))
+'''
+
+
+@pytest.mark.slow
+def test_two_loopback_workers_read_their_shares_and_train_as_one_process(tmp_path):
+    path = str(tmp_path / "v.h5")
+    write_hdf5_volumes(path, *split_data(), chunks=(3,) + SPLIT_CFG.input_shape)
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    ports = free_ports(2)
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path), os.path.dirname(__file__), path],
+                              env=env_for(i, ports), stdout=open(tmp_path / f"w{i}.log", "w"),
+                              stderr=subprocess.STDOUT) for i in range(2)]
+    codes = finish(procs, timeout=240)
+    assert codes == [0, 0], [open(tmp_path / f"w{i}.log").read()[-3000:] for i in range(2)]
+    w = [json.load(open(tmp_path / f"worker{i}.json")) for i in range(2)]
+
+    # make_dataset: the one-process global batches; each worker decoded exactly its half of each
+    whole = first_batches(memory_pipeline(), 3)
+    order = first_batches(memory_pipeline(Counting(flip=False)), 40)  # the same samples, voxel 0 = index
+    for i in range(2):
+        assert w[i]["memory"]["split"]
+        counted = Counter(w[i]["memory"]["seen"])
+        k = -(-sum(counted.values()) // 4) + 2  # the global batches it decoded for, prefetch included
+
+        def share(batches):
+            return Counter(np.concatenate([b[0][i * 4:(i + 1) * 4, 0, 0, 0, 0] for b in order[:batches]])
+                           .round().astype(int).tolist())
+        # all of its half of the 3 trained batches, and nothing but its half of any batch (read ahead)
+        assert not share(3) - counted and not counted - share(k), (counted, share(k))
+    single = single_trained_on(whole)
+    # hdf5: workers read disjoint blocks; the global batches are their local batches side by side
+    streams = [first_batches(input_share(hdf5_pipeline(path), Share(i, 2, 1)), 3) for i in range(2)]
+    single_h5 = single_trained_on(global_batches(streams, 3))
+    for kind, reference in (("memory", single), ("hdf5", single_h5)):
+        for i in range(2):
+            for v in reference.model.all_weights:
+                np.testing.assert_allclose(np.asarray(w[i][kind]["weights"][v.name]), v.numpy(), atol=1e-5,
+                                           err_msg=f"{kind}, worker {i}: {v.name}")
+    # distributed evaluate (batches 8, 8, 3 over two workers) = single-device evaluate
+    x, y = split_data(1)
+    ref = single.evaluate((x[:19], y[:19]), batch_size=8)
+    for i in range(2):
+        got = w[i]["evaluate"]
+        assert got["samples"] == 19 and got["accuracy"] == pytest.approx(ref["accuracy"], abs=1e-7)
+        assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+        assert got["confusion_matrix"] == np.asarray(ref["confusion_matrix"]).tolist()

@@ -155,3 +155,34 @@ def test_conv_has_no_bias_and_he_normal_scale():
     assert [w.name for w in conv.trainable_weights] == ["he/kernel:0"]
     std = float(np.std(conv.W.numpy()))
     assert abs(std - np.sqrt(2.0 / (27 * 64))) / np.sqrt(2.0 / (27 * 64)) < 0.05
+
+
+def _conv3d_dtypes(device=None, inner=None):
+    """The compute dtype of the Conv3D ops a bf16 Conv on a 2-deep input traces to, under an
+    outer ``tf.device`` scope (``device``) or one inside the function (``inner``)."""
+    import contextlib
+
+    conv = Conv(4, 3, name="c")
+    conv.build((None, 2, 6, 6, 3))
+
+    def f(x):
+        with tf.device(inner) if inner else contextlib.nullcontext():
+            return conv.forward(x)
+    with tf.device(device) if device else contextlib.nullcontext():
+        graph = tf.function(f).get_concrete_function(tf.TensorSpec((1, 2, 6, 6, 3), tf.bfloat16)).graph
+    return [op.get_attr("T").name for op in graph.get_operations() if op.type == "Conv3D"]
+
+
+def test_bf16_depth2_float32_fallback_only_where_the_conv_runs_on_cpu():
+    # oneDNN (CPU) computes this filter gradient wrongly in bf16: there the conv runs in float32
+    assert _conv3d_dtypes("/CPU:0") == ["float32"]
+    assert _conv3d_dtypes(inner="/job:localhost/replica:0/task:0/device:CPU:1") == ["float32"]
+    assert _conv3d_dtypes() == ["float32"]  # no GPU visible here: the default placement is the CPU
+    # a GPU (a tf.device scope around the traced function, or a replica's device inside it) keeps bf16
+    assert _conv3d_dtypes("/GPU:0") == ["bfloat16"]
+    assert _conv3d_dtypes(inner="/job:localhost/replica:0/task:0/device:GPU:1") == ["bfloat16"]
+    # other shapes are never changed
+    conv = Conv(4, 3, name="c3")
+    conv.build((None, 4, 6, 6, 3))
+    graph = tf.function(conv.forward).get_concrete_function(tf.TensorSpec((1, 4, 6, 6, 3), tf.bfloat16)).graph
+    assert [op.get_attr("T").name for op in graph.get_operations() if op.type == "Conv3D"] == ["bfloat16"]

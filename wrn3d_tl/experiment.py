@@ -159,12 +159,13 @@ def resume(point, config, train_data, *, settings=None, strategy=None, recompute
       stored ones.
 
     Any conflict raises ``ResumeError``: one line naming each flag, its value and the
-    stored one. ``train_data`` is skipped by the restored step: the pipelines are
-    deterministic for their seed, so the resumed run sees the batches an uninterrupted
-    run would.
+    stored one. ``train_data`` is positioned at the restored step
+    (``wrn3d_tl.data.starting_at``: whole epochs are skipped by arithmetic, no batch is
+    produced to be dropped); the pipelines are deterministic for their seed, so the resumed
+    run sees the batches an uninterrupted run would.
     """
     from wrn3d_tl.config import WRNConfig
-    from wrn3d_tl.data import normalization_of, same_normalization
+    from wrn3d_tl.data import normalization_of, same_normalization, starting_at
     from wrn3d_tl.train import Trainer
 
     path, contents = point
@@ -197,7 +198,7 @@ def resume(point, config, train_data, *, settings=None, strategy=None, recompute
         overrides["mixed_precision"] = settings["mixed_precision"]
     settings.pop("freeze", None)
     trainer = Trainer.restore(path, train_data, strategy=strategy, recompute=recompute, **overrides)
-    trainer.train_data = train_data.skip(trainer.step)
+    trainer.train_data = starting_at(train_data, trainer.step)
     return trainer
 
 

@@ -219,10 +219,11 @@ class Conv(tl.layers.Layer):
 
     def forward(self, inputs):
         dtype = inputs.dtype
-        if dtype == tf.bfloat16 and self._bf16_filter_grad_broken(inputs.shape):
+        if dtype == tf.bfloat16 and self._bf16_filter_grad_broken(inputs.shape) and runs_on_cpu(inputs):
             # TF 2.21's oneDNN bf16 Conv3DBackpropFilter returns NaN/garbage for an input
             # depth of 2 with a 3-deep kernel at stride 1 (checked against the float32
-            # kernel); such layers are small, so they compute in float32 instead.
+            # kernel); such layers are small, so they compute in float32 instead. oneDNN is
+            # the CPU's library: on a GPU the bf16 kernel stays.
             inputs = tf.cast(inputs, tf.float32)
         padding = "SAME"
         if self.padding == "symmetric" and any(k > 1 for k in self._kernel):
@@ -235,6 +236,25 @@ class Conv(tl.layers.Layer):
 
     def _bf16_filter_grad_broken(self, shape):  # (checked on the unpadded input)
         return len(shape) == 5 and shape[1] == 2 and self._kernel[0] == 3 and self._strides[0] == 1
+
+
+def runs_on_cpu(tensor):
+    """Whether an op on ``tensor`` made here runs on a CPU: the device a probe op gets
+    (eagerly, where it ran; in a graph, the replica's or an inner ``tf.device`` scope), else
+    the ``tf.device`` scope a ``tf.function`` is traced under, else the default placement (a
+    GPU when TensorFlow sees one)."""
+    device = tf.identity(tensor).device or _traced_under()
+    if device:
+        return tf.DeviceSpec.from_string(device).device_type != "GPU"
+    return not tf.config.list_logical_devices("GPU")
+
+
+def _traced_under():
+    try:  # a function graph's ops carry no device; the scope it is traced in is the eager context's
+        from tensorflow.python.eager import context
+        return context.context().device_name or ""
+    except (ImportError, AttributeError):  # pragma: no cover - moved in some future TF
+        return ""
 
 
 class GlobalAvgPool(tl.layers.Layer):

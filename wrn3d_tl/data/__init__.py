@@ -12,6 +12,7 @@ Public API:
   augment_image, augment_volume                -- WRN crop + flip (stateless)
   make_dataset                                 -- in-memory tf.data pipeline
   normalization_of                             -- the stats a pipeline applies
+  starting_at, input_share, Share              -- resume position; one worker's share
   write_hdf5_volumes, hdf5_info, hdf5_dataset  -- HDF5 volume files
   Augment3D                                    -- flips / rotations / crops / jitter
   nifti_info, nifti_dataset, nifti_to_hdf5     -- NIfTI scans listed in a CSV or folders
@@ -27,6 +28,7 @@ from .hdf5 import HDF5Info, hdf5_dataset, hdf5_info, write_hdf5_volumes
 from .medmnist import MEDMNIST3D, load_medmnist3d
 from .nifti import NiftiInfo, NiftiVolumes, nifti_dataset, nifti_info, nifti_to_hdf5, read_nifti
 from .pipeline import make_dataset, normalization_of
+from .shards import Share, input_share, starting_at
 from .transforms import (TILE_MODES, Normalization, as_normalization, augment_image, same_normalization,
                          augment_volume, compute_normalization, tile_to_volume)
 
@@ -43,6 +45,9 @@ __all__ = [
     "augment_volume",
     "make_dataset",
     "normalization_of",
+    "starting_at",
+    "input_share",
+    "Share",
     "write_hdf5_volumes",
     "hdf5_info",
     "hdf5_dataset",
