@@ -353,6 +353,13 @@ def _check_pretrained_cli(workdir):
         assert np.array_equal(init["weights"][name], tuned["weights"][name]), name
 
 
+def _check_shards(ns, workdir, store):
+    # the share is the second half of the first global batch (asserted in the block), and the
+    # resumed pipeline starts at global batch 1000 of the same stream, still splittable
+    assert ns["later"].wrn3d_pipeline.start == 1000
+    assert ns["part"].wrn3d_pipeline.replica_batch == 8 and ns["x1"].shape[0] == 8
+
+
 PYTHON_BLOCKS = {
     ("README.md", "import numpy as np"): Py(),
     ("README.md", "from wrn3d_tl.experiment import make_trainer"): Py(
@@ -380,6 +387,7 @@ PYTHON_BLOCKS = {
               ('"docs/images/blob_cam.png"', '"blob_cam.png"')),
         check=_check_blob_montage),
     ("docs/memory.md", "from wrn3d_tl.memory import estimate_memory, largest_batch"): Py(),
+    ("docs/distributed.md", "import numpy as np"): Py(check=_check_shards),
     ("docs/performance.md", "import numpy as np, tensorflow as tf"): Py(),
     ("docs/training.md", "from wrn3d_tl.checkpoint import CheckpointManager"): Py(
         needs=("periodic",), check=_check_manager),
