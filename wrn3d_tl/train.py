@@ -262,6 +262,7 @@ class Trainer:
         self._train_data = data
         self._iterator = None
         self._distributed = None
+        self._read_whole = False
 
     def _adopt_normalization(self, data, what):
         """A tagged pipeline (``wrn3d_tl.data.normalization_of``) says which stats its batches
@@ -304,14 +305,16 @@ class Trainer:
 
     def _split_train_data(self):
         """The distributed dataset of ``train_data``'s per-worker shares, created once per
-        ``train_data`` (its passes continue the epochs); None when it is read whole."""
+        ``train_data`` (its passes continue the epochs); None when it is read whole (decided,
+        and said, once per ``train_data``)."""
         replicas = self.strategy.num_replicas_in_sync
-        if self._distributed is None and replicas > 1 and self.shard_input:
+        if self._distributed is None and not self._read_whole and replicas > 1 and self.shard_input:
             local = len(self.strategy.extended.worker_devices)
             problem = share_problem(self._train_data, Share(0, replicas // local, local))
             if problem:
+                self._read_whole = True
                 if self.verbose and self.is_chief:
-                    print(f"[wrn3d_tl] train_data is read whole by every worker ({problem})", flush=True)
+                    print(f"[wrn3d_tl] train_data is read whole by every worker: {problem}", flush=True)
                 return None
             spec = self._train_data.element_spec
             self._check_batch_spec(spec[0].shape, spec[0].dtype, spec[1].dtype)
