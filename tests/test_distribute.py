@@ -209,6 +209,8 @@ def test_killed_worker_fails_the_other_fast_and_resume_completes(tmp_path):
 from wrn3d_tl.data import hdf5_dataset, make_dataset, write_hdf5_volumes  # noqa: E402
 from wrn3d_tl.data.shards import Share, input_share  # noqa: E402
 
+from _counting import Counting  # noqa: E402
+
 SPLIT_CFG = WRNConfig(depth=10, widen_factor=1, input_shape=(2, 6, 6, 1), num_classes=4, sync_bn=True)
 SPLIT_N, SPLIT_B = 20, 8
 
@@ -221,26 +223,14 @@ def split_data(seed=0):
     return x, np.arange(SPLIT_N) % 4
 
 
-class Counting:
-    """augment= that records which samples a pipeline decoded, then flips W (or not)."""
-
-    def __init__(self, flip=True):
-        self.seen = []
-        self.flip = flip
-
-    def __call__(self, sample, seed):
-        def record(v):
-            self.seen.append(int(round(float(v[0, 0, 0, 0]))))
-            return v
-        sample = tf.ensure_shape(tf.numpy_function(record, [sample], tf.float32, stateful=True), sample.shape)
-        flip = tf.random.stateless_uniform([], seed) < 0.5
-        return tf.where(flip, tf.reverse(sample, [2]), sample) if self.flip else sample
+def flip_w(sample, seed):
+    return tf.where(tf.random.stateless_uniform([], seed) < 0.5, tf.reverse(sample, [2]), sample)
 
 
 def memory_pipeline(augment=None):
     x, y = split_data()
-    return make_dataset(x, y, batch_size=SPLIT_B, volume_depth=None, training=True, augment=augment or Counting(),
-                        repeat=True, seed=7)
+    return make_dataset(x, y, batch_size=SPLIT_B, volume_depth=None, training=True, repeat=True, seed=7,
+                        augment=augment or Counting(then=flip_w))
 
 
 def hdf5_pipeline(path):
@@ -305,10 +295,11 @@ def test_distributed_evaluate_equals_single_device(two_cpu_strategy):
                                             ("label", r"train_step: labels must be in \[0, 4\), got values from 0 to 6")])
 def test_bad_input_in_one_share_is_refused_and_changes_nothing(two_cpu_strategy, fault, pattern):
     x, y = split_data()
+    position = np.arange(SPLIT_N) % 8  # where a sample lands in its global batch: 0-3 replica 0, 4-7 replica 1
     if fault == "nan":
-        x[np.arange(SPLIT_N) % 8 == 6, 1, 2, 3, 0] = np.nan  # in replica 1's half of every batch
-    else:
-        y = np.where(np.arange(SPLIT_N) % 8 == 6, 6, y)
+        x[position == 6, 1, 2, 3, 0] = np.nan
+    else:  # the smallest label only in replica 0's share, the bad one only in replica 1's: the message combines them
+        y = np.where(position < 4, np.where(position == 1, 0, 2), np.where(position == 6, 6, 3))
     ds = make_dataset(x, y, batch_size=SPLIT_B, volume_depth=None, training=False, repeat=True)
     with two_cpu_strategy.scope():
         model = build_wrn(SPLIT_CFG)
@@ -319,6 +310,37 @@ def test_bad_input_in_one_share_is_refused_and_changes_nothing(two_cpu_strategy,
     assert t.step == 0 and t._distributed is not None
     for v, old in zip(list(model.all_weights) + t.optimizer.slots, before):
         np.testing.assert_array_equal(v.numpy(), old, err_msg=v.name)
+
+
+def test_epochs_of_a_finite_split_pipeline_follow_each_other(two_cpu_strategy):
+    x, y = split_data()
+    make = lambda: make_dataset(x, y, batch_size=SPLIT_B, volume_depth=None, training=True, seed=3,  # noqa: E731
+                                drop_remainder=True)  # 20 samples: 2 batches per epoch, 4 left out
+    with two_cpu_strategy.scope():
+        model = build_wrn(SPLIT_CFG)
+    tf.random.set_seed(0)
+    single = Trainer(build_wrn(SPLIT_CFG), make(), lr=0.1, verbose=False)
+    for a, b in zip(single.model.all_weights, model.all_weights):
+        b.assign(a)
+    mirrored = Trainer(model, make(), lr=0.1, strategy=two_cpu_strategy, verbose=False)
+    for _ in range(5):  # two epochs and a half: the iterator restarts twice
+        single.train_step()
+        mirrored.train_step()
+    assert mirrored._distributed is not None
+    for v1, v2 in zip(single.model.all_weights, mirrored.model.all_weights):
+        np.testing.assert_allclose(v1.numpy(), v2.numpy(), atol=1e-5, err_msg=v1.name)
+
+
+def test_data_that_cannot_be_split_is_read_whole_with_a_warning(two_cpu_strategy):
+    x, y = split_data()
+    plain = tf.data.Dataset.from_tensor_slices((x, y)).batch(SPLIT_B, drop_remainder=True).repeat()
+    with two_cpu_strategy.scope():
+        model = build_wrn(SPLIT_CFG)
+    t = Trainer(model, plain, lr=0.1, strategy=two_cpu_strategy, verbose=False)
+    with pytest.warns(UserWarning, match="read whole by every worker.*not a wrn3d_tl.data pipeline"):
+        t.train_step()
+    t.train_step()  # warned once per train_data
+    assert t.step == 2 and t._distributed is None
 
 
 WORKER = r'''
@@ -334,7 +356,7 @@ from wrn3d_tl.train import Trainer
 
 out, index = {}, strategy.cluster_resolver.task_id
 for kind in ("memory", "hdf5"):
-    counter = T.Counting()
+    counter = T.Counting(then=T.flip_w)
     data = T.memory_pipeline(counter) if kind == "memory" else T.hdf5_pipeline(sys.argv[3])
     tf.random.set_seed(0)
     with strategy.scope():
@@ -372,7 +394,7 @@ def test_two_loopback_workers_read_their_shares_and_train_as_one_process(tmp_pat
 
     # make_dataset: the one-process global batches; each worker decoded exactly its half of each
     whole = first_batches(memory_pipeline(), 3)
-    order = first_batches(memory_pipeline(Counting(flip=False)), 40)  # the same samples, voxel 0 = index
+    order = first_batches(memory_pipeline(Counting()), 40)  # the same samples, voxel 0 = index
     for i in range(2):
         assert w[i]["memory"]["split"]
         counted = Counter(w[i]["memory"]["seen"])

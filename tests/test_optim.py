@@ -164,3 +164,16 @@ def test_plot_metrics_leaves_the_matplotlib_backend_alone(tmp_path):
         matplotlib.use(original)
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_step_refused_for_its_inputs_leaves_the_loss_scale_alone():
+    def state(ls):
+        return ls.scale.numpy(), ls.good_steps.numpy(), ls.floor_skips.numpy()
+
+    ls = LossScale(enabled=True)
+    ls.update(tf.constant(True))
+    before = state(ls)
+    ls.update(tf.constant(False), counts=tf.constant(False))  # refused input: not an overflow
+    assert state(ls) == before
+    ls.update(tf.constant(False), counts=tf.constant(True))   # a real overflow halves the scale
+    assert state(ls) == (before[0] / 2, 0, 0)

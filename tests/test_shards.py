@@ -13,24 +13,14 @@ import tensorflow as tf
 from wrn3d_tl.data import Augment3D, hdf5_dataset, make_dataset, nifti_dataset, write_hdf5_volumes
 from wrn3d_tl.data.shards import Share, input_share, share_problem, starting_at
 
+from _counting import Counting
+
 N, B = 22, 4
 SHAPE = (2, 6, 6, 1)
 
 
-class Counting:
-    """An augmentation that records which samples were augmented (their index is voxel
-    (0, 0, 0)) and then applies an Augment3D: counts the decode/augment work."""
-
-    def __init__(self):
-        self.seen = []
-        self.aug = Augment3D(flip_axes="HW", scale=0.1)
-
-    def __call__(self, sample, seed):
-        def record(v):
-            self.seen.append(int(round(float(v[0, 0, 0, 0]))))
-            return v
-        sample = tf.numpy_function(record, [sample], sample.dtype, stateful=True)
-        return self.aug(tf.ensure_shape(sample, SHAPE), seed)
+def counting():
+    return Counting(then=Augment3D(flip_axes="HW", scale=0.1))
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +41,15 @@ def files(tmp_path_factory):
     return x, h5, table
 
 
-def build(kind, files, *, repeat=True, drop_remainder=False, augment=None, shuffle=True):
+def build(kind, files, *, repeat=True, drop_remainder=False, augment=None, shuffle=True, block_size=3):
     x, h5, table = files
     if kind == "memory":
         return make_dataset(x, np.arange(N), batch_size=B, volume_depth=None, training=shuffle, augment=augment or False, seed=3,
                             repeat=repeat, drop_remainder=drop_remainder)
     if kind == "hdf5":
         return hdf5_dataset(h5, batch_size=B, training=shuffle, augment=augment or False, seed=3, repeat=repeat,
-                            drop_remainder=drop_remainder, normalization=None, block_size=3, shuffle_buffer=6)
+                            drop_remainder=drop_remainder, normalization=None, block_size=block_size,
+                            shuffle_buffer=6)
     return nifti_dataset(table, batch_size=B, training=shuffle, augment=augment, seed=3, repeat=repeat,
                          drop_remainder=drop_remainder, intensity=None)
 
@@ -93,11 +84,11 @@ def test_starting_at_continues_as_an_uninterrupted_run(files, kind, repeat, drop
 
 
 def test_starting_at_decodes_no_skipped_sample(files):
-    aug = Counting()
+    aug = counting()
     ds = starting_at(build("memory", files, augment=aug), 40)  # 160 samples: 7 epochs and a bit
     take(ds, 1)
     assert len(aug.seen) <= B + 16, "skipped samples were produced"  # the batch (+ prefetch of a few)
-    reference = take(build("memory", files, augment=Counting()), 41)[40]
+    reference = take(build("memory", files, augment=counting()), 41)[40]
     np.testing.assert_array_equal(take(starting_at(build("memory", files), 40), 1)[0][1], reference[1])
 
 
@@ -134,21 +125,40 @@ def test_shares_side_by_side_are_the_one_process_batches(files, kind, count, rep
         np.testing.assert_array_equal(xa, xb)
 
 
-def test_hdf5_workers_read_disjoint_blocks_and_cover_every_sample(files):
-    count, steps = 2, 8  # 16 samples per worker: more than its share of one epoch (at most 4 blocks of 3)
-    split, streams = shares_side_by_side("hdf5", files, count, 1, steps)
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_hdf5_workers_read_disjoint_blocks(files, shuffle):
+    count, steps = 2, 11  # 44 samples: every sample twice
+    split, streams = shares_side_by_side("hdf5", files, count, 1, steps, shuffle=shuffle)
     assert all(len(y) == B for _, y in split)
-    epoch0 = []
-    for stream in streams:
-        seen = np.concatenate([y for _, y in stream]).tolist()
-        first_repeat = next(i for i, s in enumerate(seen) if s in seen[:i])
-        epoch0.append(seen[:first_repeat])  # each sample comes once per epoch
-    # the workers' epoch-0 blocks (3 samples each, chunk-aligned) are disjoint and cover the file
-    blocks = [{s // 3 for s in part} for part in epoch0]
-    assert not blocks[0] & blocks[1]
-    assert sorted(epoch0[0] + epoch0[1]) == list(range(N))
-    for part in epoch0:  # whole blocks
-        assert sorted(part) == sorted(s for b in {s // 3 for s in part} for s in range(3 * b, min(3 * b + 3, N)))
+    seen = [np.concatenate([y for _, y in s]).tolist() for s in streams]
+    if not shuffle:  # the file's 8 blocks of 3 (the last of 1) in order: worker w reads blocks w, w + 2, ...
+        for w in range(count):
+            mine = [i for b in range(w, 8, 2) for i in range(3 * b, min(3 * b + 3, N))]
+            assert seen[w] == (mine * 4)[:len(seen[w])]
+    else:  # a worker's first 4 samples come from its first shuffle window (2 blocks): not the other's
+        firsts = [{i // 3 for i in seen[w][:4]} for w in range(count)]
+        assert all(len(f) <= 2 for f in firsts) and not firsts[0] & firsts[1]
+
+
+def test_hdf5_over_more_workers_than_blocks_is_refused(files):
+    ds = build("hdf5", files, block_size=N)  # one block
+    assert "1 block(s) of the file cannot give each of 2 workers one" in share_problem(ds, Share(0, 2, 1))
+    assert share_problem(ds, Share(0, 1, 2)) is None  # one worker, two replicas: fine
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_positioned_share_continues_the_share(files, kind):
+    count, start, more = 2, 5, 6
+    for w in range(count):
+        share = Share(w, count, 1)
+        whole = take(input_share(build(kind, files), share), start + more)
+        later = take(input_share(starting_at(build(kind, files), start), share), more)
+        again = take(starting_at(input_share(build(kind, files), share), start), more)
+        for (xa, ya), (xb, yb), (xc, yc) in zip(whole[start:], later, again):
+            np.testing.assert_array_equal(ya, yb)
+            np.testing.assert_array_equal(ya, yc)
+            np.testing.assert_array_equal(xa, xb)
+            np.testing.assert_array_equal(xa, xc)
 
 
 @pytest.mark.parametrize("kind", ["memory", "nifti"])
@@ -156,7 +166,7 @@ def test_each_input_pipeline_decodes_exactly_its_share(files, kind):
     steps, count = 6, 2
     whole = take(build(kind, files), steps)
     for w in range(count):
-        aug = Counting()
+        aug = counting()
         share = take(input_share(build(kind, files, augment=aug), Share(w, count, 1)), steps)
         expected = np.concatenate([y[w * B // count:(w + 1) * B // count] for _, y in whole])
         np.testing.assert_array_equal(np.concatenate([y for _, y in share]), expected)

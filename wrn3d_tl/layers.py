@@ -244,8 +244,9 @@ def runs_on_cpu(tensor):
     the ``tf.device`` scope a ``tf.function`` is traced under, else the default placement (a
     GPU when TensorFlow sees one)."""
     device = tf.identity(tensor).device or _traced_under()
-    if device:
-        return tf.DeviceSpec.from_string(device).device_type != "GPU"
+    kind = tf.DeviceSpec.from_string(device).device_type if device else None
+    if kind:
+        return kind == "CPU"
     return not tf.config.list_logical_devices("GPU")
 
 

@@ -93,7 +93,7 @@ class Trainer:
             (``wrn3d_tl.data.shards``: the same global batches as in one process, except for
             ``hdf5_dataset`` over several workers, whose workers read disjoint blocks). Data
             that cannot be split (another dataset, a partial last batch, ...) is read whole by
-            every worker, as a printed line says. False: always read whole.
+            every worker, with a UserWarning saying why. False: always read whole.
         logdir: when set, metrics go to ``{logdir}/metrics.csv`` and TensorBoard.
         checkpoint_dir, checkpoint_every, keep_checkpoints: save ``ckpt-XXXXXXXX.h5`` every
             N steps, keeping the newest K (a ``CheckpointManager``, ``trainer.checkpoints``).
@@ -306,15 +306,14 @@ class Trainer:
     def _split_train_data(self):
         """The distributed dataset of ``train_data``'s per-worker shares, created once per
         ``train_data`` (its passes continue the epochs); None when it is read whole (decided,
-        and said, once per ``train_data``)."""
-        replicas = self.strategy.num_replicas_in_sync
-        if self._distributed is None and not self._read_whole and replicas > 1 and self.shard_input:
-            local = len(self.strategy.extended.worker_devices)
-            problem = share_problem(self._train_data, Share(0, replicas // local, local))
+        and warned about, once per ``train_data``)."""
+        if self._distributed is None and not self._read_whole and self.strategy.num_replicas_in_sync > 1 \
+                and self.shard_input:
+            problem = share_problem(self._train_data, Share.of_strategy(self.strategy))
             if problem:
                 self._read_whole = True
-                if self.verbose and self.is_chief:
-                    print(f"[wrn3d_tl] train_data is read whole by every worker: {problem}", flush=True)
+                warnings.warn(f"wrn3d_tl: train_data is read whole by every worker, each replica keeping its slice "
+                              f"of the global batch: {problem}", UserWarning, stacklevel=4)
                 return None
             spec = self._train_data.element_spec
             self._check_batch_spec(spec[0].shape, spec[0].dtype, spec[1].dtype)
@@ -530,7 +529,8 @@ class Trainer:
 
     def evaluate(self, data=None, batch_size=100, log=True, report_dir=None):
         """Inference-mode metrics (moving BN statistics, no dropout) over ``data``; under a
-        strategy every batch is spread over the replicas (sums reduced, the same result).
+        strategy every batch is spread over the replicas (sums reduced, the same result), so
+        every worker calls it, with the same data, as it calls ``train_step``.
 
         ``data``: an ``(x, y)`` pair of arrays (x: (N,) + input_shape, normalised) or a
         ``tf.data.Dataset`` of such batches; None: the trainer's ``eval_data``. Returns
@@ -564,9 +564,9 @@ class Trainer:
         for x, y in batches:
             x, y = self._check_batch(x, y, "evaluate")
             sums, p = self._eval_fn(x, y)
-            s, c1, c5, _, *checks = sums.numpy()
+            s, c1, c5, samples, *checks = sums.numpy()
             self._raise_for_inputs(checks, "evaluate")
-            loss, top1, top5, n = loss + s, top1 + c1, top5 + c5, n + int(x.shape[0])
+            loss, top1, top5, n = loss + s, top1 + c1, top5 + c5, n + int(samples)
             labels.append(y.numpy())
             scores.append(p.numpy())
         if n == 0:

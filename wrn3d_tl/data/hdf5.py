@@ -361,6 +361,9 @@ def hdf5_dataset(path, *, x_key: str = "volumes", y_key: str = "labels",
     starts = np.arange(0, n, block_size)
     dtype = info.dtype
 
+    def sizes_of(group):
+        return [min(block_size, n - s) for s in group]
+
     def block_order(epoch, share):
         """``(rng, the starts of the blocks this worker reads in epoch)``: each epoch's seeded
         block order, every ``share.count``-th block from ``share.index`` (disjoint blocks)."""
@@ -378,7 +381,7 @@ def hdf5_dataset(path, *, x_key: str = "volumes", y_key: str = "labels",
             dx = f[x_key]
             for w in range(0, len(order), window):
                 group = order[w:w + window]
-                sizes = [min(block_size, n - s) for s in group]
+                sizes = sizes_of(group)
                 if stop <= 0:
                     return
                 if skip >= sum(sizes):
@@ -413,13 +416,11 @@ def hdf5_dataset(path, *, x_key: str = "volumes", y_key: str = "labels",
         per_worker = None
         if share.count > 1:
             def per_worker(epoch):
-                return sum(min(block_size, n - s) for s in block_order(epoch, share)[1])
+                return sum(sizes_of(block_order(epoch, share)[1]))
         first, skip = start_of(pipeline, per_worker)
-        # the samples of a dropped partial batch are never read (one worker: sharding checked)
-        stop = (n // batch_size) * batch_size if drop_remainder and not repeat else n
         ds = EpochCounter(first, skip).dataset(repeat).flat_map(
             lambda epoch, skip: tf.data.Dataset.from_generator(
-                blocks, args=(epoch, skip, stop, share.index, share.count), output_signature=signature))
+                blocks, args=(epoch, skip, pipeline.samples_per_pass, share.index, share.count), output_signature=signature))
         if augmenter is not None:
             ds = ds.unbatch().map(aug, num_parallel_calls=AUTOTUNE, deterministic=True)
             ds = ds.batch(pipeline.replica_batch, drop_remainder=drop_remainder)
@@ -429,5 +430,5 @@ def hdf5_dataset(path, *, x_key: str = "volumes", y_key: str = "labels",
         ds = ds.map(_batch_transform(normalization, None, "repeat"), num_parallel_calls=AUTOTUNE, deterministic=True)
         return _finish(ds, pipeline)
 
-    return _tagged(build, n, batch_size, drop_remainder, repeat, normalization, block_shards=True,
+    return _tagged(build, n, batch_size, drop_remainder, repeat, normalization, blocks=len(starts),
                    wrn3d_preprocessing=info.preprocessing)

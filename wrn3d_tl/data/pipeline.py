@@ -117,11 +117,11 @@ def _finish(ds, pipeline):
     return ds.apply(tf.data.experimental.assert_cardinality(pipeline.cardinality()))
 
 
-def _tagged(build, n, batch_size, drop_remainder, repeat, normalization, block_shards=False, **tags):
+def _tagged(build, n, batch_size, drop_remainder, repeat, normalization, blocks=0, **tags):
     """The dataset of ``build(pipeline)`` (see ``shards.Pipeline``), tagged with the normalisation it
     applies and ``tags`` (``wrn3d_preprocessing``, ...)."""
     tags = {"wrn3d_normalization": None if normalization is None else normalization.to_dict(), **tags}
-    return Pipeline(build, n, batch_size, repeat, drop_remainder, tags, block_shards=block_shards).dataset()
+    return Pipeline(build, n, batch_size, repeat, drop_remainder, tags, blocks=blocks).dataset()
 
 
 def _sample_order(pipeline, seed, shuffle):

@@ -22,6 +22,9 @@ The global batches of a split pipeline, read in replica order, are
   and global batch ``k`` is the workers' ``k``-th local batches side by side. Each sample's
   augmentation is the same as in one process (it is seeded by sample and epoch), and the
   sequence is a deterministic function of the seed and ``W``, but not the one-process one.
+  When the blocks do not split evenly, workers get unequal parts of an epoch and their
+  epochs drift apart: a global batch can then hold samples of two epochs (even one sample
+  twice). Resuming with another number of workers continues another sequence.
 """
 
 from __future__ import annotations
@@ -55,8 +58,19 @@ class Share:
     @classmethod
     def of(cls, input_context) -> "Share":
         """The share of a ``tf.distribute.InputContext``."""
-        count = input_context.num_input_pipelines
-        return cls(input_context.input_pipeline_id, count, input_context.num_replicas_in_sync // count)
+        return cls._split(input_context.input_pipeline_id, input_context.num_input_pipelines,
+                          input_context.num_replicas_in_sync)
+
+    @classmethod
+    def of_strategy(cls, strategy) -> "Share":
+        """The first worker's share under ``strategy`` (one input pipeline per worker, fed to
+        its local devices): what every worker's share looks like but for its index."""
+        local = len(strategy.extended.worker_devices)
+        return cls._split(0, strategy.num_replicas_in_sync // local, strategy.num_replicas_in_sync)
+
+    @classmethod
+    def _split(cls, index, count, replicas_in_sync):
+        return cls(index, count, replicas_in_sync // count)
 
 
 ALL = Share()
@@ -70,8 +84,9 @@ class Pipeline:
     ``pipeline.start`` on, ``pipeline.share``'s part only (per-replica batches of
     ``batch_size / share.total_replicas``); ``tags`` are the attributes every build carries
     (``wrn3d_normalization``, ...). ``n``: samples per epoch; ``batch_size``: the global
-    batch; ``repeat``/``drop_remainder``: as the pipeline was asked; ``block_shards``: the
-    HDF5 rule (workers read disjoint blocks) rather than the sample-exact one.
+    batch; ``repeat``/``drop_remainder``: as the pipeline was asked; ``blocks``: for
+    ``hdf5_dataset``, the number of blocks it reads, which workers split between them
+    (disjoint blocks, not the sample-exact rule); 0 for the sample-exact pipelines.
     """
 
     build: object
@@ -82,7 +97,7 @@ class Pipeline:
     tags: dict
     start: int = 0
     share: Share = ALL
-    block_shards: bool = False
+    blocks: int = 0
 
     def dataset(self, start=None, share=None) -> tf.data.Dataset:
         """The tagged dataset of this pipeline from global batch ``start`` for ``share``."""
@@ -98,6 +113,13 @@ class Pipeline:
     def replica_batch(self) -> int:
         """Samples per batch of this build (the global batch over the share's replicas)."""
         return self.batch_size // self.share.total_replicas
+
+    @property
+    def samples_per_pass(self) -> int:
+        """Samples of one epoch that reach a batch (a dropped partial batch's are never read)."""
+        if self.drop_remainder and not self.repeat:
+            return (self.n // self.batch_size) * self.batch_size
+        return self.n
 
     @property
     def full_batches(self) -> bool:
@@ -124,8 +146,9 @@ def starting_at(dataset, batch: int):
     it would be there: for a resumed run at step ``batch``.
 
     For a tagged ``wrn3d_tl.data`` pipeline the result is the same pipeline rebuilt to start
-    there (still tagged and splittable): skipped epochs cost no work and the partly read
-    epoch costs only its sample order, never a decoded sample. With ``repeat=False`` the
+    there (still tagged and splittable): skipped epochs cost no work, and of the partly read
+    epoch nothing before the position is decoded (``hdf5_dataset`` reads the one shuffle
+    window the position falls in, which it shuffles whole). With ``repeat=False`` the
     first pass over the result finishes the partly read epoch and later passes are the
     following epochs. Any other dataset gets ``dataset.skip(batch)``, which produces and
     drops every skipped batch.
@@ -151,8 +174,12 @@ def share_problem(dataset, share: Share):
     if not pipeline.full_batches:
         return (f"its last batch of each epoch is partial ({pipeline.n} samples, batch {pipeline.batch_size}); "
                 "build it with drop_remainder=True or repeat=True")
-    if pipeline.block_shards and share.count > 1 and not pipeline.repeat:
-        return "hdf5_dataset splits over several workers only as an endless stream (repeat=True)"
+    if pipeline.blocks and share.count > 1:
+        if not pipeline.repeat:
+            return "hdf5_dataset splits over several workers only as an endless stream (repeat=True)"
+        if pipeline.blocks < share.count:
+            return (f"its {pipeline.blocks} block(s) of the file cannot give each of {share.count} workers one; "
+                    "pass hdf5_dataset a smaller block_size")
     return None
 
 
@@ -220,9 +247,7 @@ def epoch_positions(pipeline: Pipeline, order, epoch, skip):
     for ``repeat``, within the epoch otherwise)."""
     n, b, share = pipeline.n, pipeline.batch_size, pipeline.share
     p = tf.range(n, dtype=tf.int64)
-    keep = p >= skip
-    if pipeline.drop_remainder and not pipeline.repeat:
-        keep &= p < (n // b) * b
+    keep = (p >= skip) & (p < pipeline.samples_per_pass)
     if share.count > 1:
         g = epoch * n + p if pipeline.repeat else p
         keep &= (g % b) // (b // share.count) == share.index
