@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -289,6 +290,40 @@ def test_distributed_evaluate_equals_single_device(two_cpu_strategy):
             assert a[key] == pytest.approx(b[key], rel=1e-5, nan_ok=True), key
         np.testing.assert_array_equal(a["confusion_matrix"], b["confusion_matrix"])
         np.testing.assert_allclose(a["auc_per_class"], b["auc_per_class"], rtol=1e-5)
+
+
+def test_distributed_evaluate_uses_the_replicas_mean_statistics_without_sync_bn(two_cpu_strategy, tmp_path):
+    cfg = WRNConfig(depth=10, widen_factor=1, input_shape=SPLIT_CFG.input_shape, num_classes=4)  # no sync BN
+    tf.random.set_seed(0)
+    with two_cpu_strategy.scope():
+        model = build_wrn(cfg)
+    x, y = split_data()
+    x[np.arange(SPLIT_N) % 8 >= 4] += 2.0  # replica 1's halves differ: the replicas' moving statistics part
+    ds = make_dataset(x, y, batch_size=SPLIT_B, volume_depth=None, training=False, repeat=True)
+    mirrored = Trainer(model, ds, lr=0.1, strategy=two_cpu_strategy, verbose=False)
+    for _ in range(2):
+        mirrored.train_step()
+    local = [two_cpu_strategy.experimental_local_results(v) for v in mirrored._stats]
+    assert any(not np.allclose(a.numpy(), b.numpy()) for a, b in local)
+    single = Trainer.restore(mirrored.save(tmp_path / "m.h5"), verbose=False)  # the cross-replica mean
+    xe, ye = split_data(1)
+    a, b = single.evaluate((xe[:19], ye[:19]), batch_size=8), mirrored.evaluate((xe[:19], ye[:19]), batch_size=8)
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["accuracy"] == b["accuracy"]
+
+
+def test_a_model_built_outside_the_scope_or_an_indivisible_batch_is_refused(two_cpu_strategy):
+    with pytest.raises(ValueError, match=r"build the model inside strategy.scope\(\)"):
+        Trainer(build_wrn(SPLIT_CFG), lr=0.1, strategy=two_cpu_strategy, verbose=False)
+    x, y = split_data()
+    with two_cpu_strategy.scope():
+        model = build_wrn(SPLIT_CFG)
+    ds = make_dataset(x, y, batch_size=7, volume_depth=None, training=False, repeat=True)
+    t = Trainer(model, ds, lr=0.1, strategy=two_cpu_strategy, verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused, not read whole with a warning
+        with pytest.raises(ValueError, match="global batch of 7 does not divide evenly over 2 replicas"):
+            t.train_step()
+    assert t.step == 0
 
 
 @pytest.mark.parametrize("fault, pattern", [("nan", r"train_step: x contains NaN or Inf"),

@@ -89,7 +89,8 @@ class BatchNorm(tl.layers.Layer):
     statistics are all-reduced over the replicas of a ``tf.distribute`` strategy.
 
     Moving statistics are ON_READ/MEAN variables, so each replica updates its own
-    copy inside ``strategy.run`` and a cross-replica read gives their mean.
+    copy inside ``strategy.run`` and a cross-replica read gives their mean; eval mode on a
+    replica normalises with that mean too.
     """
 
     def __init__(self, decay=0.9, epsilon=1e-5, act=None, sync=False, name=None):
@@ -140,9 +141,15 @@ class BatchNorm(tl.layers.Layer):
             if self._nodes_fixed and self.update_stats:
                 self._update_moving(mean, var)
         else:
+            mean, variance = self.moving_mean.read_value(), self.moving_var.read_value()
+            ctx = tf.distribute.get_replica_context()
+            if ctx is not None and ctx.num_replicas_in_sync > 1:
+                # Each replica holds its own copy; a cross-replica read (checkpoints, one
+                # device) gives their mean, and so must inference on a replica.
+                mean, variance = ctx.all_reduce(tf.distribute.ReduceOp.MEAN, [mean, variance])
             outputs, *_ = tf.raw_ops.FusedBatchNormV3(
                 x=self._as_4d(inputs), scale=self.gamma, offset=self.beta,
-                mean=self.moving_mean.read_value(), variance=self.moving_var.read_value(),
+                mean=mean, variance=variance,
                 epsilon=self.epsilon, exponential_avg_factor=1.0,
                 data_format="NHWC", is_training=False)
             outputs = tf.reshape(outputs, tf.shape(inputs))

@@ -166,6 +166,10 @@ class Trainer:
         self._train_data = None
         self.train_data = train_data
 
+        if self.strategy.num_replicas_in_sync > 1 and not self.strategy.extended.variable_created_in_scope(
+                model.trainable_weights[0]):
+            raise ValueError("model: under a strategy of several replicas, build the model inside "
+                             "strategy.scope() (its variables must be mirrored on every replica)")
         self._stats = list(model.nontrainable_weights)  # BN moving statistics
         with self.strategy.scope():
             self.optimizer = SGD(self._select_trainable(trainable), lr=self.base_lr, momentum=momentum,
@@ -307,8 +311,12 @@ class Trainer:
         """The distributed dataset of ``train_data``'s per-worker shares, created once per
         ``train_data`` (its passes continue the epochs); None when it is read whole (decided,
         and warned about, once per ``train_data``)."""
-        if self._distributed is None and not self._read_whole and self.strategy.num_replicas_in_sync > 1 \
-                and self.shard_input:
+        replicas = self.strategy.num_replicas_in_sync
+        if self._distributed is None and not self._read_whole and replicas > 1 and self.shard_input:
+            pipeline = getattr(self._train_data, "wrn3d_pipeline", None)
+            if pipeline is not None and pipeline.batch_size % replicas:  # read whole, it would fail at once
+                raise ValueError(f"train_step: the global batch of {pipeline.batch_size} does not divide evenly "
+                                 f"over {replicas} replicas")
             problem = share_problem(self._train_data, Share.of_strategy(self.strategy))
             if problem:
                 self._read_whole = True
