@@ -44,8 +44,8 @@ def files(tmp_path_factory):
 def build(kind, files, *, repeat=True, drop_remainder=False, augment=None, shuffle=True, block_size=3):
     x, h5, table = files
     if kind == "memory":
-        return make_dataset(x, np.arange(N), batch_size=B, volume_depth=None, training=shuffle, augment=augment or False, seed=3,
-                            repeat=repeat, drop_remainder=drop_remainder)
+        return make_dataset(x, np.arange(N), batch_size=B, volume_depth=None, training=shuffle,
+                            augment=augment or False, seed=3, repeat=repeat, drop_remainder=drop_remainder)
     if kind == "hdf5":
         return hdf5_dataset(h5, batch_size=B, training=shuffle, augment=augment or False, seed=3, repeat=repeat,
                             drop_remainder=drop_remainder, normalization=None, block_size=block_size,

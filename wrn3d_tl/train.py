@@ -320,8 +320,8 @@ class Trainer:
             problem = share_problem(self._train_data, Share.of_strategy(self.strategy))
             if problem:
                 self._read_whole = True
-                warnings.warn(f"wrn3d_tl: train_data is read whole by every worker, each replica keeping its slice "
-                              f"of the global batch: {problem}", UserWarning, stacklevel=4)
+                warnings.warn(f"wrn3d_tl: train_data is read whole by every worker, each replica keeping its "
+                              f"slice of the global batch: {problem}", UserWarning, stacklevel=4)
                 return None
             spec = self._train_data.element_spec
             self._check_batch_spec(spec[0].shape, spec[0].dtype, spec[1].dtype)
@@ -360,16 +360,19 @@ class Trainer:
             raise ValueError(f"{what}: x contains NaN or Inf")
 
     def _input_checks(self, x, y):
-        """In-graph checks of one replica's batch: ``(float32 x, labels clipped into range,
-        float64 [non-finite values in x, labels out of range, min label, max label])``."""
-        x = tf.cast(x, tf.float32)
+        """In-graph checks of one replica's batch: float64 ``[non-finite values in x, labels
+        out of range, min label, max label]``."""
         y = tf.cast(y, tf.int64)
         bad = tf.logical_or(y < 0, y >= self.config.num_classes)
-        checks = tf.stack([tf.cast(tf.reduce_sum(tf.cast(tf.logical_not(tf.math.is_finite(x)), tf.int64)), tf.float64),
-                           tf.cast(tf.reduce_sum(tf.cast(bad, tf.int64)), tf.float64),
-                           tf.cast(tf.reduce_min(y), tf.float64), tf.cast(tf.reduce_max(y), tf.float64)])
-        # in range, so that a bad label cannot fail a kernel: the step is refused by the checks
-        return x, tf.clip_by_value(y, 0, self.config.num_classes - 1), checks
+        nonfinite = tf.logical_not(tf.math.is_finite(tf.cast(x, tf.float32)))
+        counts = [tf.reduce_sum(tf.cast(nonfinite, tf.int64)), tf.reduce_sum(tf.cast(bad, tf.int64)),
+                  tf.reduce_min(y), tf.reduce_max(y)]
+        return tf.cast(tf.stack(counts), tf.float64)
+
+    def _model_inputs(self, x, y):
+        """(float32 x, int64 labels clipped into range): a bad label cannot fail a kernel; the
+        step it is in is refused by ``_input_checks``."""
+        return tf.cast(x, tf.float32), tf.clip_by_value(tf.cast(y, tf.int64), 0, self.config.num_classes - 1)
 
     # -------------------------------------------------------------------- step
     def train_step(self, x=None, y=None):
@@ -435,7 +438,8 @@ class Trainer:
         if whole:
             per = tf.shape(x)[0] // n
             x, y = x[i * per:(i + 1) * per], y[i * per:(i + 1) * per]
-        x, y, checks = self._input_checks(x, y)
+        checks = self._input_checks(x, y)
+        x, y = self._model_inputs(x, y)
         global_batch = tf.cast(tf.shape(x)[0] * n, tf.float32)
         # The forward pass moves the BN statistics; keep their old values so a step that
         # turns out non-finite (or refused) can be undone completely.
@@ -522,11 +526,11 @@ class Trainer:
         size = tf.shape(x)[0]
         per = -(-size // n)  # a partial last batch leaves the last replicas fewer (or no) samples
         lo, hi = tf.minimum(i * per, size), tf.minimum((i + 1) * per, size)
-        _, _, checks = self._input_checks(x[lo:hi], y[lo:hi])
+        checks = self._input_checks(x[lo:hi], y[lo:hi])
         # A replica left without samples runs on the batch's last one and counts nothing:
         # oneDNN's strided convolutions mis-shape an empty batch.
         start = tf.minimum(lo, size - 1)
-        x, y, _ = self._input_checks(x[start:tf.maximum(hi, start + 1)], y[start:tf.maximum(hi, start + 1)])
+        x, y = self._model_inputs(x[start:tf.maximum(hi, start + 1)], y[start:tf.maximum(hi, start + 1)])
         real = tf.cast(tf.range(tf.shape(y)[0]) < hi - lo, tf.float32)
         logits = tf.cast(self.model(tf.cast(x, self.compute_dtype), is_train=False), tf.float32)
         ce = tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)

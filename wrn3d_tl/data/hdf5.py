@@ -382,12 +382,13 @@ def hdf5_dataset(path, *, x_key: str = "volumes", y_key: str = "labels",
             for w in range(0, len(order), window):
                 group = order[w:w + window]
                 sizes = sizes_of(group)
+                total = sum(sizes)
                 if stop <= 0:
                     return
-                if skip >= sum(sizes):
+                if skip >= total:
                     if shuffle:
-                        rng.permutation(sum(sizes))  # keeps the later windows' shuffles those of a full pass
-                    skip, stop = skip - sum(sizes), stop - sum(sizes)
+                        rng.permutation(total)  # keeps the later windows' shuffles those of a full pass
+                    skip, stop = skip - total, stop - total
                     continue
                 xs = [np.asarray(dx[s:s + size], dtype=dtype) for s, size in zip(group, sizes)]
                 idx = np.concatenate([np.arange(s, s + size) for s, size in zip(group, sizes)])
@@ -396,7 +397,7 @@ def hdf5_dataset(path, *, x_key: str = "volumes", y_key: str = "labels",
                     perm = rng.permutation(len(idx))
                     xs, idx = xs[perm], idx[perm]
                 xs, idx = xs[skip:stop], idx[skip:stop]
-                stop, skip = stop - sum(sizes), 0
+                stop, skip = stop - total, 0
                 for i in range(0, len(idx), block_size):
                     sl = slice(i, i + block_size)
                     yield (xs[sl], labels[idx[sl]], idx[sl],
@@ -420,7 +421,8 @@ def hdf5_dataset(path, *, x_key: str = "volumes", y_key: str = "labels",
         first, skip = start_of(pipeline, per_worker)
         ds = EpochCounter(first, skip).dataset(repeat).flat_map(
             lambda epoch, skip: tf.data.Dataset.from_generator(
-                blocks, args=(epoch, skip, pipeline.samples_per_pass, share.index, share.count), output_signature=signature))
+                blocks, args=(epoch, skip, pipeline.samples_per_pass, share.index, share.count),
+                output_signature=signature))
         if augmenter is not None:
             ds = ds.unbatch().map(aug, num_parallel_calls=AUTOTUNE, deterministic=True)
             ds = ds.batch(pipeline.replica_batch, drop_remainder=drop_remainder)

@@ -112,9 +112,10 @@ def _batch_transform(normalization, tile_depth, tile_mode):
 def _finish(ds, pipeline):
     """Prefetch and state the cardinality of one build of ``pipeline`` (when known)."""
     ds = ds.prefetch(AUTOTUNE)
-    if pipeline.cardinality() == tf.data.UNKNOWN_CARDINALITY:
+    cardinality = pipeline.cardinality()
+    if cardinality == tf.data.UNKNOWN_CARDINALITY:
         return ds
-    return ds.apply(tf.data.experimental.assert_cardinality(pipeline.cardinality()))
+    return ds.apply(tf.data.experimental.assert_cardinality(cardinality))
 
 
 def _tagged(build, n, batch_size, drop_remainder, repeat, normalization, blocks=0, **tags):
