@@ -49,7 +49,6 @@ import statistics
 import sys
 import time
 import traceback
-import types
 from dataclasses import dataclass
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -215,7 +214,7 @@ def torch_top_ops(step_fn, top=5):
 
 def setup_wrn3d_tl(impl, case, arch, seed):
     import tensorflow as tf
-    from wrn3d_tl.model import build_wrn
+    from wrn3d_tl.model import build_wrn, inference_copy
     from wrn3d_tl.train import Trainer
     tf.random.set_seed(seed)
     model = build_wrn(case.config())
@@ -223,7 +222,10 @@ def setup_wrn3d_tl(impl, case, arch, seed):
                       mixed_precision="bf16" if impl.precision == "bf16" else None,
                       jit_compile=impl.variant == "xla", verbose=False)
     x, y = (tf.constant(a) for a in synthetic_batch(case, seed))
-    infer = tf.function(lambda x: model(tf.cast(x, trainer.compute_dtype), is_train=False),
+    # Inference as Predictor and export_saved_model run it: in bf16, on a copy whose kernels
+    # are stored in bf16 (no cast of every kernel on every call).
+    net = inference_copy(model, "bf16") if impl.precision == "bf16" else model
+    infer = tf.function(lambda x: net(tf.cast(x, trainer.compute_dtype), is_train=False),
                         jit_compile=trainer.jit_compile or None)
     ops = {"train": lambda: trainer.train_step(x, y), "infer": lambda: infer(x).numpy(),
            "profile": lambda: tf_top_ops(lambda: trainer.train_step(x, y))}
@@ -287,7 +289,7 @@ def setup_torch(impl, case, arch, seed):
     from torch_wrn import build_torch_wrn
     torch.set_num_threads(os.cpu_count())
     torch.manual_seed(seed)
-    model = build_torch_wrn(types.SimpleNamespace(**arch))
+    model = build_torch_wrn(arch)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD([{"params": [p for p in params if p.dim() > 1], "weight_decay": WEIGHT_DECAY},
                            {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}],
@@ -561,9 +563,7 @@ def bench_case(ctx, case, impls, profile, slow_factor, sink, run_id):
     """Benchmark every implementation on one case; returns the rows for the table."""
     from wrn3d_tl.model import count_flops
     config = case.config()
-    arch = {f: getattr(config, f) for f in ("spatial_rank", "input_shape", "widths", "group_strides",
-                                            "blocks_per_group", "dropout", "bn_decay", "bn_epsilon",
-                                            "num_classes")}
+    arch = config  # a WRNConfig: wrn3d_tl.config imports no TensorFlow, so torch workers may load it
     flops = count_flops(config)
     log(f"== {case.label}: {flops / 1e9:.3f} GFLOP forward per sample; starting {len(impls)} workers")
     workers = {impl: Worker(ctx, impl, case, arch) for impl in impls}

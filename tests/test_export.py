@@ -354,3 +354,63 @@ def test_export_of_a_model_built_under_a_strategy(two_cpu_strategy, tmp_path):
     x = np.random.default_rng(2).normal(size=(3, 2, 8, 8, 3)).astype(np.float32)
     np.testing.assert_allclose(served.serve(tf.constant(x))["logits"].numpy(), _tl_logits(model, x),
                                atol=TOL, rtol=0)
+
+
+# ------------------------------------------------------------------ bf16 inference
+
+def _conv_dtypes(concrete):
+    return {op.get_attr("T").name for op in concrete.graph.get_operations() if op.type in ("Conv3D", "Conv2D")}
+
+
+def test_bf16_inference_in_predictor_export_and_cli(trained, tmp_path, capsys):
+    from wrn3d_tl.predict import main as predict_main
+
+    raw = _raw(12, seed=31)
+    fp32 = Predictor(trained["ckpt"]).predict(raw)
+    bf16 = Predictor(trained["ckpt"], precision="bf16")
+    assert bf16.precision == "bf16"
+    got = bf16.predict(raw)
+    # the same network run in bfloat16 by hand: fp32 kernels cast to bf16 on the way in (fed
+    # the same normalised input: a 1-ulp difference in it can change its bf16 rounding)
+    x = _normalised(raw)
+    by_hand = trained["model"](tf.cast(x, tf.bfloat16), is_train=False).numpy()
+    np.testing.assert_allclose(Predictor(trained["model"], precision="bf16").predict(x)["logits"], by_hand,
+                               atol=1e-5, rtol=0)
+    assert got["logits"].dtype == got["probabilities"].dtype == np.float32
+    diff = np.abs(got["logits"] - fp32["logits"]).max()
+    assert 0 < diff < 0.05 * np.abs(fp32["logits"]).max()  # it did compute in bf16, and closely
+    # kernels are stored in bf16 (no cast per call) and every convolution computes in bf16
+    kernels = [v for v in bf16.model.trainable_weights if "conv" in v.name or "shortcut" in v.name]
+    assert kernels and {v.dtype for v in kernels} == {tf.bfloat16}
+    assert _conv_dtypes(bf16._infer.get_concrete_function()) == {"bfloat16"}
+    assert _conv_dtypes(Predictor(trained["ckpt"])._infer.get_concrete_function()) == {"float32"}
+
+    # the SavedModel: same logits, bf16 kernels on disk (a smaller file), precision in its metadata
+    path = export_saved_model(trained["ckpt"], str(tmp_path / "bf16"), precision="bf16")
+    served = tf.saved_model.load(path)
+    out = served.signatures["serving_default"](volumes=tf.constant(raw))
+    np.testing.assert_allclose(out["logits"].numpy(), got["logits"], atol=1e-5, rtol=0)
+    assert json.loads(served.metadata().numpy())["precision"] == "bf16"
+    assert json.loads(tf.saved_model.load(trained["saved"]).metadata().numpy())["precision"] == "fp32"
+
+    def size(folder):
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(folder, "variables"))
+                   for f in fs)
+    assert size(path) < 0.75 * size(trained["saved"])
+
+    # wrn3d-predict --precision bf16
+    npy, csv_out = str(tmp_path / "x.npy"), str(tmp_path / "p.csv")
+    np.save(npy, raw)
+    assert predict_main(["--checkpoint", trained["ckpt"], "--npy", npy, "--out", csv_out, "--precision", "bf16"]) == 0
+    assert [int(r["class"]) for r in _read_csv(csv_out)] == list(got["class"])
+    assert predict_main(["--checkpoint", trained["ckpt"], "--npy", npy, "--out", csv_out, "--precision", "fp16"]) == 2
+    assert "--precision" in capsys.readouterr().err
+
+    # precision is checked, and a Predictor is not silently used in another precision
+    with pytest.raises(ValueError, match="precision must be one of 'fp32', 'bf16', got 'fp16'"):
+        Predictor(trained["ckpt"], precision="fp16")
+    with pytest.raises(ValueError, match="precision='fp32', but the Predictor given computes in 'bf16'"):
+        predict(bf16, raw, precision="fp32")
+    np.testing.assert_array_equal(predict(bf16, raw)["logits"], got["logits"])
+    with pytest.raises(ValueError, match="precision must be one of"):
+        export_saved_model(trained["ckpt"], str(tmp_path / "bad"), precision="float16")

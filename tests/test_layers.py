@@ -157,32 +157,92 @@ def test_conv_has_no_bias_and_he_normal_scale():
     assert abs(std - np.sqrt(2.0 / (27 * 64))) / np.sqrt(2.0 / (27 * 64)) < 0.05
 
 
-def _conv3d_dtypes(device=None, inner=None):
+def _conv3d_dtypes(device=None, inner=None, batch=1, padding="same"):
     """The compute dtype of the Conv3D ops a bf16 Conv on a 2-deep input traces to, under an
     outer ``tf.device`` scope (``device``) or one inside the function (``inner``)."""
     import contextlib
 
-    conv = Conv(4, 3, name="c")
+    conv = Conv(4, 3, padding=padding, name="c")
     conv.build((None, 2, 6, 6, 3))
 
     def f(x):
         with tf.device(inner) if inner else contextlib.nullcontext():
             return conv.forward(x)
     with tf.device(device) if device else contextlib.nullcontext():
-        graph = tf.function(f).get_concrete_function(tf.TensorSpec((1, 2, 6, 6, 3), tf.bfloat16)).graph
+        graph = tf.function(f).get_concrete_function(tf.TensorSpec((batch, 2, 6, 6, 3), tf.bfloat16)).graph
     return [op.get_attr("T").name for op in graph.get_operations() if op.type == "Conv3D"]
 
 
-def test_bf16_depth2_float32_fallback_only_where_the_conv_runs_on_cpu():
-    # oneDNN (CPU) computes this filter gradient wrongly in bf16: there the conv runs in float32
+@pytest.fixture
+def probe(monkeypatch):
+    """Replaces the bf16 filter-gradient probe's measurement by ``probe.error`` and records
+    the cases it was asked about; the cache starts empty."""
+    from wrn3d_tl import layers
+
+    class Probe:
+        error, asked = 0.0, []
+
+        def __call__(self, *case):
+            self.asked.append(case)
+            return self.error
+    p = Probe()
+    monkeypatch.setattr(layers, "_BF16_FILTER_GRAD_OK", {})
+    monkeypatch.setattr(layers, "_bf16_filter_grad_error", p)
+    return p
+
+
+def test_bf16_depth2_float32_fallback_where_the_probe_finds_the_cpu_kernel_wrong(probe):
+    # oneDNN (CPU) computes this filter gradient wrongly in bf16 on some CPUs: there the
+    # conv runs in float32
+    probe.error = float("inf")
     assert _conv3d_dtypes("/CPU:0") == ["float32"]
     assert _conv3d_dtypes(inner="/job:localhost/replica:0/task:0/device:CPU:1") == ["float32"]
     assert _conv3d_dtypes() == ["float32"]  # no GPU visible here: the default placement is the CPU
-    # a GPU (a tf.device scope around the traced function, or a replica's device inside it) keeps bf16
+    assert probe.asked == [((1, 2, 6, 6, 3), (3, 3, 3, 3, 4), (1, 1, 1), "SAME")]  # once per case
+    assert _conv3d_dtypes(batch=5) == ["float32"] and len(probe.asked) == 2  # another batch: probed
+    # symmetric padding runs a 4-deep VALID convolution: that is the case probed
+    assert _conv3d_dtypes(padding="symmetric") == ["float32"]
+    assert probe.asked[-1] == ((1, 4, 8, 8, 3), (3, 3, 3, 3, 4), (1, 1, 1), "VALID")
+    # a GPU (a tf.device scope around the traced function, or a replica's device inside it)
+    # keeps bf16 without asking
+    asked = len(probe.asked)
     assert _conv3d_dtypes("/GPU:0") == ["bfloat16"]
     assert _conv3d_dtypes(inner="/job:localhost/replica:0/task:0/device:GPU:1") == ["bfloat16"]
-    # other shapes are never changed
+    assert len(probe.asked) == asked
+    # other shapes are never probed nor changed
     conv = Conv(4, 3, name="c3")
     conv.build((None, 4, 6, 6, 3))
     graph = tf.function(conv.forward).get_concrete_function(tf.TensorSpec((1, 4, 6, 6, 3), tf.bfloat16)).graph
     assert [op.get_attr("T").name for op in graph.get_operations() if op.type == "Conv3D"] == ["bfloat16"]
+    assert len(probe.asked) == asked
+
+
+def test_bf16_depth2_stays_bf16_where_the_probe_finds_the_cpu_kernel_right(probe):
+    from wrn3d_tl.layers import BF16_PROBE_TOLERANCE
+    probe.error = BF16_PROBE_TOLERANCE / 2
+    assert _conv3d_dtypes("/CPU:0") == ["bfloat16"]
+    # an unknown batch cannot be probed: float32, which is always right
+    assert _conv3d_dtypes(batch=None) == ["float32"]
+    assert len(probe.asked) == 1
+
+
+def test_bf16_filter_grad_probe_agrees_with_the_gradient_of_a_bf16_conv():
+    """The real probe, on this machine's CPU: its verdict equals that of the filter
+    gradient a bf16 convolution gets through autodiff, measured here against float32."""
+    from wrn3d_tl.layers import BF16_PROBE_TOLERANCE, bf16_filter_grad_ok
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.standard_normal((4, 2, 8, 8, 16)), tf.float32)
+    w = tf.constant(rng.standard_normal((3, 3, 3, 16, 8)), tf.float32)
+
+    @tf.function
+    def grad(x, w):
+        with tf.GradientTape() as tape:
+            tape.watch(w)
+            y = tf.nn.convolution(x, tf.cast(w, x.dtype), padding="SAME")
+            loss = tf.reduce_sum(tf.cast(y, tf.float32) * tf.cos(tf.range(8, dtype=tf.float32)))
+        return tape.gradient(loss, w)
+    exact, bf16 = grad(x, w).numpy(), grad(tf.cast(x, tf.bfloat16), w).numpy()
+    error = np.linalg.norm(bf16 - exact) / np.linalg.norm(exact)
+    right = bool(np.isfinite(error) and error < BF16_PROBE_TOLERANCE)
+    assert bf16_filter_grad_ok((4, 2, 8, 8, 16), (3, 3, 3, 16, 8), (1, 1, 1), "SAME") is right
+    assert bf16_filter_grad_ok((None, 2, 8, 8, 16), (3, 3, 3, 16, 8), (1, 1, 1), "SAME") is False

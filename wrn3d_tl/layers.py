@@ -27,15 +27,17 @@ class HeNormal(tl.initializers.Initializer):
     (``kaiming_normal_`` on conv and linear weights).
     """
 
-    def __init__(self, seed=None):
+    def __init__(self, seed=None, dtype=tf.float32):
         self.seed = seed
+        self.dtype = tf.as_dtype(dtype)
 
-    def __call__(self, shape, dtype=tf.float32):
+    def __call__(self, shape, dtype=None):
         fan_in = max(1, math.prod(shape[:-1]))
-        return tf.random.normal(shape, stddev=math.sqrt(2.0 / fan_in), dtype=dtype, seed=self.seed)
+        weights = tf.random.normal(shape, stddev=math.sqrt(2.0 / fan_in), seed=self.seed)
+        return tf.cast(weights, dtype or self.dtype)
 
     def get_config(self):
-        return {"seed": self.seed}
+        return {"seed": self.seed, "dtype": self.dtype.name}
 
 
 class InputCheck(tl.layers.Layer):
@@ -193,16 +195,19 @@ class Conv(tl.layers.Layer):
 
     Input (N, [D,] H, W, C_in) -> output (N, [ceil(D/s_d),] ceil(H/s_h), ceil(W/s_w), n_filter),
     padding "same" (TensorFlow's "SAME") or "symmetric" (k // 2 on both sides, Torch's; the
-    same output shape). The float32 kernel is cast to the input's dtype, so the layer
-    computes in bfloat16/float16 when fed low-precision activations.
+    same output shape). The kernel is cast to the input's dtype, so the layer computes in
+    bfloat16/float16 when fed low-precision activations.
 
     Args:
         n_filter: output channels.
         kernel_size: int (same on every axis) or a tuple, one per spatial axis.
         strides: int or tuple, one per spatial axis.
+        kernel_dtype: the kernel variable's dtype: float32 (training), or bfloat16 for an
+            inference copy fed bfloat16 input (no cast per call; such a kernel is never
+            trained, so the bf16 filter-gradient workaround below does not apply).
     """
 
-    def __init__(self, n_filter, kernel_size=3, strides=1, padding="same", name=None):
+    def __init__(self, n_filter, kernel_size=3, strides=1, padding="same", name=None, kernel_dtype=tf.float32):
         super().__init__(name)
         if padding not in PADDINGS:
             raise ValueError(f"Conv {name!r}: padding must be one of {PADDINGS}, got {padding!r}")
@@ -210,6 +215,7 @@ class Conv(tl.layers.Layer):
         self.kernel_size = kernel_size
         self.strides = strides
         self.padding = padding
+        self.kernel_dtype = tf.as_dtype(kernel_dtype)
 
     def __repr__(self):
         return (f"Conv(n_filter={self.n_filter}, kernel_size={self.kernel_size}, "
@@ -220,29 +226,79 @@ class Conv(tl.layers.Layer):
         self._kernel = ensure_tuple_rep(self.kernel_size, rank, f"{self.name}: kernel_size")
         self._strides = ensure_tuple_rep(self.strides, rank, f"{self.name}: strides")
         shape = self._kernel + (int(inputs_shape[-1]), self.n_filter)
-        self.W = self._get_weights("kernel", shape=shape, init=HeNormal())
+        self.W = self._get_weights("kernel", shape=shape, init=HeNormal(dtype=self.kernel_dtype))
         # Explicit: with data_format=None the eager Conv3D gradient fails on TF 2.21.
         self.data_format = layout(rank)
 
     def forward(self, inputs):
         dtype = inputs.dtype
-        if dtype == tf.bfloat16 and self._bf16_filter_grad_broken(inputs.shape) and runs_on_cpu(inputs):
-            # TF 2.21's oneDNN bf16 Conv3DBackpropFilter returns NaN/garbage for an input
-            # depth of 2 with a 3-deep kernel at stride 1 (checked against the float32
-            # kernel); such layers are small, so they compute in float32 instead. oneDNN is
-            # the CPU's library: on a GPU the bf16 kernel stays.
-            inputs = tf.cast(inputs, tf.float32)
         padding = "SAME"
         if self.padding == "symmetric" and any(k > 1 for k in self._kernel):
             # Torch's padding: k // 2 on both sides of every spatial axis, then "VALID".
             inputs = tf.pad(inputs, [[0, 0]] + [[k // 2, k // 2] for k in self._kernel] + [[0, 0]])
             padding = "VALID"
+        if dtype == tf.bfloat16 and self.kernel_dtype == tf.float32 and self._suspect_bf16_filter_grad(inputs.shape) \
+                and runs_on_cpu(inputs) \
+                and not bf16_filter_grad_ok(inputs.shape, self.W.shape, self._strides, padding):
+            # TF 2.21's oneDNN bf16 Conv3DBackpropFilter returns NaN/garbage for an input
+            # depth of 2 with a 3-deep kernel at stride 1 on some CPUs (AVX512-BF16 without
+            # AMX); where the probe finds that, the layer computes in float32 instead.
+            inputs = tf.cast(inputs, tf.float32)
         outputs = tf.nn.convolution(inputs, tf.cast(self.W, inputs.dtype), strides=self._strides, padding=padding,
                                     data_format=self.data_format)
         return tf.cast(outputs, dtype)
 
-    def _bf16_filter_grad_broken(self, shape):  # (checked on the unpadded input)
-        return len(shape) == 5 and shape[1] == 2 and self._kernel[0] == 3 and self._strides[0] == 1
+    def _suspect_bf16_filter_grad(self, shape):
+        """The case oneDNN got wrong: 3D, a depth of 2 (4 once symmetric-padded), a 3-deep
+        kernel at depth stride 1. Only such convolutions are probed (a probe costs a few ms)."""
+        return (len(shape) == 5 and self._kernel[0] == 3 and self._strides[0] == 1
+                and shape[1] == (4 if self.padding == "symmetric" else 2))
+
+
+# (input shape, kernel shape, strides, padding) -> whether bf16 is right; one probe per process.
+_BF16_FILTER_GRAD_OK = {}
+BF16_PROBE_TOLERANCE = 0.02  # relative L2 error; bf16 rounding gives ~0.004 on these shapes
+
+
+@tf.autograph.experimental.do_not_convert  # runs eagerly, whatever graph is being traced
+def bf16_filter_grad_ok(input_shape, kernel_shape, strides, padding):
+    """Whether this CPU's bf16 ``Conv3DBackpropFilterV2`` is right for exactly this case.
+
+    Runs the filter gradient once in bfloat16 and once in float32 on random NDHWC data of
+    ``input_shape`` (batch included), the kernel ``kernel_shape`` (kd, kh, kw, C_in, C_out),
+    ``strides`` (3 ints) and ``padding`` ("SAME"/"VALID"), on the CPU, outside any graph
+    being traced; bf16 is right when its result is finite and within
+    ``BF16_PROBE_TOLERANCE`` relative L2 error of float32. The answer is cached per
+    process. An unknown dimension (e.g. a batch of None) answers False: the probe needs
+    the exact shape, and float32 is always right.
+    """
+    shape = tf.TensorShape(input_shape)
+    if not shape.is_fully_defined():
+        return False
+    key = (tuple(shape.as_list()), tuple(kernel_shape), tuple(strides), padding)
+    if key not in _BF16_FILTER_GRAD_OK:
+        _BF16_FILTER_GRAD_OK[key] = _bf16_filter_grad_error(*key) < BF16_PROBE_TOLERANCE
+    return _BF16_FILTER_GRAD_OK[key]
+
+
+def _bf16_filter_grad_error(input_shape, kernel_shape, strides, padding):
+    """Relative L2 error of the bf16 filter gradient against float32 (inf if not finite)."""
+    with tf.init_scope(), tf.device("/CPU:0"):
+        x = tf.random.stateless_normal(input_shape, seed=[1, 2])
+        w = tf.random.stateless_normal(kernel_shape, seed=[3, 4])
+        out_shape = tf.nn.convolution(x, w, strides=strides, padding=padding, data_format="NDHWC").shape
+        dy = tf.random.stateless_normal(out_shape, seed=[5, 6])
+        grads = {}
+        for dtype in (tf.float32, tf.bfloat16):
+            # A graph, as in training, so that the graph rewrite picks the same oneDNN kernel.
+            fn = tf.function(lambda x, dy: tf.raw_ops.Conv3DBackpropFilterV2(
+                input=x, filter_sizes=kernel_shape, out_backprop=dy, strides=(1,) + tuple(strides) + (1,),
+                padding=padding, data_format="NDHWC")).get_concrete_function(
+                    tf.TensorSpec(x.shape, dtype), tf.TensorSpec(dy.shape, dtype))
+            grads[dtype] = tf.cast(fn(tf.cast(x, dtype), tf.cast(dy, dtype)), tf.float32)
+        exact = grads[tf.float32]
+        error = tf.norm(grads[tf.bfloat16] - exact) / tf.maximum(tf.norm(exact), 1e-30)
+        return float(error) if bool(tf.math.is_finite(error)) else math.inf
 
 
 def runs_on_cpu(tensor):
@@ -296,7 +352,7 @@ class WideBasicBlock(tl.layers.Layer):
     """
 
     def __init__(self, out_channels, strides=1, dropout=0.0, *, projection, name, bn_decay=0.9, bn_epsilon=1e-5,
-                 sync_bn=False, recompute=False, padding="same"):
+                 sync_bn=False, recompute=False, padding="same", kernel_dtype=tf.float32):
         super().__init__(name)
         if recompute and dropout > 0:
             raise ValueError(f"block {name!r}: recompute=True needs dropout == 0 (a recomputed dropout mask "
@@ -307,11 +363,12 @@ class WideBasicBlock(tl.layers.Layer):
         self.recompute = bool(recompute)
         bn = dict(decay=bn_decay, epsilon=bn_epsilon, sync=sync_bn, act=tf.nn.relu)
         self.bn1 = BatchNorm(name=f"{name}/bn1", **bn)
-        self.conv1 = Conv(out_channels, 3, strides, padding, name=f"{name}/conv1")
+        conv = dict(padding=padding, kernel_dtype=kernel_dtype)
+        self.conv1 = Conv(out_channels, 3, strides, name=f"{name}/conv1", **conv)
         self.bn2 = BatchNorm(name=f"{name}/bn2", **bn)
         self.drop = tl.layers.Dropout(keep=1.0 - dropout, name=f"{name}/dropout") if dropout > 0 else None
-        self.conv2 = Conv(out_channels, 3, 1, padding, name=f"{name}/conv2")
-        self.shortcut = Conv(out_channels, 1, strides, padding, name=f"{name}/shortcut") if projection else None
+        self.conv2 = Conv(out_channels, 3, 1, name=f"{name}/conv2", **conv)
+        self.shortcut = Conv(out_channels, 1, strides, name=f"{name}/shortcut", **conv) if projection else None
         self._forward_calls = 0
 
     def __repr__(self):

@@ -16,16 +16,22 @@ with n = (depth - 4) / 6 pre-activation wide basic blocks per group.
 
 import math
 
+import numpy as np
 import tensorflow as tf
 import tensorlayer as tl
 
 from wrn3d_tl.config import WRNConfig
 from wrn3d_tl.layers import BatchNorm, Conv, GlobalAvgPool, HeNormal, InputCheck, WideBasicBlock
 
-__all__ = ["WRNConfig", "build_wrn", "count_params", "count_flops", "group_shapes", "summary"]
+__all__ = ["WRNConfig", "build_wrn", "count_params", "count_flops", "group_shapes", "summary", "inference_copy",
+           "inference_dtype", "INFERENCE_PRECISIONS"]
+
+# Inference precisions: the dtype a model's input and convolutions compute in. Batch norm
+# statistics, the dense head, logits and probabilities stay float32.
+INFERENCE_PRECISIONS = {"fp32": tf.float32, "bf16": tf.bfloat16}
 
 
-def build_wrn(config, name=None, recompute=False):
+def build_wrn(config, name=None, recompute=False, kernel_dtype=tf.float32):
     """Build a WRN-d-k as a static ``tl.models.Model``.
 
     Input: float32 (or bfloat16/float16 for mixed precision) of shape
@@ -40,14 +46,17 @@ def build_wrn(config, name=None, recompute=False):
     ``recompute=True`` recomputes each block's activations in the backward pass
     (``tf.recompute_grad``) instead of keeping them: activation memory drops to about the
     blocks' inputs, at the cost of a second forward pass per block. Needs dropout 0.
+
+    ``kernel_dtype=tf.bfloat16`` stores the convolution kernels in bfloat16: an inference
+    copy for bfloat16 input (see ``inference_copy``), not a model to train.
     """
     if not isinstance(config, WRNConfig):
         raise TypeError(f"config must be a WRNConfig, got {type(config).__name__}")
     bn = dict(bn_decay=config.bn_decay, bn_epsilon=config.bn_epsilon, sync_bn=config.sync_bn, recompute=recompute,
-              padding=config.padding)
+              padding=config.padding, kernel_dtype=kernel_dtype)
     inputs = tl.layers.Input((None,) + config.input_shape, name="input")
     x = InputCheck(config.input_shape, name="input/check")(inputs)
-    x = Conv(config.stem_width, 3, 1, config.padding, name="stem/conv")(x)
+    x = Conv(config.stem_width, 3, 1, config.padding, name="stem/conv", kernel_dtype=kernel_dtype)(x)
     for block in config.blocks():
         x = WideBasicBlock(block.out_channels, block.strides, config.dropout, projection=block.projection,
                            name=block.name, **bn)(x)
@@ -59,6 +68,31 @@ def build_wrn(config, name=None, recompute=False):
     model.wrn_config = config
     model.recompute = bool(recompute)
     return model
+
+
+def inference_dtype(precision, what="precision"):
+    """The tf dtype of an inference precision ("fp32" or "bf16"); ValueError naming ``what``."""
+    if not isinstance(precision, str) or precision not in INFERENCE_PRECISIONS:
+        raise ValueError(f"{what} must be one of {', '.join(map(repr, INFERENCE_PRECISIONS))}, got {precision!r}")
+    return INFERENCE_PRECISIONS[precision]
+
+
+def inference_copy(model, precision="fp32"):
+    """A new ``build_wrn`` model holding a snapshot of ``model``'s current weights, for
+    inference in ``precision`` on input of that dtype (NDHWC / NHWC).
+
+    Distributed weights (MirroredVariable etc.) are read cross-replica (their mean), so the
+    copy needs no strategy; call it outside ``strategy.scope()``. With "bf16" the
+    convolution kernels are stored as bfloat16 (rounded once here, instead of cast on
+    every call); batch norm, the dense head and the logits stay float32.
+    """
+    dtype = inference_dtype(precision)
+    if tf.distribute.has_strategy():
+        raise RuntimeError("inference_copy: call it outside `strategy.scope()` (the copy is a plain model)")
+    copy = build_wrn(model.wrn_config, kernel_dtype=dtype)
+    for dst, src in zip(copy.all_weights, model.all_weights):
+        dst.assign(tf.cast(np.asarray(src.numpy()), dst.dtype))  # a cross-replica read of distributed values
+    return copy
 
 
 def count_params(model):

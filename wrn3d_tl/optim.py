@@ -69,19 +69,26 @@ class SGD:
         """Cross-replica context: one update per weight from the summed ``grads``, skipped
         (weights and momentum untouched) where the scalar bool ``ok`` is False.
         ``unscale``: a function applied to each gradient first (fp16 loss scaling)."""
-        for w, g, slot, decay in zip(self.weights, grads, self.slots, self.decay_mask):
-            strategy.extended.update(w, functools.partial(self._update, unscale=unscale),
-                                     args=(g, slot, ok, decay), group=False)
+        def update_all():
+            for w, g, slot, decay in zip(self.weights, grads, self.slots, self.decay_mask):
+                strategy.extended.update(w, functools.partial(self._update, unscale=unscale),
+                                         args=(g, slot, decay), group=False)
+            return tf.constant(True)
 
-    def _update(self, w, g, slot, ok, decay, unscale):
+        # One branch for the whole update: a skipped step costs nothing, a taken one no
+        # per-weight selects.
+        tf.cond(ok, update_all, lambda: tf.constant(False))
+
+    def _update(self, w, g, slot, decay, unscale):
         if unscale is not None:
             g = unscale(g)
         if decay and self.weight_decay:
             g = g + self.weight_decay * w
-        velocity = self.momentum * slot + g
-        update = g + self.momentum * velocity if self.nesterov else velocity
-        slot.assign(tf.where(ok, velocity, slot))
-        w.assign_sub(tf.where(ok, self.lr * update, tf.zeros_like(update)))
+        # One fused kernel per weight, in Torch's semantics: v <- m v + g, then
+        # w <- w - lr (g + m v) (Nesterov) or w <- w - lr v.
+        return tf.raw_ops.ResourceApplyMomentum(
+            var=w.handle, accum=slot.handle, lr=tf.convert_to_tensor(self.lr), grad=g,
+            momentum=tf.constant(self.momentum, w.dtype), use_nesterov=self.nesterov)
 
 
 class LossScale:
