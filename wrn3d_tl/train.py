@@ -456,10 +456,13 @@ class Trainer:
         # every replica launches them in the same order (sync BN adds replica-side
         # collectives to the forward and backward passes).
         results = ctx.merge_call(self._apply, args=(grads, sums[None]))
-        ok = results[2] > 0
-        for v, old in zip(self._stats, stats_before):
-            v.assign(tf.where(ok, v.read_value(), old))
+        tf.cond(results[2] > 0, lambda: tf.constant(True), lambda: self._restore(stats_before))
         return results
+
+    def _restore(self, stats_before):
+        for v, old in zip(self._stats, stats_before):
+            v.assign(old)
+        return tf.constant(False)
 
     def _apply(self, strategy, grads, sums):
         """Cross-replica: sum gradients over replicas and gather the replicas' metrics and
