@@ -11,9 +11,10 @@
 3. main: ``examples/cifar_wide_resnet_tl.py --iters 10`` in fp32, bf16 and fp16; volumes/s
    after the first (compiling) step.
 4. bench: ``benchmarks/bench_train.py`` on its three configs at GPU batches (the largest of
-   256/128/64 whose estimated memory fits the GPU for every worker at once), without the
-   PyTorch rows (its worker computes on the CPU); achieved TFLOP/s against the fp32/bf16
-   matmul peak of the same run, and the XLA row (``jit_compile=True``) against the default.
+   256/128/64 whose estimated memory fits the GPU for every worker at once), 2 warm-up and
+   5 timed rounds, without the PyTorch rows (its worker computes on the CPU) and the Keras
+   bf16 row; achieved TFLOP/s against the fp32/bf16 matmul peak of the same run, and the
+   XLA row (``jit_compile=True``) against the default.
 5. everything to ``benchmarks/results/gpu-check_<gpu model>.json`` and ``.md``.
 
 Exit status 0 when every stage ran and passed, else 1 (the last line says which failed).
@@ -44,6 +45,9 @@ STAGES = ("tests", "main", "bench")
 PRECISIONS = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}
 GPU_BATCHES = (256, 128, 64)
 BENCH_WORKERS = 4  # wrn3d_tl fp32, bf16, fp32+XLA and Keras fp32: alive together on the GPU
+# Fewer rounds than on CPU, one step each (bursts amortise a CPU worker's wake-up; a GPU
+# step at these batches is long enough): the three configs fit the 8-minute budget.
+BENCH_ROUNDS = ("--warmup", "2", "--steps", "5", "--burst", "1")
 TIMEOUTS = {"tests": 300, "main": 240, "bench": 420}  # seconds per subprocess
 
 
@@ -236,6 +240,17 @@ def _run(argv, timeout):
     return code, "".join(lines)
 
 
+def main_job_argv(precision_flag):
+    """The main job's command line (after the interpreter) for one ``--mixed-precision``."""
+    return ["examples/cifar_wide_resnet_tl.py", "--iters", "10", "--mixed-precision", precision_flag]
+
+
+def bench_argv(key, batch, json_out):
+    """bench_train.py's command line (after the interpreter) for one config at ``batch``."""
+    return ["benchmarks/bench_train.py", "--configs", key, "--batch", str(batch), "--no-torch", "--no-bf16-rivals",
+            *BENCH_ROUNDS, "--json-out", json_out]
+
+
 def stage_tests(tmp):
     xml = os.path.join(tmp, "gpu-tests.xml")
     code, _ = _run([sys.executable, "-m", "pytest", "-q", "-rs", "-m", "gpu", "tests/test_gpu.py", f"--junitxml={xml}"],
@@ -248,8 +263,7 @@ def stage_main():
     out = {}
     for name, flag in PRECISIONS.items():
         log(f"main job, {name}")
-        code, text = _run([sys.executable, "examples/cifar_wide_resnet_tl.py", "--iters", "10",
-                           "--mixed-precision", flag], TIMEOUTS["main"])
+        code, text = _run([sys.executable, *main_job_argv(flag)], TIMEOUTS["main"])
         out[name] = {**parse_main_job(text), "exit_code": code}
     return out
 
@@ -262,8 +276,7 @@ def stage_bench(tmp, memory_bytes):
         batch = choose_batch(case.config(), memory_bytes) or case.batch
         path = os.path.join(tmp, f"bench-{key}.jsonl")
         log(f"bench_train.py {key} at batch {batch}")
-        code, _ = _run([sys.executable, "benchmarks/bench_train.py", "--configs", key, "--batch", str(batch),
-                        "--no-torch", "--no-bf16-rivals", "--json-out", path], TIMEOUTS["bench"])
+        code, _ = _run([sys.executable, *bench_argv(key, batch, path)], TIMEOUTS["bench"])
         run = []
         if os.path.exists(path):
             with open(path) as f:
