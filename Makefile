@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 ITERS ?= 10
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench gpu-check clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -27,6 +27,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_train.py
+
+# The GPU path in one command (< 8 min on one GPU, no network): devices, the `gpu` tests, the
+# main job in fp32/bf16/fp16, the benchmark at GPU batches -> benchmarks/results/gpu-check_<gpu>.*
+# Without a GPU: one line and exit status 1. Install the CUDA build first: pip install -e ".[gpu]".
+gpu-check: $(STAMP)
+	@$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -783,6 +783,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     p.add_argument("--configs", default=None, help=f"comma-separated subset of {', '.join(CASES)}")
     p.add_argument("--steps", type=int, default=None, help="timed rounds per config (default: per config, 5 or 15)")
+    p.add_argument("--batch", type=int, default=None, help="batch size of every config (default: per config)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up rounds per config (default: 2 or 3)")
     p.add_argument("--burst", type=int, default=None, help="steps back to back per round (default: 1, 8 for "
                    "the small config)")
@@ -835,7 +836,8 @@ def main(argv=None):
             sys.exit(f"unknown config(s) {unknown}; choose from {list(CASES)}")
     if args.self_check:
         return self_check(keys)
-    overrides = {f: v for f, v in (("steps", args.steps), ("warmup", args.warmup), ("burst", args.burst))
+    overrides = {f: v for f, v in (("steps", args.steps), ("warmup", args.warmup), ("burst", args.burst),
+                                   ("batch", args.batch))
                  if v is not None}
     cases = [dataclasses.replace(CASES[k], **overrides) for k in keys]
     have_torch = torch_available() and not args.no_torch

@@ -47,7 +47,8 @@ def parse_args(argv=None):
     a("--memory-budget", type=positive_float,
       help="GiB for --batch-size auto: the training state and one step (weights, momentum, gradients, "
            "activations, TensorFlow's working memory: estimate_memory's total). Not the whole process: the data and "
-           "TensorFlow itself come on top. None: half of this machine's RAM")
+           "TensorFlow itself come on top. None: half of this machine's RAM, or on GPUs 80%% of each GPU's memory "
+           "(per GPU: each holds its replica's share of the batch)")
     a("--recompute", action="store_true", help="recompute block activations in the backward pass (less memory)")
     a("--warmup-steps", type=non_negative_int, help="linear learning-rate warm-up")
     a("--weight-decay", type=non_negative_float, help="L2 on convolution and dense kernels")

@@ -18,14 +18,38 @@ except RuntimeError:  # runtime already initialised by another plugin
     pass
 
 
+_STRATEGY = {}  # the session's MirroredStrategy objects, by their devices
+
+
+def session_strategy(devices):
+    """The session's MirroredStrategy over ``devices``, made once. Two strategies in one
+    process start from the same collective keys and TensorFlow then mixes up their
+    all-reduces (the second one's steps are cancelled), so each device set gets its own key
+    range, as TensorFlow's own tests do it (``_collective_key_base``)."""
+    devices = tuple(devices)
+    if devices not in _STRATEGY:
+        tf.distribute.MirroredStrategy._collective_key_base = 10000 * len(_STRATEGY)
+        try:
+            _STRATEGY[devices] = tf.distribute.MirroredStrategy(list(devices))
+        finally:
+            tf.distribute.MirroredStrategy._collective_key_base = 0
+    return _STRATEGY[devices]
+
+
+@pytest.fixture(scope="session")
+def mirrored_over():
+    """``mirrored_over(devices)``: the session's MirroredStrategy over ``devices`` (see
+    ``session_strategy``)."""
+    return session_strategy
+
+
 @pytest.fixture(scope="session")
 def two_cpu_strategy():
-    """ONE MirroredStrategy for the session: two strategies in one process reuse the same
-    collective instance keys, and TensorFlow then mixes up their all-reduces."""
+    """The session's MirroredStrategy over two logical CPUs (see ``session_strategy``)."""
     devices = [d.name for d in tf.config.list_logical_devices("CPU")]
     if len(devices) < 2:
         pytest.skip("two logical CPU devices could not be configured")
-    return tf.distribute.MirroredStrategy(devices[:2])
+    return session_strategy(devices[:2])
 
 
 @pytest.fixture

@@ -518,6 +518,9 @@ BASH_MAPPED = {
         "tests/test_distribute.py::test_two_workers_match_mirrored_over_two_cpus",
         "tests/test_distribute.py::test_killed_worker_fails_the_other_fast_and_resume_completes",
     ],
+    'pip install -e ".[gpu]"   # CUDA libraries, into the venv make uses (.venv, or VENV=path)': [
+        "tests/test_gpu_check.py::test_without_a_gpu_the_check_fails_with_one_line",  # make gpu-check, where no GPU is
+    ],
     ".venv/bin/pip install torch==2.13.0           # optional: without it the PyTorch rows are skipped": [
         "tests/test_docs.py::test_benchmark_commands_parse",
     ],

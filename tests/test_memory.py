@@ -95,3 +95,63 @@ def test_largest_batch_fits_the_budget():
         largest_batch(CFG, 1000)
     with pytest.raises(ValueError, match="batch_size"):
         estimate_memory(CFG, 0)
+
+
+# ------------------------------------------------- --batch-size auto on the job's devices
+
+GPU0, GPU1 = "/job:localhost/replica:0/task:0/device:GPU:0", "/job:localhost/replica:0/task:0/device:GPU:1"
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """Two GPUs of 1 and 2 GiB in TensorFlow's device list (what device_memory_bytes reads)."""
+    from types import SimpleNamespace
+
+    from wrn3d_tl import devices
+
+    listed = [SimpleNamespace(name="/device:CPU:0", device_type="CPU", memory_limit=2 ** 28),
+              SimpleNamespace(name="/device:GPU:0", device_type="GPU", memory_limit=2 ** 30),
+              SimpleNamespace(name="/device:GPU:1", device_type="GPU", memory_limit=2 * 2 ** 30)]
+    monkeypatch.setattr(devices, "_local_devices", lambda: listed)
+    return devices
+
+
+def test_batch_size_auto_budgets_each_gpus_memory_when_training_on_gpus(fake_gpus):
+    from wrn3d_tl.experiment import GPU_MEMORY_SHARE, auto_batch_size
+
+    one = largest_batch(CFG, GPU_MEMORY_SHARE * 2 ** 30)
+    assert auto_batch_size(CFG, devices=[GPU0]) == one
+    assert auto_batch_size(CFG, devices=[GPU1]) == largest_batch(CFG, GPU_MEMORY_SHARE * 2 * 2 ** 30) > one
+    # Two replicas: each GPU holds its replica's half of the batch; the smaller GPU decides.
+    assert auto_batch_size(CFG, devices=[GPU0, GPU1], replicas=2) == 2 * one
+    assert auto_batch_size(CFG, devices=[GPU0], memory_budget=0.25) == largest_batch(CFG, 0.25 * 2 ** 30)
+    with pytest.raises(ValueError, match=r"budget of 0\.001 GiB \(--memory-budget 0\.001 GiB per GPU\)"):
+        auto_batch_size(CFG, devices=[GPU0], memory_budget=0.001)
+    with pytest.raises(ValueError, match="device: TensorFlow sees no GPU:3"):
+        auto_batch_size(CFG, devices=["/device:GPU:3"])
+    # On the CPU the budget stays half of the host's RAM, whatever the GPUs hold.
+    ram = fake_gpus.device_memory_bytes("/device:CPU:0")
+    assert ram > 2 ** 28
+    assert auto_batch_size(CFG, devices=["/device:CPU:0"]) == min(largest_batch(CFG, ram / 2), 4096)
+
+
+def test_the_main_job_budgets_the_gpu_it_trains_on(fake_gpus, monkeypatch, capsys):
+    from wrn3d_tl.experiment import GPU_MEMORY_SHARE, make_trainer
+
+    monkeypatch.setattr(fake_gpus, "training_devices", lambda strategy=None: [GPU0])
+    trainer = make_trainer(dataset="synthetic", depth=10, width=1, volume_depth=2, batch_size="auto",
+                           synthetic_train=64, synthetic_test=16)
+    assert trainer.batch_size == largest_batch(trainer.config, GPU_MEMORY_SHARE * 2 ** 30)
+    out = capsys.readouterr().out
+    assert f"--batch-size auto: {trainer.batch_size} (budget: 80% of 1 GiB on {GPU0} per GPU)" in out
+
+
+def test_training_devices_are_the_strategys_or_the_default_placement(two_cpu_strategy):
+    from wrn3d_tl.devices import device_kind, training_devices
+
+    assert training_devices(two_cpu_strategy) == list(two_cpu_strategy.extended.worker_devices)
+    assert [device_kind(d) for d in training_devices(two_cpu_strategy)] == ["CPU", "CPU"]
+    want = "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
+    assert [device_kind(d) for d in training_devices()] == [want]
+    with pytest.raises(ValueError, match="names no device type"):
+        device_kind("/job:localhost")

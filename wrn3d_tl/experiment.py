@@ -16,11 +16,10 @@ trainer one iteration at a time, needs no script on ``sys.path``::
 
 import contextlib
 import dataclasses
-import os
 
 __all__ = ["DEFAULTS", "Experiment", "ResumeError", "build_experiment", "make_trainer", "load_data",
-           "auto_batch_size", "find_resume_point", "resume", "plan_steps", "precision", "initial_model",
-           "trainable_of"]
+           "auto_batch_size", "device_budget", "find_resume_point", "resume", "plan_steps", "precision",
+           "initial_model", "trainable_of"]
 
 # The options of make_trainer and of the main job's command line (flag names with "-").
 DEFAULTS = dict(dataset="cifar10", data_dir=None, download=False, depth=16, width=4, dims=3, volume_depth=8,
@@ -75,19 +74,58 @@ def load_data(opts):
     return train, test, 10, "synthetic"
 
 
-def auto_batch_size(config, *, mixed_precision=None, recompute=False, replicas=1, memory_budget=None):
-    """The largest batch (a multiple of ``replicas``, at most 4096) whose estimated training
-    memory fits ``memory_budget`` GiB (default: half of this machine's RAM)."""
+# Shares of a device's memory --batch-size auto budgets. Host RAM also holds the data, the
+# Python process and TensorFlow itself. A GPU's allocator limit holds tensors only, but
+# estimate_memory was fitted on CPU runs and cuDNN workspaces and allocator fragmentation
+# come on top (not yet measured on a GPU).
+HOST_MEMORY_SHARE = 0.5
+GPU_MEMORY_SHARE = 0.8
+
+
+def device_budget(devices, memory_budget=None):
+    """``(bytes per budget, description)`` for ``--batch-size auto`` on ``devices`` (names, see
+    ``wrn3d_tl.devices.training_devices``): ``memory_budget`` GiB when given, else
+    ``GPU_MEMORY_SHARE`` of the smallest GPU's memory when the job trains on GPUs (each
+    replica's share of the batch must fit its own GPU), else ``HOST_MEMORY_SHARE`` of the
+    machine's RAM (which logical CPU replicas share)."""
+    from wrn3d_tl.devices import device_kind, device_memory_bytes
+
+    kinds = {device_kind(d) for d in devices}
+    if len(kinds) != 1:
+        raise ValueError(f"devices: --batch-size auto needs replicas of one kind, got {sorted(devices)}")
+    gpu = kinds == {"GPU"}
+    per = " per GPU" if gpu else ""
+    if memory_budget:
+        return memory_budget * 2 ** 30, f"--memory-budget {memory_budget:g} GiB{per}"
+    if gpu:
+        sizes = {d: device_memory_bytes(d) for d in devices}
+        smallest = min(sizes, key=sizes.get)
+        return (GPU_MEMORY_SHARE * sizes[smallest],
+                f"{GPU_MEMORY_SHARE:.0%} of {sizes[smallest] / 2 ** 30:.3g} GiB on {smallest}{per}")
+    ram = device_memory_bytes(devices[0])
+    return HOST_MEMORY_SHARE * ram, f"{HOST_MEMORY_SHARE:.0%} of this machine's {ram / 2 ** 30:.3g} GiB of RAM"
+
+
+def auto_batch_size(config, *, mixed_precision=None, recompute=False, replicas=1, memory_budget=None,
+                    devices=None):
+    """The largest global batch (a multiple of ``replicas``, at most 4096) whose estimated
+    training memory fits the budget of ``devices`` (default: where TensorFlow places ops,
+    ``wrn3d_tl.devices.training_devices()``); see ``device_budget`` for the budget. On GPUs
+    the budget is per GPU and holds one replica's share of the batch."""
+    from wrn3d_tl.devices import device_kind, training_devices
     from wrn3d_tl.memory import largest_batch
 
-    budget = memory_budget * 2 ** 30 if memory_budget else \
-        os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2
+    devices = list(devices or training_devices())
+    budget, source = device_budget(devices, memory_budget)
+    per_device = device_kind(devices[0]) == "GPU"
     try:
         batch = largest_batch(config, budget, mixed_precision=mixed_precision, recompute=recompute,
-                              multiple_of=replicas)
+                              multiple_of=1 if per_device else replicas)
     except ValueError as e:
-        raise ValueError(f"--batch-size auto with --memory-budget {budget / 2 ** 30:.3g} GiB: {e}") from None
-    return min(batch, 4096)
+        raise ValueError(f"--batch-size auto with a budget of {budget / 2 ** 30:.3g} GiB ({source}): {e}") from None
+    if per_device:
+        batch *= replicas
+    return min(batch, 4096 // replicas * replicas)
 
 
 # Trainer settings a resumed run must share with its checkpoint (they shape the path
@@ -243,10 +281,16 @@ def build_experiment(**options):
     mp = precision(o["mixed_precision"])
     batch_size = o["batch_size"]
     if batch_size == "auto":
+        from wrn3d_tl.devices import training_devices
+
+        devices = training_devices(strategy)
         batch_size = stored.get("batch_size") or auto_batch_size(
             config, mixed_precision=mp, recompute=o["recompute"],
-            replicas=strategy.num_replicas_in_sync if strategy else 1, memory_budget=o["memory_budget"])
-        print(f"--batch-size auto: {batch_size}" + (" (the resumed run's)" if stored else ""), flush=True)
+            replicas=strategy.num_replicas_in_sync if strategy else 1, memory_budget=o["memory_budget"],
+            devices=devices)
+        print(f"--batch-size auto: {batch_size}" + (" (the resumed run's)" if stored else
+                                                    f" (budget: {device_budget(devices, o['memory_budget'])[1]})"),
+              flush=True)
     steps = plan_steps(len(xtr), batch_size, iters=o["iters"], epochs=o["epochs"],
                        default=stored.get("total_steps") or DEFAULT_ITERS)
     norm = compute_normalization(xtr)

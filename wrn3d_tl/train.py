@@ -175,7 +175,8 @@ class Trainer:
             self.optimizer = SGD(self._select_trainable(trainable), lr=self.base_lr, momentum=momentum,
                                  nesterov=nesterov, weight_decay=weight_decay)
             self.loss_scale = LossScale(enabled=mixed_precision == "fp16")
-        # XLA stays off by default: it ran 3D convolutions 7-14x slower on the CPUs we measured.
+        # XLA stays off by default: it ran 3D convolutions 7-14x slower on the CPUs we measured
+        # (on GPUs it is unmeasured; benchmarks/gpu_check.py reports it against the default).
         self.jit_compile = bool(jit_compile)
         self._train_fn = tf.function(self._distributed_step, jit_compile=self.jit_compile or None)
         self._eval_fn = tf.function(self._distributed_eval)
