@@ -17,8 +17,9 @@ channels-last tensors of the dtype itself, no autocast: what PyTorch's eager ste
     batch norm grad    FusedBatchNormGradV3                  aten.native_batch_norm_backward
     relu fwd + grad    Relu, ReluGrad                        aten.relu, aten.threshold_backward
 
-Every distinct shape is timed (median of ``--reps`` timings of ``--inner`` calls after a
-warm-up) and weighted by how often the network runs it, so a row is that op kind's time
+Every distinct shape is timed (median of ``--reps`` timings of n ops after a warm-up, n
+chosen for a timing of about ``--budget-ms``; TensorFlow runs the n ops one after the other
+in one function, as in a step, since a function call costs more than a small kernel) and weighted by how often the network runs it, so a row is that op kind's time
 in one step. Each framework runs in its own process (their thread pools would otherwise
 compete), one after the other. A ratio TF / torch above 1 is a kernel where TensorFlow
 is slower; the per-shape rows (``--per-shape``) show which shapes.
@@ -27,6 +28,7 @@ Output: progress on stderr; a markdown table per config, and ``JSON {...}`` line
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -92,8 +94,10 @@ def _median_ms(fn, inner, reps):
 
 
 # ------------------------------------------------------------------------- TensorFlow
-def tf_kernels(kind, key, precision):
-    """A no-argument callable running one TensorFlow op of ``kind`` on ``key``'s shape (blocking)."""
+def tf_kernels(kind, key, precision, chain):
+    """A no-argument callable running ``chain`` TensorFlow ops of ``kind`` on ``key``'s shape
+    in one ``tf.function``, one after the other (blocking): a function call costs far more
+    than a small kernel, so a call per op would time the call, not the kernel."""
     import tensorflow as tf
     dtype = tf.bfloat16 if precision == "bf16" else tf.float32
     rng = tf.random.Generator.from_seed(0)
@@ -111,15 +115,15 @@ def tf_kernels(kind, key, precision):
         y = fwd(input=x, filter=w, strides=strides, padding="SAME")
         dy = rand(y.shape)
         if kind == "conv forward":
-            op = tf.function(lambda: fwd(input=x, filter=w, strides=strides, padding="SAME"))
+            op = lambda: fwd(input=x, filter=w, strides=strides, padding="SAME")  # noqa: E731
         elif kind == "conv grad input":
             bwd = tf.raw_ops.Conv3DBackpropInputV2 if rank == 3 else tf.raw_ops.Conv2DBackpropInput
-            op = tf.function(lambda: bwd(input_sizes=x.shape, filter=w, out_backprop=dy, strides=strides,
-                                         padding="SAME"))
+            op = lambda: bwd(input_sizes=x.shape, filter=w, out_backprop=dy, strides=strides,  # noqa: E731
+                             padding="SAME")
         else:
             bwd = tf.raw_ops.Conv3DBackpropFilterV2 if rank == 3 else tf.raw_ops.Conv2DBackpropFilter
-            op = tf.function(lambda: bwd(input=x, filter_sizes=w.shape, out_backprop=dy, strides=strides,
-                                         padding="SAME"))
+            op = lambda: bwd(input=x, filter_sizes=w.shape, out_backprop=dy, strides=strides,  # noqa: E731
+                             padding="SAME")
     else:
         n, *spatial, c = key
         # wrn3d_tl's BatchNorm: NDHWC -> (N, D*H, W, C) for the fused 4D kernel
@@ -131,15 +135,29 @@ def tf_kernels(kind, key, precision):
             x=x, scale=scale, offset=offset, mean=empty, variance=empty, epsilon=1e-5, is_training=True)
         dy = rand(shape4)
         if kind == "batch norm fwd":
-            op = tf.function(lambda: tf.raw_ops.FusedBatchNormV3(
-                x=x, scale=scale, offset=offset, mean=empty, variance=empty, epsilon=1e-5, is_training=True)[0])
+            op = lambda: tf.raw_ops.FusedBatchNormV3(  # noqa: E731
+                x=x, scale=scale, offset=offset, mean=empty, variance=empty, epsilon=1e-5, is_training=True)[0]
         elif kind == "batch norm grad":
-            op = tf.function(lambda: tf.raw_ops.FusedBatchNormGradV3(
+            op = lambda: tf.raw_ops.FusedBatchNormGradV3(  # noqa: E731
                 y_backprop=dy, x=x, scale=scale, reserve_space_1=r1, reserve_space_2=r2, reserve_space_3=r3,
-                epsilon=1e-5, is_training=True)[0])
+                epsilon=1e-5, is_training=True)[0]
         else:
-            op = tf.function(lambda: tf.raw_ops.ReluGrad(gradients=dy, features=tf.raw_ops.Relu(features=y)))
-    return lambda: _block_tf(op())
+            op = lambda: tf.raw_ops.ReluGrad(gradients=dy, features=tf.raw_ops.Relu(features=y))  # noqa: E731
+
+    # Identical ops on identical inputs would be merged into one (grappler): keep them all.
+    tf.config.optimizer.set_experimental_options({"common_subgraph_elimination": False,
+                                                  "dependency_optimization": False,
+                                                  "arithmetic_optimization": False})
+
+    @tf.function
+    def chained():
+        out = op()
+        for _ in range(chain - 1):
+            with tf.control_dependencies([out]):  # one after the other, and not merged as duplicates
+                out = op()
+        return out
+
+    return lambda: _block_tf(chained())
 
 
 def _block_tf(out):
@@ -196,15 +214,22 @@ def torch_kernels(kind, key, precision):
 
 
 # ------------------------------------------------------------------------------ driver
-def run_framework(framework, keys, precisions, inner, reps):
-    """Worker: time every (config, precision, kind, shape); one JSON line per shape on stdout."""
-    make = tf_kernels if framework == "tf" else torch_kernels
+def run_framework(framework, keys, precisions, budget_ms, reps):
+    """Worker: time every (config, precision, kind, shape); one JSON line per shape on stdout.
+    A timing runs n ops, n (<= 20) chosen so that it takes about ``budget_ms``: n calls of a
+    PyTorch op, or one call of a TensorFlow function running n ops."""
     for key in keys:
         case = CASES[key]
         for precision in precisions:
             for (kind, shape), count in sorted(step_ops(case).items()):
-                fn = make(kind, shape, precision)
-                ms = _median_ms(fn, inner, reps)
+                if framework == "tf":
+                    once = _median_ms(tf_kernels(kind, shape, precision, 1), 1, 3)
+                    n = min(20, max(2, math.ceil(budget_ms / once)))
+                    ms = _median_ms(tf_kernels(kind, shape, precision, n), 1, reps) / n
+                else:
+                    op = torch_kernels(kind, shape, precision)
+                    n = min(20, max(2, math.ceil(budget_ms / _median_ms(op, 1, 3))))
+                    ms = _median_ms(op, n, reps)
                 print(json.dumps({"config": key, "precision": precision, "framework": framework, "kind": kind,
                                   "shape": shape, "count": count, "ms": round(ms, 4)}), flush=True)
                 print(f"{framework} {key} {precision} {kind} {shape}: {ms:.3f} ms x{count}", file=sys.stderr,
@@ -246,7 +271,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
     p.add_argument("--precisions", default="bf16,fp32", help="comma-separated subset of bf16,fp32")
-    p.add_argument("--inner", type=int, default=5, help="calls per timing")
+    p.add_argument("--budget-ms", type=float, default=20.0, help="about how long one timing runs (up to 20 ops)")
     p.add_argument("--reps", type=int, default=5, help="timings per shape; the median is reported")
     p.add_argument("--per-shape", action="store_true", help="also a row per distinct shape")
     p.add_argument("--json-out", help="also write every JSON record to this file (one per line)")
@@ -260,12 +285,12 @@ def main(argv=None):
     if not precisions or set(precisions) - {"bf16", "fp32"}:
         p.error(f"--precisions: choose from bf16,fp32, got {args.precisions!r}")
     if args.worker:
-        run_framework(args.worker, keys, precisions, args.inner, args.reps)
+        run_framework(args.worker, keys, precisions, args.budget_ms, args.reps)
         return 0
     records = []
     for framework in ("tf", "torch"):
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework, "--configs", ",".join(keys),
-               "--precisions", ",".join(precisions), "--inner", str(args.inner), "--reps", str(args.reps)]
+               "--precisions", ",".join(precisions), "--budget-ms", str(args.budget_ms), "--reps", str(args.reps)]
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         if proc.returncode:
             print(f"bench_kernels: the {framework} worker failed (exit {proc.returncode})"

@@ -722,9 +722,12 @@ def report(records, peak):
 def environment():
     import tensorflow as tf
     import keras
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    env = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "tensorflow": tf.__version__,
+    info = open("/proc/cpuinfo").read().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), platform.processor())
+    flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
+    # what decides the bf16 kernels: AMX tiles, AVX512 bf16 dot products, or neither
+    cpu_flags = sorted(set(flags) & {"avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8"})
+    env = {"cpu": cpu, "cpu_flags": cpu_flags, "cores": os.cpu_count(), "python": platform.python_version(), "tensorflow": tf.__version__,
            "keras": keras.__version__}
     try:
         env["tensorlayer"] = importlib.metadata.version("tensorlayer")

@@ -279,6 +279,16 @@ def _check_predicted(ns, workdir, store):
     assert out["class"].shape == (16,) and out["top_k_classes"].shape == (16, CFG_KW["num_classes"])
 
 
+def _check_bf16_inference(ns, workdir, store):
+    import tensorflow as tf
+
+    out, fast = ns["out"], ns["fast"]
+    assert fast.precision == "bf16" and out["logits"].dtype == np.float32
+    np.testing.assert_allclose(out["logits"], fast.predict(ns["volumes"])["logits"], atol=1e-5)
+    served = tf.saved_model.load(str(workdir / "exported" / "wrn-bf16"))
+    assert json.loads(served.metadata().numpy())["precision"] == "bf16"
+
+
 def _check_keras(ns, workdir, store):
     assert ns["logits"].shape == (6, CFG_KW["num_classes"]) and (workdir / "wrn.keras").exists()
 
@@ -400,6 +410,8 @@ PYTHON_BLOCKS = {
         needs=("exported", "volumes"), check=_check_served),
     ("docs/using-a-trained-model.md", "from wrn3d_tl.predict import predict, Predictor"): Py(
         needs=("checkpoints", "predict_files", "volumes"), check=_check_predicted),
+    ("docs/using-a-trained-model.md", "from wrn3d_tl.export import export_saved_model"): Py(
+        needs=("checkpoints", "volumes"), check=_check_bf16_inference),
     ("docs/using-a-trained-model.md", "from wrn3d_tl.keras_twin import build_keras_wrn, tl_to_keras, keras_to_tl"): Py(
         needs=("checkpoints", "volumes"), check=_check_keras),
 }
@@ -456,6 +468,17 @@ def _check_export_cli(workdir):
     assert meta["format"] == "wrn3d_tl-saved-model" and meta["normalization"] is not None
 
 
+def _check_bf16_cli(workdir):
+    import csv
+
+    import tensorflow as tf
+
+    with open(workdir / "preds_bf16.csv", newline="") as fh:
+        assert len(list(csv.DictReader(fh))) > 0
+    assert json.loads(tf.saved_model.load(str(workdir / "exported" / "wrn-bf16")).metadata().numpy())[
+        "precision"] == "bf16"
+
+
 def _check_predict_csv(workdir):
     import csv
 
@@ -500,6 +523,8 @@ BASH_RUN = {
         check=lambda workdir: (workdir / "blob.png").exists() or pytest.fail("no montage")),
     "wrn3d-explain --checkpoint c.h5 --npy data.npy --out cams --indices 0,3": Bash(
         needs=("predict_files",), check=_check_explain_cli),
+    "wrn3d-predict --checkpoint c.h5 --npy data.npy --out preds_bf16.csv --precision bf16": Bash(
+        needs=("predict_files",), check=_check_bf16_cli),
     "wrn3d-export --checkpoint runs/last.h5 --out exported/wrn-cli": Bash(
         needs=("checkpoints",), check=_check_export_cli),
 }
@@ -744,23 +769,61 @@ def test_readme_flags_are_the_main_jobs(capsys, load_example):
     assert not missing, f"README flags the main job does not have: {missing}"
 
 
-def test_performance_summary_is_the_recorded_run():
-    """docs/performance.md's summary tables and XLA ratios are those of the JSON records of
-    the run they quote (benchmarks/results/2026-11-25-epyc-2core-bn4d.jsonl)."""
-    import json
+PERF_CONFIGS = {"WRN-16-4 3D": "wrn16-4-3d", "WRN-40-4 2D": "wrn40-4-2d", "WRN-10-2 3D": "wrn10-2-3d"}
 
+
+def _documented(documented, value):
+    """Whether a number in the docs is ``value`` shown with as many decimals as it has."""
+    documented = documented.strip().strip("*").rstrip("x%")
+    decimals = len(documented.split(".")[1]) if "." in documented else 0
+    return f"{value:.{decimals}f}" == documented
+
+
+def _perf_machines():
+    """docs/performance.md's summary, one part per machine kind: {heading: (text, records)}
+    with the JSON records of the run each part quotes (named in it)."""
     text = (ROOT / "docs" / "performance.md").read_text(encoding="utf-8")
     summary = text[text.index("## Summary"):text.index("## Machine")]
-    records = [json.loads(line) for line in open(ROOT / "benchmarks" / "results" / "2026-11-25-epyc-2core-bn4d.jsonl")]
+    parts = re.split(r"^### ", summary, flags=re.M)[1:]
+    out = {}
+    for part in parts:
+        (path,) = set(re.findall(r"`(benchmarks/results/[^`]+\.jsonl)`", part))
+        out[part.splitlines()[0]] = (part, [json.loads(line) for line in open(ROOT / path)])
+    return out
+
+
+def test_performance_summary_per_machine_is_the_recorded_run():
+    """Every machine kind of docs/performance.md's summary quotes its run's JSON records:
+    samples/s of every implementation, precision and phase, and wrn3d_tl / best rival."""
+    machines = _perf_machines()
+    assert len(machines) == 2 and any("AMX" in h for h in machines) and any("EPYC" in h for h in machines)
+    (amx,) = [v for h, v in machines.items() if "AMX" in h]
+    part, records = amx
+    env = next(r for r in records if r["kind"] == "environment")
+    assert env["cpu"] in part and "amx_bf16" in env["cpu_flags"]
     steps = {(r["config"], r["impl"], r["precision"]): r for r in records if r["kind"] == "step"}
     (ratios,) = [r["ratios"] for r in records if r["kind"] == "summary"]
-    configs = {"WRN-16-4 3D": "wrn16-4-3d", "WRN-40-4 2D": "wrn40-4-2d", "WRN-10-2 3D": "wrn10-2-3d"}
+    rows = re.findall(r"^\| (WRN-\d+-\d+ [23]D), [^|]* \| (fp32|bf16) \|((?: [^|]+ \|){8})$", part, re.M)
+    assert len(rows) == 6
+    for label, precision, cells in rows:
+        cells = [c for c in cells.split("|") if c.strip()]
+        config = PERF_CONFIGS[label]
+        for phase, block in (("train", cells[:4]), ("infer", cells[4:])):
+            for impl, documented in zip(("wrn3d_tl", "keras", "torch"), block[:3]):
+                assert _documented(documented, steps[(config, impl, precision)][phase]["samples_per_s"]), (
+                    label, precision, phase, impl, documented)
+            assert _documented(block[3], ratios[f"{config}/{precision}/{phase}/wrn3d_tl_vs_best"]), (
+                label, precision, phase, block[3])
 
-    def same(documented, value):  # documented with as many decimals as it shows
-        documented = documented.strip().strip("*").rstrip("x%")
-        decimals = len(documented.split(".")[1]) if "." in documented else 0
-        return f"{value:.{decimals}f}" == documented
 
+def test_performance_summary_is_the_recorded_run():
+    """docs/performance.md's AMD EPYC summary tables and XLA ratios are those of the JSON
+    records of the run they quote (benchmarks/results/2026-11-25-epyc-2core-bn4d.jsonl)."""
+    ((summary, records),) = [v for h, v in _perf_machines().items() if "EPYC" in h]
+    steps = {(r["config"], r["impl"], r["precision"]): r for r in records if r["kind"] == "step"}
+    (ratios,) = [r["ratios"] for r in records if r["kind"] == "summary"]
+    configs = PERF_CONFIGS
+    same = _documented
     rows = re.findall(r"^\| (WRN-\d+-\d+ [23]D), [^|]* \| ([^|]+) \| ([^|]+) \| ([^|]+) \|$", summary, re.M)
     assert len(rows) == 3
     for label, *cells in rows:

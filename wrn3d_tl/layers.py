@@ -131,13 +131,14 @@ class BatchNorm(tl.layers.Layer):
         if self.is_train:
             if self.sync:
                 outputs, mean, var = self._sync_batch_norm(inputs)
+                outputs = self._act(outputs)
             else:
                 outputs, mean, var, *_ = tf.raw_ops.FusedBatchNormV3(
                     x=self._as_4d(inputs), scale=self.gamma, offset=self.beta,
                     mean=tf.constant([], tf.float32), variance=tf.constant([], tf.float32),
                     epsilon=self.epsilon, exponential_avg_factor=1.0,
                     data_format="NHWC", is_training=True)
-                outputs = tf.reshape(outputs, tf.shape(inputs))
+                outputs = tf.reshape(self._act(outputs), tf.shape(inputs))
             # A static TensorLayer model runs every layer once while it is being wired
             # (on a dummy batch of ones); that pass must not move the statistics.
             if self._nodes_fixed and self.update_stats:
@@ -154,10 +155,13 @@ class BatchNorm(tl.layers.Layer):
                 mean=mean, variance=variance,
                 epsilon=self.epsilon, exponential_avg_factor=1.0,
                 data_format="NHWC", is_training=False)
-            outputs = tf.reshape(outputs, tf.shape(inputs))
-        if self.act:
-            outputs = self.act(outputs)
+            outputs = tf.reshape(self._act(outputs), tf.shape(inputs))
         return outputs
+
+    def _act(self, x):
+        # On the 4D output, before the reshape back: TensorFlow then fuses batch norm and
+        # ReLU into one kernel (_FusedBatchNormEx) for inference, also in 3D.
+        return self.act(x) if self.act else x
 
     def _as_4d(self, x):
         """NDHWC -> (N, D*H, W, C): the same per-channel statistics. FusedBatchNormV3
