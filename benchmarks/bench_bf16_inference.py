@@ -94,14 +94,18 @@ def speed(model, label, n, batch_size, reps):
             "speedup": round(vps["bf16"] / vps["fp32"], 3)}
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=300, help="fp32 training steps of the tiny config")
     p.add_argument("--test", type=int, default=2000, help="held-out volumes compared")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--json-out")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     from wrn3d_tl.model import WRNConfig, build_wrn
 
     t0 = time.perf_counter()

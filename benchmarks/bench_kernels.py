@@ -267,7 +267,7 @@ def report(records, per_shape):
     return "\n".join(out)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
     p.add_argument("--precisions", default="bf16,fp32", help="comma-separated subset of bf16,fp32")
@@ -277,13 +277,19 @@ def main(argv=None):
     p.add_argument("--json-out", help="also write every JSON record to this file (one per line)")
     p.add_argument("--worker", choices=["tf", "torch"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    keys = [k.strip() for k in args.configs.split(",") if k.strip()]
-    unknown = [k for k in keys if k not in CASES]
+    args.keys = [k.strip() for k in args.configs.split(",") if k.strip()]
+    unknown = [k for k in args.keys if k not in CASES]
     if unknown:
         p.error(f"--configs: unknown {unknown}; choose from {list(CASES)}")
-    precisions = [q.strip() for q in args.precisions.split(",") if q.strip()]
-    if not precisions or set(precisions) - {"bf16", "fp32"}:
+    args.precision_list = [q.strip() for q in args.precisions.split(",") if q.strip()]
+    if not args.precision_list or set(args.precision_list) - {"bf16", "fp32"}:
         p.error(f"--precisions: choose from bf16,fp32, got {args.precisions!r}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    keys, precisions = args.keys, args.precision_list
     if args.worker:
         run_framework(args.worker, keys, precisions, args.budget_ms, args.reps)
         return 0

@@ -639,22 +639,28 @@ def test_benchmark_commands_parse():
     """docs/performance.md's benchmark commands: the flags exist (running them takes minutes and
     PyTorch), and the PyTorch pin is the version the results were measured with."""
     (block,) = [b for b in blocks_of("bash") if b.path == "docs/performance.md"]
-    spec = importlib.util.spec_from_file_location("_docs_bench_train", ROOT / "benchmarks" / "bench_train.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # dataclasses in the module look themselves up here
+    scripts = ("bench_train", "bench_kernels", "bench_bf16_inference")
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # bench_kernels imports bench_train
     try:
-        spec.loader.exec_module(bench)
+        modules = {}
+        for name in scripts:
+            spec = importlib.util.spec_from_file_location(f"_docs_{name}", ROOT / "benchmarks" / f"{name}.py")
+            modules[name] = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = modules[name]  # dataclasses in the module look themselves up here
+            spec.loader.exec_module(modules[name])
         commands = _commands(block.text)
         for argv in commands:
             if argv[0].endswith("/pip"):
                 pinned = [a for a in argv if a.startswith("torch==")]
                 assert pinned and pinned[0].split("==")[1] in (ROOT / "docs" / "performance.md").read_text()
             else:
-                assert argv[:2] == [".venv/bin/python", "benchmarks/bench_train.py"], argv
-                bench.parse_args(argv[2:])  # SystemExit on an unknown flag
-        assert len(commands) == 3
+                assert argv[0] == ".venv/bin/python" and argv[1].startswith("benchmarks/"), argv
+                modules[Path(argv[1]).stem].parse_args(argv[2:])  # SystemExit on an unknown flag
+        assert {Path(a[1]).stem for a in commands if not a[0].endswith("/pip")} == set(scripts)
     finally:
-        sys.modules.pop(spec.name, None)
+        sys.path.remove(str(ROOT / "benchmarks"))
+        for name in scripts:
+            sys.modules.pop(f"_docs_{name}", None)
 
 
 # ================================================================ links
@@ -781,13 +787,13 @@ def _documented(documented, value):
 
 def _perf_machines():
     """docs/performance.md's summary, one part per machine kind: {heading: (text, records)}
-    with the JSON records of the run each part quotes (named in it)."""
+    with the JSON records of the run each part quotes (the first named in it)."""
     text = (ROOT / "docs" / "performance.md").read_text(encoding="utf-8")
     summary = text[text.index("## Summary"):text.index("## Machine")]
     parts = re.split(r"^### ", summary, flags=re.M)[1:]
     out = {}
     for part in parts:
-        (path,) = set(re.findall(r"`(benchmarks/results/[^`]+\.jsonl)`", part))
+        path = re.findall(r"`(benchmarks/results/[^`]+\.jsonl)`", part)[0]
         out[part.splitlines()[0]] = (part, [json.loads(line) for line in open(ROOT / path)])
     return out
 
@@ -796,8 +802,8 @@ def test_performance_summary_per_machine_is_the_recorded_run():
     """Every machine kind of docs/performance.md's summary quotes its run's JSON records:
     samples/s of every implementation, precision and phase, and wrn3d_tl / best rival."""
     machines = _perf_machines()
-    assert len(machines) == 2 and any("AMX" in h for h in machines) and any("EPYC" in h for h in machines)
-    (amx,) = [v for h, v in machines.items() if "AMX" in h]
+    assert len(machines) == 2 and any("Xeon" in h for h in machines) and any("EPYC" in h for h in machines)
+    (amx,) = [v for h, v in machines.items() if "Xeon" in h]
     part, records = amx
     env = next(r for r in records if r["kind"] == "environment")
     assert env["cpu"] in part and "amx_bf16" in env["cpu_flags"]
@@ -844,3 +850,22 @@ def test_performance_summary_is_the_recorded_run():
            for c in configs.values()}
     assert (f"{xla['wrn16-4-3d']:.1f}x (WRN-16-4 3D) to {xla['wrn10-2-3d']:.1f}x (WRN-10-2 3D) slower in this run "
             f"({xla['wrn40-4-2d']:.1f}x on WRN-40-4 2D)") in " ".join(summary.split())
+
+
+def test_readme_bf16_inference_numbers_are_the_recorded_run():
+    """The README's bf16 inference speed-ups and prediction changes are those of
+    benchmarks/results/bf16_inference_intel-xeon-amx-2core.json."""
+    text = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    part = text[text.index("### Inference in bf16"):text.index("`examples/cifar_wide_resnet_keras.py`")]
+    run = json.loads((ROOT / "benchmarks" / "results" / "bf16_inference_intel-xeon-amx-2core.json").read_text())
+    speed = {s["config"].split()[0]: s for s in run["speed"]}
+    pred = run["predictions"]
+    big, tiny = speed["WRN-16-4"], speed["WRN-10-2"]
+    assert f"**{big['speedup']:.1f}x** faster than fp32 on WRN-16-4 3D" in part
+    assert f", {big['bf16_volumes_per_s']:.0f} against {big['fp32_volumes_per_s']:.0f} volumes/s)" in part
+    assert f"**{tiny['speedup']:.1f}x** on WRN-10-2 3D" in part
+    assert f"On {pred['test_volumes']} held-out synthetic volumes" in part
+    assert f"({pred['top1_agreement']:.0%} agreement)" in part
+    assert f"the largest logit difference is {pred['max_abs_logit_diff']:.3f} (logits up to " \
+           f"{pred['max_abs_logit_fp32']:.1f}; mean difference {pred['mean_abs_logit_diff']:.3f})" in part
+    assert f"probability difference {pred['max_abs_probability_diff']:.0e}".replace("e-05", "e-5") in part

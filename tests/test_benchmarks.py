@@ -1,0 +1,63 @@
+"""The benchmark scripts' own logic (their timings are not tested: they take minutes)."""
+
+import importlib.util
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("_bench_kernels", ROOT / "benchmarks" / "bench_kernels.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses in bench_train look themselves up here
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+        sys.modules.pop("_bench_kernels", None)
+
+
+def test_kernel_benchmark_times_the_ops_the_network_runs(kernels):
+    """step_ops lists one forward and one filter gradient per convolution of the model (an
+    input gradient for all but the stem's), one batch norm and ReLU per BN layer, with the
+    convolutions' channels, kernel and stride."""
+    from wrn3d_tl.layers import BatchNorm, Conv, leaf_layers
+    from wrn3d_tl.model import build_wrn
+
+    case = kernels.CASES["wrn10-2-3d"]
+    ops = kernels.step_ops(case)
+    layers = leaf_layers(build_wrn(case.config()))
+    convs = Counter((c.W.shape[-2], c.n_filter, c._kernel[0], c._strides[0]) for c in layers if isinstance(c, Conv))
+    counted = {kind: Counter() for kind, _ in ops}
+    for (kind, key), n in ops.items():
+        counted[kind][key[-4:] if kind.startswith("conv") else key[-1]] += n
+    assert counted["conv forward"] == convs == counted["conv grad filter"]
+    assert counted["conv grad input"] == convs - Counter({(3, 16, 3, 1): 1})  # not the stem's (3 -> 16)
+    norms = Counter(b.gamma.shape[0] for b in layers if isinstance(b, BatchNorm))
+    assert counted["batch norm fwd"] == counted["batch norm grad"] == counted["relu fwd + grad"] == norms
+    assert {key[0] for _, key in ops} == {case.batch}
+
+
+def test_kernel_benchmark_report_weights_shapes_by_their_count(kernels):
+    rec = dict(config="wrn10-2-3d", precision="bf16", kind="conv forward")
+    records = [dict(rec, framework="tf", shape=[1], count=3, ms=2.0), dict(rec, framework="torch", shape=[1], count=3,
+                                                                          ms=1.0),
+               dict(rec, framework="tf", shape=[2], count=1, ms=4.0), dict(rec, framework="torch", shape=[2], count=1,
+                                                                          ms=4.0)]
+    text = kernels.report(records, per_shape=True)
+    assert "| conv forward | 10.0 | 7.0 | 1.43 |" in text and "| **sum** | **10.0** | **7.0** | **1.43** |" in text
+    assert "| conv forward | 1 | 3 | 2.000 | 1.000 | 2.00 |" in text
+
+
+def test_kernel_benchmark_refuses_unknown_configs_and_precisions(kernels):
+    assert kernels.parse_args(["--configs", "wrn10-2-3d", "--precisions", "fp32"]).keys == ["wrn10-2-3d"]
+    for argv in (["--configs", "wrn99"], ["--precisions", "fp16"]):
+        with pytest.raises(SystemExit):
+            kernels.parse_args(argv)
