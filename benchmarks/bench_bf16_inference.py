@@ -18,25 +18,15 @@ Prints a markdown table and writes one JSON file (with the CPU model) when asked
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def cpu_model():
-    """The CPU's model name from /proc/cpuinfo (or platform.processor())."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+_HERE = os.path.dirname(os.path.abspath(__file__))
+for _p in (os.path.dirname(_HERE), _HERE):  # the repo (wrn3d_tl) and benchmarks/ (bench_train)
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
 
 
 def agreement(steps, n_test, seed=0):
@@ -113,9 +103,12 @@ def main(argv=None):
     speeds = [speed(trainer.model, "WRN-10-2 3D 4x16x16x3", 512, args.batch_size, args.reps),
               speed(build_wrn(WRNConfig.from_name("WRN-16-4", input_shape=(8, 32, 32, 3))), "WRN-16-4 3D 8x32x32x3",
                     64, args.batch_size, args.reps)]
-    result = {"cpu": cpu_model(), "cpus": os.cpu_count(), "predictions": preds, "speed": speeds,
+    from bench_train import environment
+
+    env = environment()  # CPU model and bf16 flags, versions
+    result = {"cpu": env["cpu"], "cpus": env["cores"], "environment": env, "predictions": preds, "speed": speeds,
               "elapsed_s": round(time.perf_counter() - t0, 1)}
-    print(f"\nCPU: {result['cpu']} ({result['cpus']} cores)\n")
+    print(f"\nCPU: {result['cpu']} ({result['cpus']} cores, {' '.join(env['cpu_flags'])})\n")
     print("| predictions, fp32 vs bf16 | |\n|---|---:|")
     for k in ("test_volumes", "top1_agreement", "max_abs_logit_diff", "mean_abs_logit_diff", "max_abs_logit_fp32",
               "max_abs_probability_diff", "accuracy_fp32", "accuracy_bf16"):

@@ -414,3 +414,33 @@ def test_bf16_inference_in_predictor_export_and_cli(trained, tmp_path, capsys):
     np.testing.assert_array_equal(predict(bf16, raw)["logits"], got["logits"])
     with pytest.raises(ValueError, match="precision must be one of"):
         export_saved_model(trained["ckpt"], str(tmp_path / "bad"), precision="float16")
+
+
+def test_inference_copy_is_a_checked_snapshot(two_cpu_strategy):
+    from wrn3d_tl.model import inference_copy
+
+    cfg = WRNConfig(depth=10, widen_factor=1, num_classes=3, input_shape=(2, 8, 8, 3))
+    trainer = Trainer(build_wrn(cfg), verbose=False)
+    rng = np.random.default_rng(5)
+    x, y = rng.standard_normal((4, 2, 8, 8, 3)).astype(np.float32), rng.integers(0, 3, 4)
+    trainer.train_step(x, y)
+    copy = inference_copy(trainer.model, "bf16")
+    for dst, src in zip(copy.all_weights, trainer.model.all_weights):
+        conv_kernel = src.name.endswith("kernel:0") and "logits" not in src.name
+        assert dst.dtype == (tf.bfloat16 if conv_kernel else tf.float32), src.name
+        np.testing.assert_array_equal(dst.numpy(), tf.cast(src, dst.dtype).numpy())
+    # a snapshot: later training does not reach a bf16 Predictor; a fp32 one reads the live weights
+    live, frozen = Predictor(trainer), Predictor(trainer, precision="bf16")
+    before = live.predict(x)["logits"], frozen.predict(x)["logits"]
+    trainer.train_step(x, y)
+    assert np.abs(live.predict(x)["logits"] - before[0]).max() > 1e-4
+    np.testing.assert_array_equal(frozen.predict(x)["logits"], before[1])
+    # refused: training an inference copy, a copy inside a strategy scope, another network's weights
+    with pytest.raises(ValueError, match="model: its weights must be float32 to train, it has bfloat16 ones"):
+        Trainer(copy, verbose=False)
+    with two_cpu_strategy.scope(), pytest.raises(RuntimeError, match="outside `strategy.scope"):
+        inference_copy(trainer.model, "bf16")
+    other = build_wrn(WRNConfig(depth=10, widen_factor=2, num_classes=3, input_shape=(2, 8, 8, 3)))
+    other.wrn_config = cfg
+    with pytest.raises(ValueError, match="inference_copy: model's weights are not those of build_wrn"):
+        inference_copy(other, "bf16")

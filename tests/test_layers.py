@@ -217,6 +217,16 @@ def test_bf16_depth2_float32_fallback_where_the_probe_finds_the_cpu_kernel_wrong
     assert len(probe.asked) == asked
 
 
+def test_bf16_depth2_inference_computes_no_filter_gradient_and_stays_bf16(probe):
+    probe.error = float("inf")
+    conv = Conv(4, 3, name="c")
+    conv.build((None, 2, 6, 6, 3))
+    conv.is_train = False  # what model(x, is_train=False) sets on every layer
+    graph = tf.function(conv.forward).get_concrete_function(tf.TensorSpec((1, 2, 6, 6, 3), tf.bfloat16)).graph
+    assert [op.get_attr("T").name for op in graph.get_operations() if op.type == "Conv3D"] == ["bfloat16"]
+    assert probe.asked == []
+
+
 def test_bf16_depth2_stays_bf16_where_the_probe_finds_the_cpu_kernel_right(probe):
     from wrn3d_tl.layers import BF16_PROBE_TOLERANCE
     probe.error = BF16_PROBE_TOLERANCE / 2

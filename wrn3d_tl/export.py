@@ -20,6 +20,8 @@ a 2D one, with a free batch size and the config's fixed spatial shape and channe
 Other dtypes (float64, int16, ...): cast to float32 before calling ``serving_default``.
 A volume batch of another rank or shape raises ``InvalidArgumentError`` ("volumes must
 have shape (N,) + ...").
+``export_saved_model(..., precision="bf16")`` writes a SavedModel whose network computes in
+bfloat16 with its convolution kernels stored as bfloat16; its signatures are the same.
 Normalisation ``(x - mean) / std`` with the per-channel stats is part of the graph as
 constants; without stats the volumes pass to the network unchanged. NaN/Inf inputs are
 not checked by the graph: they give NaN outputs.
@@ -27,7 +29,7 @@ not checked by the graph: they give NaN outputs.
 The loaded object also has ``served.serve(volumes)`` / ``served.serve_uint8(volumes)``
 (the same functions) and ``served.metadata()``: a scalar string tensor holding JSON
 (``json.loads(served.metadata().numpy())`` gives the dict) with the WRNConfig, the
-normalisation, the input layout and the signature names.
+normalisation, the input layout, the signature names and the precision.
 """
 
 import json

@@ -15,7 +15,7 @@ from wrn3d_tl.axes import check_batch_shape, ensure_tuple_rep, layout, same_outp
 from wrn3d_tl.config import PADDINGS
 
 __all__ = ["HeNormal", "InputCheck", "BatchNorm", "Conv", "GlobalAvgPool", "WideBasicBlock", "leaf_layers",
-           "variable_name"]
+           "variable_name", "runs_on_cpu", "bf16_filter_grad_ok", "BF16_PROBE_TOLERANCE"]
 
 
 class HeNormal(tl.initializers.Initializer):
@@ -131,14 +131,13 @@ class BatchNorm(tl.layers.Layer):
         if self.is_train:
             if self.sync:
                 outputs, mean, var = self._sync_batch_norm(inputs)
-                outputs = self._act(outputs)
             else:
                 outputs, mean, var, *_ = tf.raw_ops.FusedBatchNormV3(
                     x=self._as_4d(inputs), scale=self.gamma, offset=self.beta,
                     mean=tf.constant([], tf.float32), variance=tf.constant([], tf.float32),
                     epsilon=self.epsilon, exponential_avg_factor=1.0,
                     data_format="NHWC", is_training=True)
-                outputs = tf.reshape(self._act(outputs), tf.shape(inputs))
+                outputs = tf.reshape(outputs, tf.shape(inputs))
             # A static TensorLayer model runs every layer once while it is being wired
             # (on a dummy batch of ones); that pass must not move the statistics.
             if self._nodes_fixed and self.update_stats:
@@ -155,13 +154,14 @@ class BatchNorm(tl.layers.Layer):
                 mean=mean, variance=variance,
                 epsilon=self.epsilon, exponential_avg_factor=1.0,
                 data_format="NHWC", is_training=False)
-            outputs = tf.reshape(self._act(outputs), tf.shape(inputs))
+            outputs = tf.reshape(outputs, tf.shape(inputs))
+        # After the reshape back, not on the 4D view: there TensorFlow fuses batch norm and
+        # ReLU (_FusedBatchNormEx), whose kernel turns overflowing activations finite, and a
+        # volume whose logits overflow would no longer be refused (it saved ~0.5 ms of a 6 ms
+        # WRN-10-2 bf16 inference batch).
+        if self.act:
+            outputs = self.act(outputs)
         return outputs
-
-    def _act(self, x):
-        # On the 4D output, before the reshape back: TensorFlow then fuses batch norm and
-        # ReLU into one kernel (_FusedBatchNormEx) for inference, also in 3D.
-        return self.act(x) if self.act else x
 
     def _as_4d(self, x):
         """NDHWC -> (N, D*H, W, C): the same per-channel statistics. FusedBatchNormV3
@@ -207,14 +207,21 @@ class Conv(tl.layers.Layer):
         kernel_size: int (same on every axis) or a tuple, one per spatial axis.
         strides: int or tuple, one per spatial axis.
         kernel_dtype: the kernel variable's dtype: float32 (training), or bfloat16 for an
-            inference copy fed bfloat16 input (no cast per call; such a kernel is never
-            trained, so the bf16 filter-gradient workaround below does not apply).
+            inference copy fed bfloat16 input (no cast per call).
+
+    In training mode on a CPU, a bfloat16 3D convolution over a 2-deep input with a 3-deep
+    kernel at depth stride 1 computes in float32 where ``bf16_filter_grad_ok`` finds the
+    CPU's bf16 filter gradient wrong for that exact shape (a oneDNN bug seen on an AMD EPYC
+    with AVX512_BF16), or where the batch size is unknown. Inference computes no filter
+    gradient and stays in bfloat16.
     """
 
     def __init__(self, n_filter, kernel_size=3, strides=1, padding="same", name=None, kernel_dtype=tf.float32):
         super().__init__(name)
         if padding not in PADDINGS:
             raise ValueError(f"Conv {name!r}: padding must be one of {PADDINGS}, got {padding!r}")
+        if tf.as_dtype(kernel_dtype) not in (tf.float32, tf.bfloat16):
+            raise ValueError(f"Conv {name!r}: kernel_dtype must be float32 or bfloat16, got {kernel_dtype!r}")
         self.n_filter = int(n_filter)
         self.kernel_size = kernel_size
         self.strides = strides
@@ -223,7 +230,7 @@ class Conv(tl.layers.Layer):
 
     def __repr__(self):
         return (f"Conv(n_filter={self.n_filter}, kernel_size={self.kernel_size}, "
-                f"strides={self.strides}, name='{self.name}')")
+                f"strides={self.strides}, kernel_dtype={self.kernel_dtype.name}, name='{self.name}')")
 
     def build(self, inputs_shape):
         rank = _spatial_rank(inputs_shape, self.name)
@@ -241,12 +248,12 @@ class Conv(tl.layers.Layer):
             # Torch's padding: k // 2 on both sides of every spatial axis, then "VALID".
             inputs = tf.pad(inputs, [[0, 0]] + [[k // 2, k // 2] for k in self._kernel] + [[0, 0]])
             padding = "VALID"
-        if dtype == tf.bfloat16 and self.kernel_dtype == tf.float32 and self._suspect_bf16_filter_grad(inputs.shape) \
+        if dtype == tf.bfloat16 and self.is_train and self._suspect_bf16_filter_grad(inputs.shape) \
                 and runs_on_cpu(inputs) \
                 and not bf16_filter_grad_ok(inputs.shape, self.W.shape, self._strides, padding):
             # TF 2.21's oneDNN bf16 Conv3DBackpropFilter returns NaN/garbage for an input
             # depth of 2 with a 3-deep kernel at stride 1 on some CPUs (AVX512-BF16 without
-            # AMX); where the probe finds that, the layer computes in float32 instead.
+            # AMX); where the probe finds that, the layer trains in float32 instead.
             inputs = tf.cast(inputs, tf.float32)
         outputs = tf.nn.convolution(inputs, tf.cast(self.W, inputs.dtype), strides=self._strides, padding=padding,
                                     data_format=self.data_format)
@@ -254,14 +261,14 @@ class Conv(tl.layers.Layer):
 
     def _suspect_bf16_filter_grad(self, shape):
         """The case oneDNN got wrong: 3D, a depth of 2 (4 once symmetric-padded), a 3-deep
-        kernel at depth stride 1. Only such convolutions are probed (a probe costs a few ms)."""
+        kernel at depth stride 1. Only such convolutions are probed (15-120 ms a probe)."""
         return (len(shape) == 5 and self._kernel[0] == 3 and self._strides[0] == 1
                 and shape[1] == (4 if self.padding == "symmetric" else 2))
 
 
 # (input shape, kernel shape, strides, padding) -> whether bf16 is right; one probe per process.
 _BF16_FILTER_GRAD_OK = {}
-BF16_PROBE_TOLERANCE = 0.02  # relative L2 error; bf16 rounding gives ~0.004 on these shapes
+BF16_PROBE_TOLERANCE = 0.02  # relative L2 error; bf16 rounding gives ~0.003 on these shapes
 
 
 @tf.autograph.experimental.do_not_convert  # runs eagerly, whatever graph is being traced
@@ -353,6 +360,7 @@ class WideBasicBlock(tl.layers.Layer):
 
     With ``recompute=True`` the block keeps only its input for the backward pass and
     recomputes its activations there (``tf.recompute_grad``): less memory, more compute.
+    ``kernel_dtype`` is its convolutions' (see ``Conv``).
     """
 
     def __init__(self, out_channels, strides=1, dropout=0.0, *, projection, name, bn_decay=0.9, bn_epsilon=1e-5,

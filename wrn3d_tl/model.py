@@ -16,12 +16,11 @@ with n = (depth - 4) / 6 pre-activation wide basic blocks per group.
 
 import math
 
-import numpy as np
 import tensorflow as tf
 import tensorlayer as tl
 
 from wrn3d_tl.config import WRNConfig
-from wrn3d_tl.layers import BatchNorm, Conv, GlobalAvgPool, HeNormal, InputCheck, WideBasicBlock
+from wrn3d_tl.layers import BatchNorm, Conv, GlobalAvgPool, HeNormal, InputCheck, WideBasicBlock, variable_name
 
 __all__ = ["WRNConfig", "build_wrn", "count_params", "count_flops", "group_shapes", "summary", "inference_copy",
            "inference_dtype", "INFERENCE_PRECISIONS"]
@@ -90,8 +89,13 @@ def inference_copy(model, precision="fp32"):
     if tf.distribute.has_strategy():
         raise RuntimeError("inference_copy: call it outside `strategy.scope()` (the copy is a plain model)")
     copy = build_wrn(model.wrn_config, kernel_dtype=dtype)
-    for dst, src in zip(copy.all_weights, model.all_weights):
-        dst.assign(tf.cast(np.asarray(src.numpy()), dst.dtype))  # a cross-replica read of distributed values
+    pairs = list(zip(copy.all_weights, model.all_weights))
+    if len(pairs) != len(model.all_weights) or len(pairs) != len(copy.all_weights) or any(
+            variable_name(d) != variable_name(s) or d.shape != s.shape for d, s in pairs):
+        raise ValueError(f"inference_copy: model's weights are not those of build_wrn({model.wrn_config.name}) "
+                         "(names or shapes differ)")
+    for dst, src in pairs:
+        dst.assign(tf.cast(src.numpy(), dst.dtype))  # a cross-replica read of distributed values
     return copy
 
 

@@ -88,7 +88,7 @@ class SGD:
         # w <- w - lr (g + m v) (Nesterov) or w <- w - lr v.
         return tf.raw_ops.ResourceApplyMomentum(
             var=w.handle, accum=slot.handle, lr=tf.convert_to_tensor(self.lr), grad=g,
-            momentum=tf.constant(self.momentum, w.dtype), use_nesterov=self.nesterov)
+            momentum=tf.constant(self.momentum), use_nesterov=self.nesterov)
 
 
 class LossScale:

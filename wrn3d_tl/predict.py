@@ -213,7 +213,7 @@ def as_predictor(model, precision=None):
     """``model`` itself when it is a ``Predictor``, else ``Predictor(model, precision)``
     (None: "fp32"). A Predictor of another precision than a given one is a ValueError."""
     if not isinstance(model, Predictor):
-        return Predictor(model, precision or "fp32")
+        return Predictor(model, "fp32" if precision is None else precision)
     if precision is not None and precision != model.precision:
         raise ValueError(f"precision={precision!r}, but the Predictor given computes in {model.precision!r}: "
                          f"pass precision=None to use it, or make a Predictor with precision={precision!r}")

@@ -114,6 +114,10 @@ class Trainer:
         if not isinstance(config, WRNConfig):
             raise TypeError("model must be built by wrn3d_tl.model.build_wrn (it has no wrn_config), "
                             f"got {type(model).__name__}")
+        low = sorted({v.dtype.name for v in model.trainable_weights} - {"float32"})
+        if low:
+            raise ValueError(f"model: its weights must be float32 to train, it has {', '.join(low)} ones (an "
+                             "inference copy, wrn3d_tl.model.inference_copy, cannot be trained)")
         _check(lr, "lr", "a number > 0", lambda v: v > 0)
         _check(momentum, "momentum", "a number in [0, 1)", lambda v: 0 <= v < 1)
         _check(weight_decay, "weight_decay", "a number >= 0", lambda v: v >= 0)
