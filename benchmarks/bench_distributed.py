@@ -100,10 +100,8 @@ failure.
 """
 
 import argparse
-import importlib.metadata
 import json
 import os
-import platform
 import resource
 import shutil
 import signal
@@ -661,14 +659,8 @@ def report_resume(rows):
 
 
 def machine():
-    from bench_nifti import cpu_model
-    env = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()}
-    for pkg in ("tensorflow", "tensorlayer", "numpy", "h5py"):
-        try:
-            env[pkg] = importlib.metadata.version(pkg)
-        except Exception:  # noqa: BLE001
-            pass
-    return env
+    from bench_nifti import machine
+    return machine(("tensorflow", "tensorlayer", "numpy", "h5py"))
 
 
 def parse_args(argv=None):

@@ -60,10 +60,8 @@ record goes to ``<out>.partial.json`` (exit code 1), never over a complete one.
 
 import argparse
 import hashlib
-import importlib.metadata
 import json
 import os
-import platform
 import select
 import shutil
 import statistics
@@ -409,14 +407,8 @@ def report(results, trees, noise, per_round, cores, final):
 
 
 def machine():
-    from bench_nifti import cpu_model
-    env = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()}
-    for pkg in ("tensorflow", "tensorlayer", "numpy"):
-        try:
-            env[pkg] = importlib.metadata.version(pkg)
-        except Exception:  # noqa: BLE001
-            pass
-    return env
+    from bench_nifti import machine
+    return machine(("tensorflow", "tensorlayer", "numpy"))
 
 
 def parse_args(argv=None):

@@ -93,16 +93,20 @@ def cpu_slug(model, cores):
     return f"{s}-{cores}core"
 
 
-def environment():
-    import tensorflow as tf
-    env = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
-           "tensorflow": tf.__version__, "numpy": np.__version__}
-    for pkg in ("tensorlayer", "nibabel", "h5py"):
+def machine(packages):
+    """The benchmark machine for a results file: CPU model, cores, Python, and the installed
+    version of each of ``packages`` (those not installed are left out)."""
+    env = {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()}
+    for pkg in packages:
         try:
             env[pkg] = importlib.metadata.version(pkg)
         except Exception:  # noqa: BLE001
             pass
     return env
+
+
+def environment():
+    return machine(("tensorflow", "numpy", "tensorlayer", "nibabel", "h5py"))
 
 
 class Usage:
