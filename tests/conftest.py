@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -70,6 +71,30 @@ def load_example():
         return module
 
     return load
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """``load_benchmark("bench_train")``: import benchmarks/<name>.py as a fresh module. For
+    the session, benchmarks/ is on sys.path (the scripts import each other) and each module
+    is registered in sys.modules (their dataclasses look themselves up there)."""
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    sys.path.insert(0, folder)
+    loaded = []
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(f"_benchmark_{name}_{len(loaded)}",
+                                                      os.path.join(folder, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        loaded.append(spec.name)
+        spec.loader.exec_module(module)
+        return module
+
+    yield load
+    sys.path.remove(folder)
+    for name in loaded:
+        sys.modules.pop(name, None)
 
 
 @pytest.fixture(scope="module")

@@ -1,27 +1,13 @@
 """The benchmark scripts' own logic (their timings are not tested: they take minutes)."""
 
-import importlib.util
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def kernels():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        spec = importlib.util.spec_from_file_location("_bench_kernels", ROOT / "benchmarks" / "bench_kernels.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses in bench_train look themselves up here
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-        sys.modules.pop("_bench_kernels", None)
+def kernels(load_benchmark):
+    return load_benchmark("bench_kernels")
 
 
 def test_kernel_benchmark_times_the_ops_the_network_runs(kernels):

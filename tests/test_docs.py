@@ -15,14 +15,12 @@ points at a file that exists, and the numbers the docs quote follow the code.
 
 import ast
 import dataclasses
-import importlib.util
 import inspect
 import json
 import os
 import re
 import shlex
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -635,32 +633,21 @@ def test_make_targets_run_the_documented_commands():
     assert 'pip install -q -e ".[test]"' in recipes["$(STAMP)"]
 
 
-def test_benchmark_commands_parse():
+def test_benchmark_commands_parse(load_benchmark):
     """docs/performance.md's benchmark commands: the flags exist (running them takes minutes and
     PyTorch), and the PyTorch pin is the version the results were measured with."""
     (block,) = [b for b in blocks_of("bash") if b.path == "docs/performance.md"]
     scripts = ("bench_train", "bench_kernels", "bench_bf16_inference")
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # bench_kernels imports bench_train
-    try:
-        modules = {}
-        for name in scripts:
-            spec = importlib.util.spec_from_file_location(f"_docs_{name}", ROOT / "benchmarks" / f"{name}.py")
-            modules[name] = importlib.util.module_from_spec(spec)
-            sys.modules[spec.name] = modules[name]  # dataclasses in the module look themselves up here
-            spec.loader.exec_module(modules[name])
-        commands = _commands(block.text)
-        for argv in commands:
-            if argv[0].endswith("/pip"):
-                pinned = [a for a in argv if a.startswith("torch==")]
-                assert pinned and pinned[0].split("==")[1] in (ROOT / "docs" / "performance.md").read_text()
-            else:
-                assert argv[0] == ".venv/bin/python" and argv[1].startswith("benchmarks/"), argv
-                modules[Path(argv[1]).stem].parse_args(argv[2:])  # SystemExit on an unknown flag
-        assert {Path(a[1]).stem for a in commands if not a[0].endswith("/pip")} == set(scripts)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-        for name in scripts:
-            sys.modules.pop(f"_docs_{name}", None)
+    modules = {name: load_benchmark(name) for name in scripts}
+    commands = _commands(block.text)
+    for argv in commands:
+        if argv[0].endswith("/pip"):
+            pinned = [a for a in argv if a.startswith("torch==")]
+            assert pinned and pinned[0].split("==")[1] in (ROOT / "docs" / "performance.md").read_text()
+        else:
+            assert argv[0] == ".venv/bin/python" and argv[1].startswith("benchmarks/"), argv
+            modules[Path(argv[1]).stem].parse_args(argv[2:])  # SystemExit on an unknown flag
+    assert {Path(a[1]).stem for a in commands if not a[0].endswith("/pip")} == set(scripts)
 
 
 # ================================================================ links

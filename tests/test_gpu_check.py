@@ -1,7 +1,6 @@
 """benchmarks/gpu_check.py (``make gpu-check``) where no GPU is visible, and what it writes:
 its parsers and result files, fed results of the types its stages collect."""
 
-import importlib.util
 import json
 import os
 import re
@@ -15,11 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def check():
-    spec = importlib.util.spec_from_file_location("_gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def check(load_benchmark):
+    return load_benchmark("gpu_check")
 
 
 def test_without_a_gpu_the_check_fails_with_one_line():
@@ -56,7 +52,7 @@ def test_choose_batch_fits_every_benchmark_worker(check):
     assert check.choose_batch(cfg, need[64] / 0.8 - 1) is None
 
 
-def test_the_commands_it_runs_parse(check, load_example):
+def test_the_commands_it_runs_parse(check, load_example, load_benchmark):
     """The main job's and bench_train.py's flags the check passes exist (SystemExit if not)."""
     main_job = load_example("cifar_wide_resnet_tl")
     for name, flag in check.PRECISIONS.items():
@@ -64,20 +60,14 @@ def test_the_commands_it_runs_parse(check, load_example):
         args = main_job.parse_args(argv[1:])
         assert argv[0] == "examples/cifar_wide_resnet_tl.py" and args.iters == 10
         assert args.mixed_precision == flag
-    spec = importlib.util.spec_from_file_location("_gpu_check_bench", ROOT / "benchmarks" / "bench_train.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench  # its dataclasses look themselves up here
-    try:
-        spec.loader.exec_module(bench)
-        argv = check.bench_argv("wrn16-4-3d", 128, "out.jsonl")
-        args = bench.parse_args(argv[1:])
-        assert argv[0] == "benchmarks/bench_train.py" and (args.configs, args.batch) == ("wrn16-4-3d", 128)
-        impls = [str(i) for i in bench.select_impls(args, have_torch=not args.no_torch)]  # as its main() does
-        assert impls == ["wrn3d_tl/fp32", "wrn3d_tl/bf16", "wrn3d_tl+xla/fp32", "keras/fp32"]
-        assert len(impls) == check.BENCH_WORKERS
-        assert set(check.bench_argv("k", 64, "o")) >= {"--steps", "--warmup", "--burst"}
-    finally:
-        sys.modules.pop(spec.name, None)
+    bench = load_benchmark("bench_train")
+    argv = check.bench_argv("wrn16-4-3d", 128, "out.jsonl")
+    args = bench.parse_args(argv[1:])
+    assert argv[0] == "benchmarks/bench_train.py" and (args.configs, args.batch) == ("wrn16-4-3d", 128)
+    impls = [str(i) for i in bench.select_impls(args, have_torch=not args.no_torch)]  # as its main() does
+    assert impls == ["wrn3d_tl/fp32", "wrn3d_tl/bf16", "wrn3d_tl+xla/fp32", "keras/fp32"]
+    assert len(impls) == check.BENCH_WORKERS
+    assert set(check.bench_argv("k", 64, "o")) >= {"--steps", "--warmup", "--burst"}
 
 
 def _step(run, config, impl, precision, train_sps, gflop=10.0, batch=128):

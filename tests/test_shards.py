@@ -3,7 +3,6 @@ input pipeline's share of every global batch (tf.distribute), for make_dataset,
 hdf5_dataset and nifti_dataset. Samples carry their index as label, so every check is on
 which samples came, in which order, with which augmentation."""
 
-import os
 
 import nibabel as nib
 import numpy as np
