@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
+# oneDNN kernels where TensorFlow leaves them off (AVX2-only CPUs); an explicit 0 is kept
+export TF_ENABLE_ONEDNN_OPTS ?= 1
 ITERS ?= 10
 
 .PHONY: demo test bench gpu-check clean

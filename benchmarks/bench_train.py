@@ -52,6 +52,7 @@ import traceback
 from dataclasses import dataclass
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import wrn3d_tl  # noqa: E402,F401  (before TensorFlow: oneDNN on where TensorFlow leaves it off)
 _HERE = os.path.dirname(os.path.abspath(__file__))
 for _p in (os.path.dirname(_HERE), _HERE):  # the repo (wrn3d_tl) and benchmarks/ (torch_wrn)
     if _p not in sys.path:
@@ -728,7 +729,8 @@ def environment():
     # what decides the bf16 kernels: AMX tiles, AVX512 bf16 dot products, or neither
     cpu_flags = sorted(set(flags) & {"avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8"})
     env = {"cpu": cpu, "cpu_flags": cpu_flags, "cores": os.cpu_count(), "python": platform.python_version(), "tensorflow": tf.__version__,
-           "keras": keras.__version__}
+           "keras": keras.__version__, "onednn": wrn3d_tl.cpu.onednn_enabled(),
+           "TF_ENABLE_ONEDNN_OPTS": os.environ.get(wrn3d_tl.cpu.ONEDNN_VAR)}
     try:
         env["tensorlayer"] = importlib.metadata.version("tensorlayer")
     except Exception:  # noqa: BLE001

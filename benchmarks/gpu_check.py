@@ -34,6 +34,8 @@ import threading
 import time
 import xml.etree.ElementTree as ET
 
+import wrn3d_tl  # noqa: F401  (before TensorFlow: oneDNN on where TensorFlow leaves it off)
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(_HERE)
 for _p in (ROOT, _HERE):

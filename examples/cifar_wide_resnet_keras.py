@@ -16,13 +16,15 @@ NHWC for ``--dims 2``; labels are int64. Without the real CIFAR files under
 import argparse
 import time
 
-import keras
-import numpy as np
-import tensorflow as tf
+import wrn3d_tl  # noqa: F401  (before TensorFlow: oneDNN on where TensorFlow leaves it off)
 
-from wrn3d_tl import data
-from wrn3d_tl.keras_twin import build_keras_wrn, count_keras_params
-from wrn3d_tl.model import WRNConfig
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from wrn3d_tl import data  # noqa: E402
+from wrn3d_tl.keras_twin import build_keras_wrn, count_keras_params  # noqa: E402
+from wrn3d_tl.model import WRNConfig  # noqa: E402
 
 _SYNTHETIC_SIZES = (512, 128)  # (n_train, n_test)
 

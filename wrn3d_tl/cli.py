@@ -11,16 +11,39 @@ import os
 import sys
 
 __all__ = ["Parser", "positive_int", "non_negative_int", "positive_float", "non_negative_float", "existing_file",
-           "intensity_arg", "shape_arg", "fail", "die", "quiet_tensorflow", "add_training_flags", "check_training_flags"]
+           "intensity_arg", "shape_arg", "fail", "die", "quiet_tensorflow", "versions_line", "add_training_flags", "check_training_flags"]
+
+
+class _Version(argparse.Action):
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the versions, the CPU and whether oneDNN is on, then exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(versions_line())
+        parser.exit(0)
+
+
+def versions_line():
+    """``wrn3d_tl 0.1.0, TensorFlow 2.21.0, oneDNN on (TF_ENABLE_ONEDNN_OPTS=1), CPU <model>
+    (<flags>)``: what decides speed and numerics here, in one line (imports TensorFlow)."""
+    import wrn3d_tl
+    from wrn3d_tl import cpu
+
+    tf = quiet_tensorflow()
+    return (f"wrn3d_tl {wrn3d_tl.__version__}, TensorFlow {tf.__version__}, {cpu.onednn_status()}, "
+            f"CPU {cpu.cpu_model()} ({' '.join(cpu.cpu_flags(relevant_only=True)) or 'no AVX2'})")
 
 
 class Parser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` whose errors are ONE line, ``prog: error: ...`` (exit
-    status 2, no usage block), and whose ``--help`` shows every default."""
+    status 2, no usage block), whose ``--help`` shows every default, and which has
+    ``--version`` (versions, CPU, oneDNN on or off)."""
 
     def __init__(self, **kwargs):
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         super().__init__(**kwargs)
+        self.add_argument("--version", action=_Version)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())}\n")

@@ -1,0 +1,89 @@
+"""oneDNN on where TensorFlow leaves it off (wrn3d_tl.cpu), and an explicit 0 respected."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from wrn3d_tl import cpu
+
+SCRIPT = os.path.join(os.path.dirname(sys.executable), "wrn3d-predict")
+
+
+def _version(env_value):
+    """`wrn3d-predict --version` in a fresh process with TF_ENABLE_ONEDNN_OPTS unset or set."""
+    env = {k: v for k, v in os.environ.items() if k != cpu.ONEDNN_VAR}
+    if env_value is not None:
+        env[cpu.ONEDNN_VAR] = env_value
+    assert os.path.exists(SCRIPT), f"{SCRIPT}: the console script is not installed (pip install -e .)"
+    proc = subprocess.run([SCRIPT, "--version"], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_console_script_runs_with_onednn_on_unless_told_otherwise():
+    line = _version(None)  # the user set nothing: the package sets 1 before TensorFlow is imported
+    assert line.startswith("wrn3d_tl 0.1.0, TensorFlow 2.")
+    assert "oneDNN on (TF_ENABLE_ONEDNN_OPTS=1)" in line, line
+    assert cpu.cpu_model() in line
+    assert "oneDNN off (TF_ENABLE_ONEDNN_OPTS=0)" in _version("0"), "an explicit 0 must be respected"
+
+
+def test_enable_onednn_sets_only_an_unset_variable_before_tensorflow(monkeypatch):
+    monkeypatch.delitem(sys.modules, "tensorflow", raising=False)
+    env = {}
+    assert cpu.enable_onednn(env) and env == {cpu.ONEDNN_VAR: "1"}
+    env = {cpu.ONEDNN_VAR: "0"}
+    assert not cpu.enable_onednn(env) and env == {cpu.ONEDNN_VAR: "0"}
+
+
+def test_enable_onednn_leaves_the_variable_once_tensorflow_is_imported(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow", sys.modules.get("tensorflow", object()))
+    env = {}
+    assert not cpu.enable_onednn(env) and env == {}
+
+
+@pytest.mark.parametrize("on,var,machine,warns", [(False, None, "x86_64", True), (False, "1", "x86_64", True),
+                                                  (False, "0", "x86_64", False), (True, None, "x86_64", False),
+                                                  (False, None, "aarch64", False)])
+def test_warns_once_when_tensorflow_came_first_with_onednn_off(monkeypatch, on, var, machine, warns):
+    import warnings
+
+    monkeypatch.setitem(sys.modules, "tensorflow", sys.modules.get("tensorflow", object()))
+    monkeypatch.setattr(cpu, "onednn_enabled", lambda: on)
+    monkeypatch.setattr(cpu.platform, "machine", lambda: machine)
+    monkeypatch.setattr(cpu, "_warned", [])
+    if var is None:
+        monkeypatch.delenv(cpu.ONEDNN_VAR, raising=False)
+    else:
+        monkeypatch.setenv(cpu.ONEDNN_VAR, var)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cpu.warn_if_onednn_left_off()
+        cpu.warn_if_onednn_left_off()
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == (1 if warns else 0), messages
+    if warns:
+        assert "TF_ENABLE_ONEDNN_OPTS=1" in messages[0] and "1.6-6.2x slower" in messages[0]
+
+
+def test_cpu_flags_read_from_proc_cpuinfo():
+    flags = cpu.cpu_flags()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            line = next(line for line in f if line.startswith("flags"))
+        assert set(flags) == set(line.split(":", 1)[1].split())
+        assert set(cpu.cpu_flags(relevant_only=True)) <= set(flags)
+        assert cpu.has_bf16_instructions() == bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
+def test_readme_version_line_has_the_commands_format():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    documented = readme.split("every command has it) says whether oneDNN is on:\n\n```text\n", 1)[1].split("\n")[0]
+    shape = r"wrn3d_tl \d+\.\d+\.\d+, TensorFlow 2\.\d+\.\d+, oneDNN (on|off) \(TF_ENABLE_ONEDNN_OPTS=\w+\), CPU .+ \(.+\)"
+    assert re.fullmatch(shape, documented), documented
+    assert re.fullmatch(shape, _version(None))

@@ -1,0 +1,97 @@
+"""What this CPU can do, and oneDNN switched on where TensorFlow leaves it off.
+
+TensorFlow 2.21 turns its oneDNN kernels on by default only on CPUs with AVX-512
+VNNI/BF16/AMX-class features; elsewhere (AVX2-only AMD Zen 2/3, most laptops) every
+convolution runs on Eigen, measured 1.6-6.2x slower per training step on a 2-core AMD EPYC
+(Zen 3, AVX2 only). oneDNN is read once, when TensorFlow is imported, from
+``TF_ENABLE_ONEDNN_OPTS``: ``enable_onednn`` sets it to ``1`` before that import unless the
+user set it (an explicit ``0`` is respected). ``import wrn3d_tl`` calls it.
+
+Imports nothing heavy (no TensorFlow): it must run before TensorFlow is imported.
+"""
+
+import functools
+import os
+import platform
+import sys
+import warnings
+
+__all__ = ["cpu_model", "cpu_flags", "has_bf16_instructions", "enable_onednn", "onednn_enabled", "onednn_status",
+           "ONEDNN_VAR"]
+
+ONEDNN_VAR = "TF_ENABLE_ONEDNN_OPTS"
+# The CPU flags that decide the bf16 kernels: AMX tiles, AVX-512 bf16 dot products, or neither.
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+RELEVANT_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8")
+
+
+@functools.lru_cache(maxsize=None)
+def _cpuinfo():
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return f.read().splitlines()
+    except OSError:  # not Linux: no flags to read
+        return []
+
+
+def _field(name):
+    return next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.split(":", 1)[0].strip() == name),
+                None)
+
+
+def cpu_model():
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere), a str."""
+    return _field("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags(relevant_only=False):
+    """The CPU's feature flags as a sorted list of str (empty where ``/proc/cpuinfo`` is
+    absent); ``relevant_only`` keeps those that decide TensorFlow's kernels here."""
+    flags = set((_field("flags") or "").split())
+    return sorted(flags & set(RELEVANT_FLAGS) if relevant_only else flags)
+
+
+def has_bf16_instructions():
+    """True when the CPU has bf16 instructions (``avx512_bf16`` or ``amx_bf16``); without
+    them TensorFlow emulates bf16, measured 2-14x slower than fp32."""
+    return bool(set(cpu_flags()) & set(BF16_FLAGS))
+
+
+def enable_onednn(environ=None):
+    """Set ``TF_ENABLE_ONEDNN_OPTS=1`` unless it is set already (a user's ``0`` stays) or
+    TensorFlow was imported already (the variable is read once, at that import).
+    Returns True when it set the variable."""
+    environ = os.environ if environ is None else environ
+    if ONEDNN_VAR in environ or "tensorflow" in sys.modules:
+        return False
+    environ[ONEDNN_VAR] = "1"
+    return True
+
+
+def onednn_enabled():
+    """Whether TensorFlow's oneDNN kernels are on in this process (imports TensorFlow)."""
+    from tensorflow.python.util import _pywrap_util_port
+
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
+def onednn_status():
+    """One line for diagnostics, e.g. ``oneDNN on (TF_ENABLE_ONEDNN_OPTS=1)``."""
+    return f"oneDNN {'on' if onednn_enabled() else 'off'} ({ONEDNN_VAR}={os.environ.get(ONEDNN_VAR, 'unset')})"
+
+
+_warned = []
+
+
+def warn_if_onednn_left_off():
+    """Warn once when TensorFlow was imported before wrn3d_tl with oneDNN off on an x86 CPU
+    and the user did not ask for that (no explicit ``TF_ENABLE_ONEDNN_OPTS=0``)."""
+    if _warned or "tensorflow" not in sys.modules or os.environ.get(ONEDNN_VAR) == "0":
+        return
+    if platform.machine().lower() not in ("x86_64", "amd64") or onednn_enabled():
+        return
+    _warned.append(True)
+    warnings.warn(f"TensorFlow was imported before wrn3d_tl with its oneDNN kernels off on this CPU "
+                  f"({cpu_model()}): convolutions run on Eigen, measured 1.6-6.2x slower per training step. "
+                  f"Set {ONEDNN_VAR}=1 in the environment (or import wrn3d_tl before TensorFlow).",
+                  RuntimeWarning, stacklevel=3)
