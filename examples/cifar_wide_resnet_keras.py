@@ -13,7 +13,6 @@ NHWC for ``--dims 2``; labels are int64. Without the real CIFAR files under
 ``--data-dir`` a synthetic CIFAR-shaped set is used instead, and one loud line says so.
 """
 
-import argparse
 import time
 
 import wrn3d_tl  # noqa: F401  (before TensorFlow: oneDNN on where TensorFlow leaves it off)
@@ -23,6 +22,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from wrn3d_tl import data  # noqa: E402
+from wrn3d_tl.cli import Parser  # noqa: E402
 from wrn3d_tl.keras_twin import build_keras_wrn, count_keras_params  # noqa: E402
 from wrn3d_tl.model import WRNConfig  # noqa: E402
 
@@ -30,7 +30,7 @@ _SYNTHETIC_SIZES = (512, 128)  # (n_train, n_test)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", choices=["cifar10", "cifar100", "synthetic"], default="cifar10",
                    help="falls back to synthetic data when the real set is not found")
     p.add_argument("--data-dir", default=None, help="directory holding the CIFAR python batches")
@@ -40,12 +40,12 @@ def parse_args(argv=None):
     p.add_argument("--volume-depth", type=int, default=4, help="D of the tiled volumes (--dims 3)")
     p.add_argument("--tile-mode", default="repeat", choices=getattr(data, "TILE_MODES", None),
                    help="how images are tiled into volumes (--dims 3)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--batch-size", type=int, default=32, help="volumes (or images) per step")
+    p.add_argument("--lr", type=float, default=0.1, help="learning rate of SGD with Nesterov momentum 0.9")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 on kernels, as in the paper")
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout between a block's convolutions, in [0, 1)")
+    p.add_argument("--iters", type=int, default=10, help="training iterations")
+    p.add_argument("--seed", type=int, default=0, help="data order, augmentation and initial weights")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N iterations (0: only at the end)")
     return p.parse_args(argv)
 

@@ -2,7 +2,8 @@
 """Make the README's Grad-CAM montage: train a WRN-10-1 on volumes whose class is the octant a
 bright blob sits in, then draw the Grad-CAM of one test volume over its depth slices.
 
-    python examples/explain_blobs.py            # writes docs/images/blob_cam.png
+    python examples/explain_blobs.py            # writes runs/explain_blobs/blob_cam.png
+    python examples/explain_blobs.py --out docs/images/blob_cam.png   # the README's picture, replaced
 
 The five lines after the imports are the README's.
 """
@@ -18,7 +19,8 @@ from wrn3d_tl.cli import Parser, positive_int, quiet_tensorflow  # noqa: E402
 
 def main(argv=None):
     p = Parser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=os.path.join("docs", "images", "blob_cam.png"), help="the PNG to write")
+    p.add_argument("--out", default=os.path.join("runs", "explain_blobs", "blob_cam.png"),
+                   help="the PNG to write (its folder is created; --out docs/images/blob_cam.png replaces the README's)")
     p.add_argument("--steps", type=positive_int, default=100, help="training iterations")
     args = p.parse_args(argv)
     tf = quiet_tensorflow()

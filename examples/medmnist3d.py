@@ -76,7 +76,7 @@ def main(argv=None):
         config = WRNConfig(depth=args.depth, widen_factor=args.width, dropout=args.dropout,
                            num_classes=MEDMNIST3D[args.flag]["num_classes"], input_shape=(args.size,) * 3 + (1,))
     except (OSError, ValueError) as e:
-        die(e)
+        die(str(e).replace("pass check_sizes=False", "pass --no-check-sizes"))
     if args.limit:
         splits = {k: (x[:args.limit], y[:args.limit]) for k, (x, y) in splits.items()}
     (x_train, y_train), n = splits["train"], len(splits["train"][0])
@@ -91,7 +91,7 @@ def main(argv=None):
     steps = max(1, math.ceil(args.epochs * per_epoch))
     tf.random.set_seed(args.seed)
     trainer = Trainer(build_wrn(config), train, lr=args.lr, schedule="cosine", total_steps=steps, seed=args.seed,
-                      batch_size=batch)
+                      batch_size=batch, class_names=MEDMNIST3D[args.flag]["labels"])
     print(f"{args.flag} ({args.size}^3): {n} train / {len(splits['val'][0])} val / {len(splits['test'][0])} test, "
           f"{config.name}, {steps} iterations", flush=True)
     best, best_weights, t0 = None, None, time.perf_counter()

@@ -745,11 +745,32 @@ def _help_entries(script, capsys, load_example):
     return {e.split()[0].rstrip(","): " ".join(e.split()) for e in entries}
 
 
-@pytest.mark.parametrize("script", ["cifar_wide_resnet_tl", "train_hdf5_volumes"])
+@pytest.mark.parametrize("module", ["predict", "explain", "export", "convert"])
+def test_command_help_says_each_default_once_and_none_for_required_flags(module, capsys):
+    """``--help`` of the console scripts: one default per flag; a required flag (``--checkpoint``,
+    ``--out``) shows none, and help that says its default in words gets no second one."""
+    import importlib
+
+    main = importlib.import_module(f"wrn3d_tl.{module}").main
+    assert main(["--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    entries = re.split(r" (?=--[a-z])", text[text.index("options:"):])
+    assert not [e for e in entries if e.count("(default") > 1], entries
+    required = [e for e in entries if e.startswith(("--checkpoint CHECKPOINT", "--out OUT"))]
+    assert required and not [e for e in required if "(default" in e]
+
+
+_REQUIRED = {"train_hdf5_volumes": ("--train",), "medmnist3d": ("--flag",)}   # required: no default to show
+
+
+@pytest.mark.parametrize("script", ["cifar_wide_resnet_tl", "train_hdf5_volumes", "cifar_wide_resnet_keras",
+                                    "medmnist3d"])
 def test_example_help_shows_every_default(script, capsys, load_example):
-    """README: "`--help` lists them all, with their defaults" (and the HDF5 example's too)."""
+    """README: "`--help` lists them all, with their defaults" (and the other examples' too),
+    but for required flags, which have none."""
     entries = _help_entries(script, capsys, load_example)
-    without = [flag for flag, entry in entries.items() if flag not in ("-h", "--version") and "(default: " not in entry]
+    without = [flag for flag, entry in entries.items()
+               if flag not in ("-h", "--version", *_REQUIRED.get(script, ())) and "(default" not in entry]
     assert not without, f"{script} --help shows no default for {without}"
 
 

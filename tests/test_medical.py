@@ -795,22 +795,53 @@ def test_medmnist_rejects_unknown_flag_and_size(med_env, tmp_path):
 
 
 def test_medmnist3d_table():
-    # from the MedMNIST package's INFO (medmnist/info.py)
+    # from the MedMNIST package's INFO (medmnist/info.py of v3.0.2, the files the URL serves),
+    # and the release before v2.2.4, which had one more organmnist3d train / vesselmnist3d val volume
     official = {
-        "organmnist3d": (11, "multi-class", (972, 161, 610)),
-        "nodulemnist3d": (2, "binary-class", (1158, 165, 310)),
-        "adrenalmnist3d": (2, "binary-class", (1188, 98, 298)),
-        "fracturemnist3d": (3, "multi-class", (1027, 103, 240)),
-        "vesselmnist3d": (2, "binary-class", (1335, 192, 382)),
-        "synapsemnist3d": (2, "binary-class", (1230, 177, 352)),
+        "organmnist3d": (11, "multi-class", (971, 161, 610), (972, 161, 610)),
+        "nodulemnist3d": (2, "binary-class", (1158, 165, 310), (1158, 165, 310)),
+        "adrenalmnist3d": (2, "binary-class", (1188, 98, 298), (1188, 98, 298)),
+        "fracturemnist3d": (3, "multi-class", (1027, 103, 240), (1027, 103, 240)),
+        "vesselmnist3d": (2, "binary-class", (1335, 191, 382), (1335, 192, 382)),
+        "synapsemnist3d": (2, "binary-class", (1230, 177, 352), (1230, 177, 352)),
     }
     assert set(MEDMNIST3D) == set(official)
     for flag, entry in MEDMNIST3D.items():
-        k, task, sizes = official[flag]
+        k, task, sizes, older = official[flag]
         assert entry["num_classes"] == len(entry["labels"]) == k
         assert entry["task"] == task
         assert entry["task"] == ("binary-class" if k == 2 else "multi-class")
         assert tuple(entry["n_samples"][s] for s in SPLITS) == sizes
+        current, before = entry["releases"].values()
+        assert tuple(current[s] for s in SPLITS) == sizes and tuple(before[s] for s in SPLITS) == older
+
+
+@pytest.mark.parametrize("flag", ["organmnist3d", "vesselmnist3d"])
+def test_official_sizes_of_both_releases_load(med_env, tmp_path, flag):
+    """A file with the current release's split sizes and one with the sizes before v2.2.4
+    both load with check_sizes on (the default), and medmnist_release names which it is."""
+    from wrn3d_tl.data.medmnist import MEDMNIST_RELEASES, medmnist_release
+
+    for release, sizes in MEDMNIST3D[flag]["releases"].items():
+        arrays = {}
+        for split in SPLITS:
+            arrays[f"{split}_images"] = np.zeros((sizes[split], 28, 28, 28), np.uint8)
+            arrays[f"{split}_labels"] = np.ones((sizes[split], 1), np.uint8)
+        folder = tmp_path / release.replace(" ", "_")
+        write_medmnist(folder, flag, arrays=arrays)
+        data = load_medmnist3d(flag, data_dir=folder)
+        got = {split: len(data[split][0]) for split in SPLITS}
+        assert got == sizes and medmnist_release(flag, got) == release
+    assert medmnist_release(flag, MEDMNIST3D[flag]["releases"][MEDMNIST_RELEASES[1]]) == "before v2.2.4"
+    assert MEDMNIST3D[flag]["releases"][MEDMNIST_RELEASES[0]] != MEDMNIST3D[flag]["releases"][MEDMNIST_RELEASES[1]]
+
+
+def test_medmnist_example_names_its_flag_in_the_size_refusal(med_env, tmp_path, capsys, load_example):
+    write_medmnist(tmp_path, "organmnist3d")   # a small file: no release's sizes
+    with pytest.raises(SystemExit) as e:
+        load_example("medmnist3d").main(["--flag", "organmnist3d", "--data-dir", str(tmp_path), "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--no-check-sizes" in err and "check_sizes=False" not in err
     assert MEDMNIST3D["organmnist3d"]["labels"][0] == "liver"
     assert MEDMNIST3D["nodulemnist3d"]["labels"] == ("benign", "malignant")
 

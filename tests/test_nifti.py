@@ -20,6 +20,7 @@ import tensorflow as tf
 from wrn3d_tl.data import (
     Augment3D,
     NiftiVolumes,
+    data_errors,
     hdf5_dataset,
     nifti_dataset,
     nifti_info,
@@ -306,11 +307,18 @@ def test_nan_voxels_name_the_file(tmp_path, rng):
     save(tmp_path / "bad.nii.gz", bad)
     with pytest.raises(ValueError, match=r"bad\.nii\.gz' contains NaN or Inf voxels"):
         read_nifti(tmp_path / "bad.nii.gz")
-    ds = nifti_dataset(write_csv(tmp_path / "t.csv", [("good.nii.gz", 0), ("bad.nii.gz", 1)]), batch_size=1)
+    table = write_csv(tmp_path / "t.csv", [("good.nii.gz", 0), ("bad.nii.gz", 1)])
+    with pytest.raises(ValueError, match=r"1 of 2 files cannot be used:\n  .*line 3 \('bad\.nii\.gz'\).*contains NaN"):
+        nifti_dataset(table, batch_size=1)                  # the check pass, before any batch
+    ds = nifti_dataset(table, batch_size=1, check=False)
     it = iter(ds)
     assert next(it)[0].shape == (1,) + SHAPE + (1,)        # the good file streams; the bad one fails when read
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"line 3 \('bad\.nii\.gz'\).*contains NaN"):
         next(it)
+    with pytest.raises(ValueError) as e, data_errors():   # ... and comes out as the reader's one line
+        next(iter(ds.skip(1)))
+    assert str(e.value) == (f"{str(table)!r} line 3 ('bad.nii.gz'): {str(tmp_path / 'bad.nii.gz')!r} contains NaN "
+                            "or Inf voxels")
 
 
 def test_different_shapes_without_target_shape_name_the_file(tmp_path, rng):
@@ -589,7 +597,7 @@ def test_predict_nifti_folder_csv_and_file(tmp_path, checkpoint, scans):
     kw = {"intensity": "zscore", "target_shape": SHAPE}
     stack = np.stack([read_nifti(f, **kw) for f in files])
     model = Predictor(checkpoint)                 # loaded once for the reference predictions
-    ref = predict(model, stack, batch_size=2)
+    ref = predict(model, stack, batch_size=2, preprocessed=True)   # read already
     out = predict(checkpoint, folder, batch_size=2, **kw)      # from the checkpoint file
     assert out["path"] == files
     for key in ("class", "probability", "top_k_classes", "top_k_probabilities", "logits", "probabilities"):
@@ -600,14 +608,14 @@ def test_predict_nifti_folder_csv_and_file(tmp_path, checkpoint, scans):
     table = write_csv(tmp_path / "p.csv", [(f,) for f in files[::-1]], header=("path",))
     by_csv = predict(model, table, **kw)
     assert by_csv["path"] == files[::-1]
-    np.testing.assert_array_equal(by_csv["logits"], predict(model, stack[::-1])["logits"])
+    np.testing.assert_array_equal(by_csv["logits"], predict(model, stack[::-1], preprocessed=True)["logits"])
     single = predict(model, files[2], **kw)
     assert single["path"] == [files[2]]
-    np.testing.assert_array_equal(single["logits"], predict(model, stack[2:3])["logits"])
+    np.testing.assert_array_equal(single["logits"], predict(model, stack[2:3], preprocessed=True)["logits"])
     # intensity and target_shape are forwarded: raw volumes give other logits than z-scored ones
     raw = predict(model, folder, intensity=None, target_shape=SHAPE)
     raw_stack = np.stack([read_nifti(f, intensity=None, target_shape=SHAPE) for f in files])
-    np.testing.assert_array_equal(raw["logits"], predict(model, raw_stack)["logits"])
+    np.testing.assert_array_equal(raw["logits"], predict(model, raw_stack, preprocessed=True)["logits"])
     assert not np.array_equal(raw["logits"], ref["logits"])
     # without target_shape the (5, 7, 6) scans do not fit the model: the error names the input
     with pytest.raises(ValueError, match="new_scans.*spatial shape"):
@@ -625,7 +633,7 @@ def test_predict_cli_nifti(tmp_path, checkpoint, scans, capsys):
     assert [r["path"] for r in rows] == files
     assert [r["index"] for r in rows] == ["0", "1", "2", "3", "4"]
     stack = np.stack([read_nifti(f, intensity=("window", 250, 350), target_shape=SHAPE) for f in files])
-    ref = predict(checkpoint, stack, top_k=2)
+    ref = predict(checkpoint, stack, top_k=2, preprocessed=True)
     assert [int(r["class"]) for r in rows] == ref["class"].tolist()
     np.testing.assert_allclose([float(r["probability"]) for r in rows], ref["probability"], atol=1e-6)
     assert "5 prediction(s)" in capsys.readouterr().err
@@ -669,7 +677,7 @@ def test_checkpoint_remembers_how_nifti_was_read(tmp_path, scans, capsys):
     path = trainer.save(os.fspath(tmp_path / "wrn.h5"))
     assert Trainer.restore(path, verbose=False).preprocessing == stored
     stack = np.stack([read_nifti(f, intensity=window, target_shape=SHAPE) for f in files])
-    ref = predict(trainer, stack)["logits"]
+    ref = predict(trainer, stack, preprocessed=True)["logits"]
     np.testing.assert_array_equal(predict(path, folder)["logits"], ref)
     assert not np.array_equal(predict(path, folder, intensity="zscore")["logits"], ref)
     out_csv = tmp_path / "p.csv"

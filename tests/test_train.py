@@ -329,6 +329,38 @@ def test_fit_runs_to_the_target_step_with_a_progress_bar(capsys):
     assert t.fit(5) is None  # already there
 
 
+def test_fit_prints_progress_lines_when_no_bar_can_show(capsys, monkeypatch):
+    """Output that is not a terminal (a log file, a notebook): a line every LOG_EVERY_STEPS
+    steps and at the end, on the wrn3d_tl logger (stderr)."""
+    import wrn3d_tl.train as train_module
+
+    monkeypatch.setattr(train_module, "LOG_EVERY_STEPS", 2)
+    x, y = batch(0, n=16)
+    t = make(train_data=(x, y), batch_size=8)
+    capsys.readouterr()
+    t.fit(5)                      # progress=None; pytest's captured stderr is no terminal
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[wrn3d_tl] step")]
+    assert [line.split()[2] for line in lines] == ["2/5", "4/5", "5/5"]
+    assert all("loss" in line and "vol/s" in line for line in lines)
+    t.fit(7, progress=False)
+    assert "[wrn3d_tl] step" not in capsys.readouterr().err
+
+
+def test_bf16_warns_once_on_a_cpu_without_bf16_instructions(monkeypatch):
+    from wrn3d_tl import cpu
+
+    monkeypatch.setattr(cpu, "has_bf16_instructions", lambda: False)
+    monkeypatch.setattr(cpu.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu, "_bf16_warned", [])
+    with pytest.warns(RuntimeWarning, match="without bf16 instructions.*14x slower than fp32 for inference") as rec:
+        make(mixed_precision="bf16")
+        make(mixed_precision="bf16")
+    assert len([w for w in rec if "bf16 instructions" in str(w.message)]) == 1
+
+
+@pytest.mark.skipif(not __import__("wrn3d_tl.cpu").cpu.has_bf16_instructions(),
+                    reason="bf16 is emulated on this CPU (no avx512_bf16/amx_bf16): 2-14x slower than fp32, too slow "
+                           "for the suite; the bf16 correctness tests still run")
 def test_bf16_learns_the_synthetic_set_as_well_as_fp32():
     from wrn3d_tl.data import compute_normalization, make_dataset, synthetic_cifar
 

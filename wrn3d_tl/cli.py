@@ -35,13 +35,24 @@ def versions_line():
             f"CPU {cpu.cpu_model()} ({' '.join(cpu.cpu_flags(relevant_only=True)) or 'no AVX2'})")
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Every default in ``--help``, except where saying it would mislead: required flags, and
+    help that already says its default in words ("(default: all)")."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.required or "(default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     """``argparse.ArgumentParser`` whose errors are ONE line, ``prog: error: ...`` (exit
     status 2, no usage block), whose ``--help`` shows every default, and which has
     ``--version`` (versions, CPU, oneDNN on or off)."""
 
     def __init__(self, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _Defaults)
         super().__init__(**kwargs)
         self.add_argument("--version", action=_Version)
 

@@ -147,7 +147,7 @@ def initial_model(path, *, input_shape, num_classes, strategy=None, recompute=Fa
     if config.input_shape != tuple(input_shape) or config.num_classes != num_classes:
         raise ValueError(f"--init-from {path}: holds {config.name} on input {config.input_shape} with "
                          f"{config.num_classes} classes, but the data has {tuple(input_shape)} and {num_classes} "
-                         "classes (wrn3d-convert --volume-depth/--in-channels/--num-classes makes a matching one)")
+                         "classes (wrn3d-convert --input-size/--volume-depth/--in-channels/--num-classes makes a matching one)")
     return model, norm
 
 

@@ -63,14 +63,18 @@ def _resize(cam, spatial):
     return tf.reshape(x, (-1,) + tuple(spatial))
 
 
-def grad_cam(model, volumes, *, class_index=None, layer=None, batch_size=16):
+def grad_cam(model, volumes, *, class_index=None, layer=None, batch_size=16, preprocessed=False):
     """Grad-CAM maps of a WRN for a batch of volumes (or images).
 
     Args:
       model: a ``build_wrn`` model (inputs already normalised), a ``Trainer`` or a
         checkpoint path (raw inputs: the stored normalisation is applied, as in ``predict``),
         or a ``wrn3d_tl.predict.Predictor``.
-      volumes: ``(N,) + input_shape`` array-like: NDHWC for 3D models, NHWC for 2D.
+      volumes: ``(N,) + input_shape`` array-like: NDHWC for 3D models, NHWC for 2D, raw
+        as for ``predict``: a checkpoint's stored reading (per-volume intensity step,
+        crop/pad) is applied to arrays first, so any spatial shape is accepted when it
+        crops/pads; the maps then align with the volumes AFTER the reading.
+      preprocessed: True when the arrays had the reading applied already.
       class_index: None (each volume's predicted class), an int, or an ``(N,)`` int array.
       layer: the feature map (see :func:`cam_layers`); None: ``"head/bn"``.
       batch_size: volumes per compiled call.
@@ -88,7 +92,8 @@ def grad_cam(model, volumes, *, class_index=None, layer=None, batch_size=16):
     predictor = as_predictor(model)
     config = predictor.config
     front, back = _split(predictor.model, config, DEFAULT_LAYER if layer is None else layer)
-    n = predictor.check_volumes(volumes)[0]
+    reading = predictor.array_reading(volumes, preprocessed)
+    n = predictor.check_volumes(volumes, reading=reading)[0]
     if class_index is None:
         wanted = np.full(n, -1, np.int64)
     else:
@@ -111,7 +116,7 @@ def grad_cam(model, volumes, *, class_index=None, layer=None, batch_size=16):
     predictor.model.is_train = False
     predictor.model._set_mode_for_layers(False)  # direct layer calls read each layer's mode
     try:
-        for start, x in predictor.batches(volumes, batch_size):
+        for start, x in predictor.batches(volumes, batch_size, reading=reading):
             out[start:start + len(x)] = fn(x, wanted[start:start + len(x)]).numpy()
     finally:
         # back to the model's own setting (None: the mode comes with each call's is_train);
@@ -242,19 +247,26 @@ def save_montage(volume, path, *, cam=None, axis=0, slices=None, cols=None, titl
 
 # ------------------------------------------------------------------ many montages
 def write_cam_montages(model, volumes, out_dir, *, indices=None, class_index=None, layer=None, axis=0,
-                       batch_size=16, names=None):
+                       batch_size=16, names=None, preprocessed=False):
     """Grad-CAM montages of chosen volumes, one PNG each: ``{out_dir}/{index}_{class}.png``.
 
     ``model``: as for :func:`grad_cam`. ``volumes``: an array-like ``(N,) + input_shape``
-    (numpy, memmap, ``h5py.Dataset``, ``NiftiVolumes``) in the units ``model`` takes.
-    ``indices``: which volumes (default all); ``class_index``: None (each volume's predicted
-    class), an int, or one class per volume of ``volumes``. ``names``: optional class names
-    for the titles. Volumes are read ``batch_size`` at a time. Returns the written paths.
+    (numpy, memmap, ``h5py.Dataset``, ``NiftiVolumes``), raw as for ``grad_cam`` (the
+    stored reading is applied unless ``preprocessed``; the montage shows the volume after
+    it). ``indices``: which volumes (default all); ``class_index``: None (each volume's
+    predicted class), an int, or one class per volume of ``volumes``. ``names``: class
+    names for the titles (default: the checkpoint's, else "class K"). Titles name the file
+    of each volume where it is known (``NiftiVolumes``). Volumes are read ``batch_size`` at
+    a time. Returns the written paths.
     """
+    from wrn3d_tl.data.reading import apply_reading
     from wrn3d_tl.predict import as_predictor
 
     predictor = as_predictor(model)
-    n = predictor.check_volumes(volumes)[0]
+    names = predictor.class_names if names is None else names
+    reading = predictor.array_reading(volumes, preprocessed)
+    files = getattr(getattr(volumes, "info", None), "paths", None)
+    n = predictor.check_volumes(volumes, reading=reading)[0]
     idx = list(range(n)) if indices is None else [int(i) for i in indices]
     bad = [i for i in idx if not 0 <= i < n]
     if bad:
@@ -268,17 +280,19 @@ def write_cam_montages(model, volumes, out_dir, *, indices=None, class_index=Non
     for start in range(0, len(idx), batch_size):
         chunk = idx[start:start + batch_size]
         x = np.stack([np.asarray(volumes[i], np.float32) for i in chunk])
+        x = x if reading is None else apply_reading(x, reading)
         if class_index is None:
-            cls = predictor.predict(x, batch_size=batch_size)["class"]
+            cls = predictor.predict(x, batch_size=batch_size, preprocessed=True)["class"]
         elif np.ndim(class_index):
             cls = class_index[chunk]
         else:
             cls = np.full(len(chunk), int(class_index))
-        cams = grad_cam(predictor, x, class_index=cls, layer=layer, batch_size=batch_size)
+        cams = grad_cam(predictor, x, class_index=cls, layer=layer, batch_size=batch_size, preprocessed=True)
         for i, volume, cam, c in zip(chunk, x, cams, cls):
             label = names[int(c)] if names else f"class {int(c)}"
             path = os.path.join(out_dir, f"{i}_{int(c)}.png")
-            save_montage(volume, path, cam=cam, axis=axis, title=f"volume {i}: Grad-CAM of {label}")
+            what = os.path.basename(files[i]) if files else f"volume {i}"
+            save_montage(volume, path, cam=cam, axis=axis, title=f"{what}: Grad-CAM of {label}")
             paths.append(path)
     return paths
 
@@ -312,7 +326,7 @@ def main(argv=None):
     except ValueError:
         return fail(_CLI, "--indices", args.indices, "expected comma-separated ints")
     try:
-        predictor, volumes, src_arg, src = open_inputs(_CLI, args)
+        predictor, volumes, src_arg, src, _ = open_inputs(_CLI, args)
     except _Exit as e:
         return e.args[0]
     config = predictor.config
@@ -326,7 +340,8 @@ def main(argv=None):
         with predictor.open(volumes, key=args.key, intensity=args.intensity,
                             target_shape=args.target_shape) as (array, _):
             paths = write_cam_montages(predictor, array, args.out, indices=indices, class_index=args.class_index,
-                                       layer=args.layer, axis=args.axis, batch_size=args.batch_size)
+                                       layer=args.layer, axis=args.axis, batch_size=args.batch_size,
+                                       preprocessed=args.preprocessed)
     except (OSError, ValueError) as e:
         flag, value = ("--indices", args.indices) if "indices must be" in str(e) else (src_arg, src)
         return fail(_CLI, flag, value, e)

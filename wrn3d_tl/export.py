@@ -11,12 +11,21 @@
 The SavedModel holds the model's variables (weights and batch-norm moving statistics) in
 a ``tf.Module`` and a graph traced in inference mode (moving statistics, no dropout).
 Its signatures take RAW volumes, i.e. in the units of the data as stored (0..255 for
-uint8 CIFAR), NDHWC (batch, depth, height, width, channels) for a 3D config or NHWC for
-a 2D one, with a free batch size and the config's fixed spatial shape and channels:
+uint8 CIFAR; scans' voxel values as nibabel reads them, with a channel axis), NDHWC
+(batch, depth, height, width, channels) for a 3D config or NHWC for a 2D one, with a free
+batch size and the config's spatial shape and channels:
 
-    serving_default   volumes: float32 (None,) + input_shape -> {"logits", "probabilities"}
-    serving_uint8     volumes: uint8   (None,) + input_shape -> the same (cast to float32 inside)
+    serving_default       volumes: float32 (None,) + input_shape -> {"logits", "probabilities"}
+    serving_uint8         volumes: uint8   (None,) + input_shape -> the same (cast to float32 inside)
+    serving_preprocessed  volumes: float32 (None,) + input_shape, as the training pipeline fed
+                          the network (reading and normalisation applied) -> the same
 
+When the checkpoint stored a reading (``wrn3d_tl.data.reading``: the per-volume intensity
+step and crop/pad its NIfTI training data had), the graph applies it to each raw volume
+(``apply_reading_tf``), so a raw scan in gives the checkpoint's answer out; with a crop/pad
+in it, ``serving_default``/``serving_uint8`` take any spatial shape (``(None, None, None,
+None, C)``). Orientation or resampling are not part of the graph: feed volumes in the
+voxel order the training files had.
 Other dtypes (float64, int16, ...): cast to float32 before calling ``serving_default``.
 A volume batch of another rank or shape raises ``InvalidArgumentError`` ("volumes must
 have shape (N,) + ...").
@@ -29,7 +38,8 @@ not checked by the graph: they give NaN outputs.
 The loaded object also has ``served.serve(volumes)`` / ``served.serve_uint8(volumes)``
 (the same functions) and ``served.metadata()``: a scalar string tensor holding JSON
 (``json.loads(served.metadata().numpy())`` gives the dict) with the WRNConfig, the
-normalisation, the input layout, the signature names and the precision.
+normalisation, the reading (``preprocessing``), the ``class_names`` (or null), the input
+layout and shapes, the signature names and the precision.
 """
 
 import json
@@ -40,24 +50,29 @@ import numpy as np
 import tensorflow as tf
 
 from wrn3d_tl.data import as_normalization
+from wrn3d_tl.data.reading import apply_reading_tf, describe_reading
 from wrn3d_tl.model import inference_copy, inference_dtype
 
 __all__ = ["export_saved_model", "SIGNATURES"]
 
-SIGNATURES = ("serving_default", "serving_uint8")
+SIGNATURES = ("serving_default", "serving_uint8", "serving_preprocessed")
 
 
 def _resolve(trainer_or_model, normalization):
-    """(model, config, normalisation dict or None) from a Trainer or a build_wrn model."""
+    """``(model, config, normalisation dict or None, reading or None, class names or None)``
+    from a checkpoint path, a Trainer or a build_wrn model."""
     from wrn3d_tl.config import WRNConfig
 
-    if isinstance(trainer_or_model, (str, os.PathLike)):  # a checkpoint file: weights and normalisation
-        from wrn3d_tl.train import load_model
+    if isinstance(trainer_or_model, (str, os.PathLike)):  # a checkpoint file: weights, normalisation, reading
+        from wrn3d_tl.train import load_for_inference
 
-        model, config, stored = load_model(trainer_or_model)
-        return model, config, _norm_arrays(stored if normalization is None else normalization, config)
+        model, config, stored, reading, names = load_for_inference(trainer_or_model)
+        return model, config, _norm_arrays(stored if normalization is None else normalization, config), reading, names
     model = getattr(trainer_or_model, "model", None)
+    reading = names = None
     if model is not None and isinstance(getattr(trainer_or_model, "config", None), WRNConfig):
+        reading = getattr(trainer_or_model, "preprocessing", None)
+        names = getattr(trainer_or_model, "class_names", None)
         if normalization is None:
             normalization = getattr(trainer_or_model, "normalization", None)
             if hasattr(trainer_or_model, "warn_if_normalization_unknown"):
@@ -68,7 +83,7 @@ def _resolve(trainer_or_model, normalization):
     if not isinstance(config, WRNConfig):
         raise TypeError("export_saved_model needs a checkpoint path, a wrn3d_tl Trainer or a model built by "
                         f"wrn3d_tl.model.build_wrn, got {type(trainer_or_model).__name__}")
-    return model, config, _norm_arrays(normalization, config)
+    return model, config, _norm_arrays(normalization, config), reading, names
 
 
 def _norm_arrays(normalization, config):
@@ -88,42 +103,59 @@ def _serving_model(model, precision):
     return inference_copy(model, precision)
 
 
-class _ServingModule(tf.Module):
-    """What gets saved: the variables, two traced serving functions and the metadata."""
+def _shape_check(volumes, rank, channels, spatial, layout):
+    """Assert in the graph (signature calls do not enforce the declared shape): rank, the
+    channels and, when ``spatial`` is given, the spatial shape."""
+    got = tf.shape(volumes)
+    want = list(spatial or []) + [channels]
+    n = rank + 1                                   # spatial axes and channels
+    tail = tf.pad(got[1:], [[0, n]])[:n]
+    ok = tf.equal(tf.size(got), n + 1)
+    ok = tf.logical_and(ok, tf.reduce_all(tf.equal(tail[n - len(want):], tf.constant(want, tf.int32))))
+    shape = "(N,) + " + (str(tuple(spatial) + (channels,)) if spatial else f"(spatial..., {channels})")
+    with tf.control_dependencies([tf.debugging.Assert(ok, [f"volumes must have shape {shape} ({layout}); got "
+                                                           "shape:", got], summarize=16)]):
+        return tf.identity(volumes)
 
-    def __init__(self, model, config, norm, metadata, dtype):
+
+class _ServingModule(tf.Module):
+    """What gets saved: the variables, the traced serving functions and the metadata."""
+
+    def __init__(self, model, config, norm, reading, metadata, dtype):
         super().__init__(name="wrn3d_serving")
         # Tracked so the SavedModel stores them; the traced graph reads exactly these.
         self.model_variables = list(model.all_weights)
-        shape = [None, *config.input_shape]
+        rank, channels = len(config.input_shape) - 1, config.input_shape[-1]
+        free = reading is not None and reading["target_shape"] is not None   # any spatial shape: crop/pad inside
+        raw_shape = [None] * (rank + 1) + [channels] if free else [None, *config.input_shape]
         mean = None if norm is None else np.asarray(norm["mean"], np.float32)
         std = None if norm is None else np.asarray(norm["std"], np.float32)
         meta_json = json.dumps(metadata, sort_keys=True)
 
-        expected = tf.constant(config.input_shape, tf.int32)
-        n = len(config.input_shape)
-        shape_error = f"volumes must have shape (N,) + {tuple(config.input_shape)} ({config.layout}); got shape:"
-
-        def forward(volumes):
-            # Signature calls do not enforce the declared shape, so check it in the graph.
-            got = tf.shape(volumes)
-            ok = tf.logical_and(tf.equal(tf.size(got), n + 1),
-                                tf.reduce_all(tf.equal(tf.pad(got[1:], [[0, n]])[:n], expected)))
-            with tf.control_dependencies([tf.debugging.Assert(ok, [shape_error, got], summarize=16)]):
-                x = tf.identity(volumes)
+        def network(x):
             if mean is not None:
                 x = (x - tf.constant(mean)) / tf.constant(std)
             # TensorLayer's forward is Python that reads layer.is_train: trace in eval mode.
             logits = tf.cast(model(tf.cast(x, dtype), is_train=False), tf.float32)
             return {"logits": logits, "probabilities": tf.nn.softmax(logits, axis=-1)}
 
-        @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32, name="volumes")])
+        def forward(volumes):
+            x = _shape_check(volumes, rank, channels, None if free else config.input_shape[:-1], config.layout)
+            if reading is not None:
+                x = apply_reading_tf(x, reading)
+            return network(x)
+
+        @tf.function(input_signature=[tf.TensorSpec(raw_shape, tf.float32, name="volumes")])
         def serve(volumes):
             return forward(volumes)
 
-        @tf.function(input_signature=[tf.TensorSpec(shape, tf.uint8, name="volumes")])
+        @tf.function(input_signature=[tf.TensorSpec(raw_shape, tf.uint8, name="volumes")])
         def serve_uint8(volumes):
             return forward(tf.cast(volumes, tf.float32))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, *config.input_shape], tf.float32, name="volumes")])
+        def serve_preprocessed(volumes):
+            return network(_shape_check(volumes, rank, channels, config.input_shape[:-1], config.layout))
 
         @tf.function(input_signature=[])
         def metadata_fn():
@@ -131,6 +163,7 @@ class _ServingModule(tf.Module):
 
         self.serve = serve
         self.serve_uint8 = serve_uint8
+        self.serve_preprocessed = serve_preprocessed
         self.metadata = metadata_fn
 
 
@@ -154,21 +187,34 @@ def export_saved_model(trainer_or_model, path, *, normalization=None, precision=
 
     Signatures (see the module docstring): ``serving_default`` takes float32 raw volumes
     ``volumes`` of shape (None,) + input_shape (NDHWC, or NHWC for 2D configs);
-    ``serving_uint8`` takes uint8 ones. Both return ``{"logits", "probabilities"}``,
+    ``serving_uint8`` takes uint8 ones; both apply the stored reading first (a checkpoint
+    path's or a trainer's ``preprocessing``). ``serving_preprocessed`` takes the network's
+    input as the training pipeline gave it. All return ``{"logits", "probabilities"}``,
     float32 (N, num_classes), computed in inference mode (moving batch-norm statistics,
     no dropout); with precision "fp32" in float32 whatever the trainer's mixed precision.
     Loading needs TensorFlow only: ``tf.saved_model.load(path)``.
     """
+    inference_dtype(precision)   # checked before anything is loaded
+    return _export(_resolve(trainer_or_model, normalization), path, precision)
+
+
+def _export(resolved, path, precision):
+    """Write the SavedModel of ``_resolve``'s ``(model, config, norm, reading, names)``."""
     dtype = inference_dtype(precision)
-    model, config, norm = _resolve(trainer_or_model, normalization)
+    model, config, norm, reading, names = resolved
     model = _serving_model(model, precision)
+    free = reading is not None and reading["target_shape"] is not None
     metadata = {
         "format": "wrn3d_tl-saved-model",
-        "version": 1,
+        "version": 2,
         "config": config.to_dict(),
         "normalization": norm,
+        "preprocessing": reading,
+        "class_names": None if names is None else list(names),
         "layout": config.layout,
-        "input_shape": [None, *config.input_shape],
+        "input_shape": [None] * len(config.input_shape) + [config.input_shape[-1]] if free
+        else [None, *config.input_shape],
+        "preprocessed_input_shape": [None, *config.input_shape],
         "signatures": list(SIGNATURES),
         "outputs": ["logits", "probabilities"],
         "precision": precision,
@@ -178,10 +224,11 @@ def export_saved_model(trainer_or_model, path, *, normalization=None, precision=
     layer_modes = [(layer, layer.is_train) for layer in model.all_layers]
     model.is_train = None
     try:
-        module = _ServingModule(model, config, norm, metadata, dtype)
+        module = _ServingModule(model, config, norm, reading, metadata, dtype)
         signatures = {
             "serving_default": module.serve.get_concrete_function(),
             "serving_uint8": module.serve_uint8.get_concrete_function(),
+            "serving_preprocessed": module.serve_preprocessed.get_concrete_function(),
         }
         path = os.fspath(path)
         tf.saved_model.save(module, path, signatures=signatures)
@@ -215,18 +262,23 @@ def main(argv=None):
         return fail(p.prog, "--out", args.out, "is a folder holding something other than a SavedModel; "
                     "give a new or empty folder")
     quiet_tensorflow()
-    from wrn3d_tl.train import load_model
+    from wrn3d_tl.train import load_for_inference
 
     try:
-        model, config, norm = load_model(args.checkpoint)
+        model, config, stored, reading, names = load_for_inference(args.checkpoint)
+        norm = _norm_arrays(stored, config)
     except (OSError, ValueError) as e:
         return fail(p.prog, "--checkpoint", args.checkpoint, e)
     try:
-        export_saved_model(model, args.out, normalization=norm, precision=args.precision)
+        _export((model, config, norm, reading, names), args.out, args.precision)
     except OSError as e:
         return fail(p.prog, "--out", args.out, e)
-    print(f"{p.prog}: SavedModel of {config.name} ({args.precision}) from {args.checkpoint} -> {args.out} "
-          f"(normalisation {'built in' if norm else 'none: feed normalised volumes'})", file=sys.stderr)
+    built_in = ", ".join(part for part in (reading and f"reading ({describe_reading(reading)})",
+                                           norm and "normalisation") if part)
+    print(f"{p.prog}: SavedModel of {config.name} ({args.precision}) from {args.checkpoint} -> {args.out}; "
+          + (f"built in: {built_in}; feed raw volumes" if built_in else "nothing built in: feed the volumes as the "
+             "network was trained on them")
+          + (f"; classes {', '.join(names)}" if names else ""), file=sys.stderr)
     return 0
 
 

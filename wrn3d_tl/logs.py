@@ -1,11 +1,38 @@
-"""Training logs: a CSV file and TensorBoard scalars under one folder, and a PNG plot."""
+"""Training logs: a CSV file and TensorBoard scalars under one folder, a PNG plot, and the
+library's own messages (``log``, the ``wrn3d_tl`` logger)."""
 
 import csv
+import logging
 import os
+import sys
 
 import tensorflow as tf
 
-__all__ = ["MetricsLogger", "plot_metrics"]
+__all__ = ["MetricsLogger", "plot_metrics", "log"]
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (a notebook's, a test's capture)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+# The library's messages (progress lines, notes) at INFO on stderr, as "[wrn3d_tl] ...";
+# logging.getLogger("wrn3d_tl").setLevel(logging.WARNING) silences them, and handlers of the
+# application's own can replace this one.
+log = logging.getLogger("wrn3d_tl")
+if not log.handlers:
+    _handler = _CurrentStderr()
+    _handler.setFormatter(logging.Formatter("[wrn3d_tl] %(message)s"))
+    log.addHandler(_handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 FIELDS = ("step", "split", "loss", "accuracy", "top5_accuracy", "lr", "samples_per_sec", "wall_time")
 

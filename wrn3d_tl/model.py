@@ -20,6 +20,7 @@ import tensorflow as tf
 import tensorlayer as tl
 
 from wrn3d_tl.config import WRNConfig
+from wrn3d_tl.cpu import warn_if_bf16_emulated
 from wrn3d_tl.layers import BatchNorm, Conv, GlobalAvgPool, HeNormal, InputCheck, WideBasicBlock, variable_name
 
 __all__ = ["WRNConfig", "build_wrn", "count_params", "count_flops", "group_shapes", "summary", "inference_copy",
@@ -88,6 +89,8 @@ def inference_copy(model, precision="fp32"):
     dtype = inference_dtype(precision)
     if tf.distribute.has_strategy():
         raise RuntimeError("inference_copy: call it outside `strategy.scope()` (the copy is a plain model)")
+    if precision == "bf16":
+        warn_if_bf16_emulated("bf16 inference")
     copy = build_wrn(model.wrn_config, kernel_dtype=dtype)
     pairs = list(zip(copy.all_weights, model.all_weights))
     if len(pairs) != len(model.all_weights) or len(pairs) != len(copy.all_weights) or any(

@@ -32,6 +32,7 @@ prints them as one line ``wrn3d-predict: error: ...`` and exits with status 2.
 """
 
 import csv
+import json
 import os
 import sys
 
@@ -68,8 +69,9 @@ class Predictor:
     snapshot, taken here, of a trainer's or model's weights); normalisation, logits and
     probabilities stay float32. Faster on CPUs with AMX/AVX512_BF16; the README gives the
     measured speed-up and change in predictions.
-    Attributes: ``config`` (WRNConfig), ``normalization`` (dict or None), ``model``,
-    ``precision``.
+    Attributes: ``config`` (WRNConfig), ``normalization`` (dict or None),
+    ``preprocessing`` (the stored reading, ``wrn3d_tl.data.reading``, or None),
+    ``class_names`` (tuple of str, or None), ``model``, ``precision``.
     """
 
     def __init__(self, checkpoint, precision="fp32"):
@@ -84,16 +86,19 @@ class Predictor:
         if isinstance(getattr(checkpoint, "wrn_config", None), WRNConfig):  # a bare build_wrn model
             self.config, self.model = checkpoint.wrn_config, checkpoint
             self.normalization = self.preprocessing = None       # its inputs are already normalised
+            self.class_names = None
             self.source = "model"
         elif hasattr(checkpoint, "model") and isinstance(getattr(checkpoint, "config", None), WRNConfig):
             self.config, self.model = checkpoint.config, checkpoint.model
             self.normalization = checkpoint.normalization
             self.preprocessing = getattr(checkpoint, "preprocessing", None)
+            self.class_names = getattr(checkpoint, "class_names", None)
             self.source = "trainer"
         else:
             path = os.fspath(checkpoint)
             # errors name the file
-            self.model, self.config, self.normalization, self.preprocessing = load_for_inference(path)
+            (self.model, self.config, self.normalization, self.preprocessing,
+             self.class_names) = load_for_inference(path)
             self.source = path
         self.precision = precision
         if precision != "fp32":
@@ -119,9 +124,31 @@ class Predictor:
                 np.asarray(self.normalization["std"], np.float32))
 
     # ----------------------------------------------------------------- inputs
-    def check_volumes(self, volumes, what="volumes"):
+    def array_reading(self, volumes, preprocessed=False):
+        """The reading (``wrn3d_tl.data.reading``) to apply to the array-like ``volumes``, or
+        None: the checkpoint's stored one for raw arrays; None when ``preprocessed`` is True,
+        when the model stored none, for ``NiftiVolumes`` (read with it already) and for an
+        HDF5 dataset written by ``nifti_to_hdf5`` with the same reading (its
+        ``preprocessing`` attribute; a different one is a ValueError)."""
+        from wrn3d_tl.data.reading import check_preprocessing
+
+        if not isinstance(preprocessed, bool):
+            raise ValueError(f"preprocessed must be True or False, got {preprocessed!r}")
+        if preprocessed or self.preprocessing is None or hasattr(volumes, "info"):
+            return None
+        if isinstance(volumes, h5py.Dataset) and "preprocessing" in volumes.attrs:
+            where = f"HDF5 dataset {volumes.name!r} of {volumes.file.filename!r}"
+            stored = check_preprocessing(json.loads(volumes.attrs["preprocessing"]), f"{where}'s preprocessing")
+            if stored != self.preprocessing:
+                raise ValueError(f"{where} holds volumes read with {stored}, but the model's training data was read "
+                                 f"with {self.preprocessing}; read them the same way")
+            return None
+        return self.preprocessing
+
+    def check_volumes(self, volumes, what="volumes", reading=None):
         """Validate the shape and dtype of an array-like (numpy, memmap, h5py.Dataset)
-        without reading it; raises ValueError naming ``what``."""
+        without reading it; raises ValueError naming ``what``. With a ``reading`` that
+        crops/pads, any spatial shape is accepted."""
         shape = tuple(getattr(volumes, "shape", ()))
         dtype = np.dtype(getattr(volumes, "dtype", np.float32))
         want = self.config.input_shape
@@ -130,21 +157,26 @@ class Predictor:
             raise ValueError(f"{what}: volumes must be real numbers (float or int), got dtype {dtype}")
         if len(shape) != len(want) + 1:
             hint = " (a single volume? add a batch axis: x[None])" if len(shape) == len(want) else ""
+            if len(shape) == len(want) and want[-1] == 1 and reading is not None:
+                hint = " (scans as read, without a channel axis? add one: x[..., None])"
             raise ValueError(f"{what}: expected a {len(want) + 1}-D {layout} array of shape (N,) + {want}, "
                              f"got {len(shape)}-D shape {shape}{hint}")
         if shape[-1] != want[-1]:
             raise ValueError(f"{what}: volumes have {shape[-1]} channel(s) (last axis of shape {shape}) but the "
                              f"model expects {want[-1]} ({layout})")
-        if shape[1:-1] != want[:-1]:
+        if shape[1:-1] != want[:-1] and (reading is None or reading["target_shape"] is None):
             raise ValueError(f"{what}: spatial shape {shape[1:-1]} (of shape {shape}) does not match the model's "
                              f"{want[:-1]} ({layout}, input_shape {want})")
         if shape[0] == 0:
             raise ValueError(f"{what}: no volumes (shape {shape})")
         return shape
 
-    def batches(self, volumes, batch_size=32, what="volumes"):
-        """Yield (start index, float32 batch) over an array-like, checking for NaN/Inf."""
-        n = self.check_volumes(volumes, what)[0]
+    def batches(self, volumes, batch_size=32, what="volumes", reading=None):
+        """Yield (start index, float32 batch) over an array-like, checking for NaN/Inf and
+        applying ``reading`` (see ``array_reading``) to each raw volume."""
+        from wrn3d_tl.data.reading import apply_reading
+
+        n = self.check_volumes(volumes, what, reading)[0]
         batch_size = _positive_int(batch_size, "batch_size")
         for start in range(0, n, batch_size):
             with np.errstate(over="ignore", invalid="ignore"):  # out-of-range float64 -> inf, reported below
@@ -155,7 +187,7 @@ class Predictor:
                 raise ValueError(f"{what}: volume {i} contains NaN or Inf"
                                  + (" (or a value beyond the float32 range)"
                                     if np.dtype(volumes.dtype).itemsize > 4 else ""))
-            yield start, x
+            yield start, (x if reading is None else apply_reading(x, reading))
 
     # -------------------------------------------------------------- inference
     def nifti_reading(self, intensity=FROM_CHECKPOINT, target_shape=FROM_CHECKPOINT):
@@ -181,15 +213,20 @@ class Predictor:
         return _open_volumes(volumes, key, intensity, target_shape)
 
     def predict(self, volumes, *, key="volumes", batch_size=32, top_k=5, intensity=FROM_CHECKPOINT,
-                target_shape=FROM_CHECKPOINT):
+                target_shape=FROM_CHECKPOINT, preprocessed=False):
         """See ``wrn3d_tl.predict.predict``."""
+        from wrn3d_tl.data.reading import preprocessing_of
+
         top_k = _positive_int(top_k, "top_k")
         k = min(top_k, self.config.num_classes)
         with self.open(volumes, key=key, intensity=intensity, target_shape=target_shape) as (array, what):
-            n = self.check_volumes(array, what)[0]
+            if preprocessed and hasattr(array, "info"):
+                raise ValueError(f"{what}: preprocessed=True applies to arrays; files are always read raw")
+            reading = self.array_reading(array, preprocessed)
+            n = self.check_volumes(array, what, reading)[0]
             logits = np.empty((n, self.config.num_classes), np.float32)
             probs = np.empty_like(logits)
-            for start, x in self.batches(array, batch_size, what):
+            for start, x in self.batches(array, batch_size, what, reading):
                 lg, pr = self._infer(x)
                 lg = lg.numpy()
                 finite = np.isfinite(lg).all(axis=1)
@@ -198,13 +235,18 @@ class Predictor:
                                      "(values far outside the training data's range?)")
                 logits[start:start + len(x)] = lg
                 probs[start:start + len(x)] = pr.numpy()
+            files = hasattr(array, "info")    # NiftiVolumes: each file read with its reading
+            applied = preprocessing_of(array.intensity, array.target_shape) if files else reading
         # Stable sort on -p: ties go to the lower class index, as argmax does.
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         top_p = np.take_along_axis(probs, order, axis=1)
         out = {"class": order[:, 0].astype(np.int64), "probability": top_p[:, 0].copy(),
                "top_k_classes": order.astype(np.int64), "top_k_probabilities": top_p,
-               "logits": logits, "probabilities": probs}
-        if hasattr(array, "info") and hasattr(array.info, "paths"):   # NiftiVolumes
+               "logits": logits, "probabilities": probs,
+               "reading": {"preprocessing": applied, "normalization": self.normalization}}
+        if self.class_names is not None:
+            out["class_name"] = [self.class_names[int(c)] for c in out["class"]]
+        if files:
             out["path"] = list(array.info.paths)
         return out
 
@@ -301,7 +343,7 @@ class _open_volumes:
 
 
 def predict(checkpoint, volumes, *, key="volumes", batch_size=32, top_k=5, intensity=FROM_CHECKPOINT,
-            target_shape=FROM_CHECKPOINT, precision=None):
+            target_shape=FROM_CHECKPOINT, precision=None, preprocessed=False):
     """Predict the class of every volume, streaming ``batch_size`` volumes at a time.
 
     Args:
@@ -312,6 +354,14 @@ def predict(checkpoint, volumes, *, key="volumes", batch_size=32, top_k=5, inten
             HDF5 path with the volumes at ``key``, or a NIfTI input (a ``.nii``/``.nii.gz``
             file, a folder of them, a CSV with a ``path`` column, or a
             ``wrn3d_tl.data.NiftiVolumes``). Any real dtype; converted to float32.
+            Arrays are RAW too: a checkpoint whose training data was read from files
+            (``preprocessing``, e.g. a NIfTI table's per-volume z-score and crop/pad) applies
+            that same reading to each array volume, so scans as nibabel reads them (with a
+            channel axis) give the file path's answer; any spatial shape is accepted when the
+            reading crops/pads. HDF5 files from ``nifti_to_hdf5`` are recognised as read.
+        preprocessed: True when array inputs have had the reading applied already (they
+            go to the network after the dataset normalisation only). Files are always
+            read raw.
         key: the HDF5 dataset holding the volumes (HDF5 paths only).
         intensity, target_shape: how NIfTI inputs are preprocessed (as in
             ``wrn3d_tl.data.nifti_dataset``). ``"checkpoint"`` (the default): as the
@@ -326,31 +376,34 @@ def predict(checkpoint, volumes, *, key="volumes", batch_size=32, top_k=5, inten
         ``class`` (N,) int64 argmax; ``probability`` (N,) float32 softmax of that class;
         ``top_k_classes`` (N, k) int64 and ``top_k_probabilities`` (N, k) float32, best
         first, k = min(top_k, num_classes); ``logits`` and ``probabilities`` (N, num_classes);
-        for NIfTI inputs also ``path``, the file of each row.
+        ``reading``: what was applied to the input, ``{"preprocessing": reading dict or
+        None, "normalization": {"mean", "std"} or None}``; ``class_name`` (list of str) when
+        the checkpoint knows its class names; for NIfTI inputs also ``path``, the file of
+        each row.
 
     Raises ValueError (bad shape, channels, dtype, NaN/Inf, empty input, missing key, not
     HDF5/.npy), FileNotFoundError, or CheckpointError, each naming the input.
     """
     return as_predictor(checkpoint, precision).predict(volumes, key=key, batch_size=batch_size, top_k=top_k,
-                                                       intensity=intensity, target_shape=target_shape)
+                                                       intensity=intensity, target_shape=target_shape,
+                                                       preprocessed=preprocessed)
 
 
 def write_csv(predictions, path, top_k=5):
-    """Write ``predict`` output to CSV: index, [path (NIfTI inputs),] class, probability,
-    top{k} (space-separated classes), top{k}_probabilities (space-separated, 6 decimals).
-    Written atomically."""
+    """Write ``predict`` output to CSV: index, [path (NIfTI inputs),] class, [class_name
+    (when the checkpoint knows the names),] probability, top{k} (space-separated classes),
+    top{k}_probabilities (space-separated, 6 decimals). Written atomically."""
     path = os.fspath(path)
+    paths, names = predictions.get("path"), predictions.get("class_name")
     with written_atomically(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        paths = predictions.get("path")
-        w.writerow(["index"] + (["path"] if paths else []) + ["class", "probability", f"top{top_k}",
-                                                              f"top{top_k}_probabilities"])
+        w.writerow(["index"] + (["path"] if paths else []) + ["class"] + (["class_name"] if names else [])
+                   + ["probability", f"top{top_k}", f"top{top_k}_probabilities"])
         for i, (c, p, tc, tp) in enumerate(zip(predictions["class"], predictions["probability"],
                                                predictions["top_k_classes"],
                                                predictions["top_k_probabilities"])):
-            w.writerow([i] + ([paths[i]] if paths else []) + [
-                int(c), f"{float(p):.6f}", " ".join(str(int(v)) for v in tc),
-                " ".join(f"{float(v):.6f}" for v in tp)])
+            w.writerow([i] + ([paths[i]] if paths else []) + [int(c)] + ([names[i]] if names else []) + [
+                f"{float(p):.6f}", " ".join(str(int(v)) for v in tc), " ".join(f"{float(v):.6f}" for v in tp)])
     return path
 
 
@@ -374,6 +427,9 @@ def add_input_flags(p):
                         "training data was read, else zscore)")
     p.add_argument("--target-shape", type=_or_checkpoint(shape_arg), default=FROM_CHECKPOINT,
                    help="NIfTI: centre crop / zero pad to D,H,W, or checkpoint (as in training, else none)")
+    p.add_argument("--preprocessed", action="store_true",
+                   help="--npy/--hdf5 volumes already had the checkpoint's reading applied (per-volume intensity "
+                        "step, crop/pad); without it raw volumes are read as the training files were")
     p.add_argument("--batch-size", type=positive_int, default=32, help="volumes per forward pass")
 
 
@@ -387,6 +443,9 @@ def _parser():
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="bf16: the network computes in bfloat16 (faster on CPUs with AMX/AVX512_BF16; the README "
                    "gives the change in predictions)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="--nifti: predict the files that read cleanly and list the others, with the reason, in "
+                   "{out}_skipped.csv (without it a bad file stops the run before any inference)")
     return p
 
 
@@ -396,19 +455,26 @@ class _Exit(Exception):
 
 def open_inputs(prog, args):
     """Check the input flags of ``add_input_flags`` (before any model is loaded) and load the
-    checkpoint: ``(predictor, volumes, src_flag, src)``. Raises ``_Exit(2)`` after printing
-    one line ``prog: error: --flag value: ...``."""
-    def bad(flag, value, message):
+    checkpoint: ``(predictor, volumes, src_flag, src, skipped)``. NIfTI inputs are read once
+    (the check pass) before the model is loaded: a bad file ends the run, naming it, unless
+    ``args.skip_bad``; then ``skipped`` lists ``(path, reason)`` of the files left out and
+    ``volumes`` the rest. Raises ``_Exit(2)`` after printing one line ``prog: error: --flag
+    value: ...``."""
+    def bad(flag, value, message):   # hints name this command's flag, not the Python argument
+        message = str(message).replace("pass target_shape=(D, H, W)", "pass --target-shape D,H,W")
         raise _Exit(fail(prog, flag, value, message))
 
     for flag, value in (("--intensity", args.intensity), ("--target-shape", args.target_shape)):
         if value != FROM_CHECKPOINT and args.nifti is None:
             bad(flag, value if isinstance(value, str) else ",".join(map(str, value or ["none"])),
                 "applies to --nifti inputs only")
+    if args.preprocessed and args.nifti is not None:
+        bad("--preprocessed", "", "applies to --npy/--hdf5 volumes; --nifti files are always read raw")
     src_arg, src = next((f"--{name}", value) for name, value in
                         (("hdf5", args.hdf5), ("npy", args.npy), ("nifti", args.nifti)) if value is not None)
     if not (os.path.isfile(src) or (args.nifti is not None and os.path.isdir(src))):
         bad(src_arg, src, "no such file")
+    skipped, files = [], None
     try:
         if args.npy is not None:
             volumes = load_npy(src)
@@ -416,10 +482,14 @@ def open_inputs(prog, args):
             if not is_nifti_input(src):
                 raise ValueError("expected a .nii/.nii.gz file, a folder of them or a .csv table")
             quiet_tensorflow()
-            from wrn3d_tl.data.nifti import NiftiVolumes
+            from wrn3d_tl.data.nifti import usable_files
 
-            # the table and every header now; shapes once the checkpoint's target_shape is known
-            NiftiVolumes(src, intensity=None, target_shape=(1, 1, 1))
+            # every file read once now; shapes once the checkpoint's target_shape is known
+            files, skipped = usable_files(src)
+            if skipped and not getattr(args, "skip_bad", False):
+                raise ValueError(f"{len(skipped)} of {files.n + len(skipped)} files cannot be used: "
+                                 + "; ".join(m for _, m in skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
+                                 + (" (pass --skip-bad to predict the others)" if hasattr(args, "skip_bad") else ""))
             volumes = src
         else:
             volumes = src
@@ -432,7 +502,15 @@ def open_inputs(prog, args):
         predictor = Predictor(args.checkpoint, precision=getattr(args, "precision", "fp32"))
     except (OSError, ValueError) as e:  # FileNotFoundError, CheckpointError
         bad("--checkpoint", args.checkpoint, e)
-    return predictor, volumes, src_arg, src
+    if files is not None:
+        from wrn3d_tl.data.nifti import NiftiVolumes
+
+        intensity, target_shape = predictor.nifti_reading(args.intensity, args.target_shape)
+        try:
+            volumes = NiftiVolumes(files, intensity=intensity, target_shape=target_shape)
+        except ValueError as e:
+            bad(src_arg, src, e)
+    return predictor, volumes, src_arg, src, skipped
 
 
 def main(argv=None):
@@ -451,27 +529,35 @@ def main(argv=None):
         return fail(_CLI, "--out", args.out, f"folder {out_dir!r} does not exist")
     if args.cam_dir is not None and os.path.exists(args.cam_dir) and not os.path.isdir(args.cam_dir):
         return fail(_CLI, "--cam-dir", args.cam_dir, "is a file; give a folder for the montages")
+    if args.skip_bad and args.nifti is None:
+        return fail(_CLI, "--skip-bad", "", "applies to --nifti inputs (files that may be unreadable)")
     try:
-        predictor, volumes, src_arg, src = open_inputs(_CLI, args)
+        predictor, volumes, src_arg, src, skipped = open_inputs(_CLI, args)
     except _Exit as e:
         return e.args[0]
     reading = dict(key=args.key, intensity=args.intensity, target_shape=args.target_shape)
     try:
-        out = predictor.predict(volumes, batch_size=args.batch_size, top_k=args.top_k, **reading)
+        out = predictor.predict(volumes, batch_size=args.batch_size, top_k=args.top_k,
+                                preprocessed=args.preprocessed, **reading)
         if args.cam_dir is not None:
             from wrn3d_tl.explain import write_cam_montages
 
             with predictor.open(volumes, **reading) as (array, _):
                 write_cam_montages(predictor, array, args.cam_dir, class_index=out["class"],
-                                   batch_size=args.batch_size)
+                                   batch_size=args.batch_size, preprocessed=args.preprocessed)
     except (OSError, ValueError) as e:
         return fail(_CLI, src_arg, src, e)
+    skipped_csv = os.path.splitext(args.out)[0] + "_skipped.csv"
     try:
         write_csv(out, args.out, top_k=args.top_k)
+        if skipped:
+            with written_atomically(skipped_csv) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
+                csv.writer(fh).writerows([("path", "reason")] + list(skipped))
     except OSError as e:
         return fail(_CLI, "--out", args.out, e)
     n = len(out["class"])
     print(f"{_CLI}: {n} prediction(s) from {args.checkpoint} -> {args.out}"
+          + (f", {len(skipped)} file(s) skipped -> {skipped_csv}" if skipped else "")
           + (f", montages in {args.cam_dir}" if args.cam_dir else ""), file=sys.stderr)
     return 0
 

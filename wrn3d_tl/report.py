@@ -217,14 +217,17 @@ def cam_gallery(trainer_or_checkpoint, x, y, out_dir, *, correct=3, wrong=3, cla
         normalisation is applied, as in ``wrn3d_tl.predict.predict``), a ``Predictor``, or a
         bare ``build_wrn`` model such as ``trainer.model`` (``x`` already normalised, e.g.
         batches of ``trainer.eval_data``).
-      x: ``(N,) + input_shape`` volumes; y: ``(N,)`` integer labels.
+      x: ``(N,) + input_shape`` volumes; y: ``(N,)`` integer labels. Raw as for ``predict``:
+        a checkpoint's stored reading is applied first (the montages show the result).
       out_dir: folder for the PNGs (created).
-      class_names: names of the classes for the captions.
+      class_names: names of the classes for the captions (default: the checkpoint's or
+        trainer's, else the class indices).
 
     Each map is the Grad-CAM of the predicted class (``wrn3d_tl.explain.grad_cam``): for a
     mistake, where the network saw the class it wrongly chose. Returns ``[(png_path,
     caption), ...]``, the correct ones first.
     """
+    from wrn3d_tl.data.reading import apply_reading
     from wrn3d_tl.explain import grad_cam, save_montage
     from wrn3d_tl.predict import predict
 
@@ -232,11 +235,12 @@ def cam_gallery(trainer_or_checkpoint, x, y, out_dir, *, correct=3, wrong=3, cla
     predictor = as_predictor(trainer_or_checkpoint)
     k = predictor.config.num_classes
     labels = np.asarray(y).reshape(-1) if np.ndim(y) == 2 and np.shape(y)[1] == 1 else np.asarray(y)
-    n = predictor.check_volumes(x, "x")[0]
+    reading = predictor.array_reading(x)
+    n = predictor.check_volumes(x, "x", reading)[0]
     if labels.shape != (n,) or labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= k:
         raise ValueError(f"y must be {n} integer labels in [0, {k}) (one per volume of x), got shape "
                          f"{np.shape(y)} dtype {labels.dtype}")
-    names = _class_names(class_names, k)
+    names = _class_names(predictor.class_names if class_names is None else class_names, k)
     out = _out_dir(out_dir)
     pred = predict(predictor, x)
     right = pred["class"] == labels
@@ -244,7 +248,8 @@ def cam_gallery(trainer_or_checkpoint, x, y, out_dir, *, correct=3, wrong=3, cla
     if not chosen:
         return []
     volumes = np.stack([np.asarray(x[int(i)], np.float32) for i in chosen])
-    cams = grad_cam(predictor, volumes)
+    volumes = volumes if reading is None else apply_reading(volumes, reading)
+    cams = grad_cam(predictor, volumes, preprocessed=True)
     gallery = []
     for volume, cam, i in zip(volumes, cams, chosen):
         i = int(i)
@@ -465,8 +470,9 @@ def run_report(trainer, out_dir, *, evaluation=None, cam_samples=32, correct=3, 
     montages = []
     if trainer.eval_data is not None and cam_samples:
         x, y = first_samples(trainer.eval_data, cam_samples)
+        names = getattr(trainer, "class_names", None) if class_names is None else class_names
         montages = cam_gallery(trainer.model, x, y, os.path.join(out_dir, "cams"), correct=correct, wrong=wrong,
-                               class_names=class_names)
+                               class_names=names)
     csv_path = trainer.logger.csv_path if trainer.logger is not None else None
     return write_run_report(out_dir, config=trainer.config, metrics_csv=csv_path, evaluation=evaluation,
                             montages=montages, title=title, extra=extra)

@@ -22,16 +22,19 @@ import tensorflow as tf
 
 from wrn3d_tl.axes import check_batch_shape
 from wrn3d_tl.checkpoint import CheckpointError, CheckpointManager, read_checkpoint, write_checkpoint
-from wrn3d_tl.data import as_normalization, normalization_of, same_normalization
-from wrn3d_tl.data.nifti import check_preprocessing
+from wrn3d_tl.cpu import warn_if_bf16_emulated
+from wrn3d_tl.data import as_normalization, data_errors, normalization_of, same_normalization
+from wrn3d_tl.data.reading import check_class_names, check_preprocessing
 from wrn3d_tl.data.shards import Share, input_share, share_problem
 from wrn3d_tl.layers import variable_name
-from wrn3d_tl.logs import MetricsLogger, plot_metrics
+from wrn3d_tl.logs import MetricsLogger, log, plot_metrics
 from wrn3d_tl.metrics import classification_metrics
 from wrn3d_tl.model import WRNConfig, build_wrn
 from wrn3d_tl.optim import FP16_MAX_FLOOR_SKIPS, SCHEDULES, SGD, LossScale, scheduled_lr
 
 __all__ = ["Trainer", "describe_devices", "load_model", "load_for_inference", "under"]
+
+LOG_EVERY_STEPS, LOG_EVERY_S = 50, 30.0   # fit's progress lines where no bar can show
 
 PRECISIONS = {None: tf.float32, "bf16": tf.bfloat16, "fp16": tf.float16}
 
@@ -81,6 +84,10 @@ class Trainer:
             off ``train_data`` when its pipeline says (``nifti_dataset``, or ``hdf5_dataset``
             on a file from ``nifti_to_hdf5``). Stored in checkpoints; ``predict`` reads NIfTI
             inputs with it.
+        class_names: the classes' names in index order (``num_classes`` str); None: read off
+            ``train_data`` when its pipeline knows them (``nifti_dataset``, ``hdf5_dataset`` on
+            a file with ``class_names``). Stored in checkpoints; predictions, exports, reports
+            and montages show them.
         eval_data: what ``evaluate()`` reads when called without data (an ``(x, y)`` pair
             or a ``tf.data.Dataset``), e.g. the test split.
         strategy: a ``tf.distribute.Strategy`` or None. ``x``/``y`` given to ``train_step``
@@ -109,7 +116,7 @@ class Trainer:
                  schedule="constant", total_steps=None, warmup_steps=0, mixed_precision=None, seed=0,
                  batch_size=None, normalization=None, eval_data=None, strategy=None, logdir=None,
                  checkpoint_dir=None, checkpoint_every=None, keep_checkpoints=3, jit_compile=False, trainable=None,
-                 preprocessing=None, shard_input=True, verbose=True):
+                 preprocessing=None, class_names=None, shard_input=True, verbose=True):
         config = getattr(model, "wrn_config", None)
         if not isinstance(config, WRNConfig):
             raise TypeError("model must be built by wrn3d_tl.model.build_wrn (it has no wrn_config), "
@@ -136,6 +143,8 @@ class Trainer:
 
         norm = as_normalization(normalization, config.input_shape[-1], f"the model's input {config.input_shape}")
 
+        if mixed_precision == "bf16":
+            warn_if_bf16_emulated("bf16 training")
         if mixed_precision == "fp16" and not tf.config.list_physical_devices("GPU"):
             warnings.warn("wrn3d_tl: mixed_precision='fp16' with no GPU: CPUs run float16 convolutions many times "
                           "slower than float32. fp16 is a GPU setting; on CPUs with AVX512_BF16/AMX use 'bf16'.",
@@ -155,6 +164,7 @@ class Trainer:
         # pipeline, "raw" included): saving a trainer whose stats are unknown warns.
         self.normalization_known = norm is not None
         self.preprocessing = check_preprocessing(preprocessing, "Trainer(preprocessing=...)")
+        self.class_names = check_class_names(class_names, config.num_classes, "Trainer(class_names=...)")
         self.eval_data = eval_data
         self.strategy = strategy or tf.distribute.get_strategy()
         self.is_chief = _is_chief(self.strategy)
@@ -284,6 +294,14 @@ class Trainer:
         elif reading is not None and self.preprocessing is not None and reading != self.preprocessing:
             raise ValueError(f"{what}: the pipeline reads its files with {reading}, but the trainer's data was "
                              f"read with {self.preprocessing}; read training, evaluation and new files the same way")
+        names = getattr(data, "wrn3d_class_names", None)
+        if names is not None and len(names) == self.config.num_classes:   # else they cannot name every class
+            names = check_class_names(names, self.config.num_classes, f"{what}'s class names")
+            if what == "train_data" and self.class_names is None:
+                self.class_names = names
+            elif self.class_names is not None and names != self.class_names:
+                raise ValueError(f"{what}: the pipeline's classes are {list(names)}, but the trainer's are "
+                                 f"{list(self.class_names)}; map labels to classes the same way everywhere")
         known, stats = normalization_of(data)
         if not known:
             return
@@ -305,7 +323,8 @@ class Trainer:
             if self._iterator is None:
                 self._iterator = iter(self._split_train_data() or self._train_data)
             try:
-                batch = next(self._iterator)
+                with data_errors():
+                    batch = next(self._iterator)
             except StopIteration:  # end of an epoch: start the next one
                 self._iterator = None
                 continue
@@ -488,7 +507,9 @@ class Trainer:
         """Train until ``self.step == steps``; returns the last step's metrics (or None).
 
         Shows a tqdm progress bar (loss, accuracy, volumes/s) on stderr when ``progress``
-        is True (None: only when stderr is a terminal). ``on_step(metrics)`` is called
+        is True; None (the default): the bar on a terminal, else (a log file, a notebook's
+        captured output) one line on the ``wrn3d_tl`` logger every ``LOG_EVERY_STEPS`` steps
+        or ``LOG_EVERY_S`` seconds and at the end; False: nothing. ``on_step(metrics)`` is called
         after every step; with ``eval_every``, ``evaluate(eval_data)`` (default: the
         trainer's ``eval_data``) runs every ``eval_every`` steps before the last and
         ``on_eval(step, result)`` is called.
@@ -499,13 +520,19 @@ class Trainer:
 
         eval_data = self.eval_data if eval_data is None else eval_data
 
+        lines = progress is None and not sys.stderr.isatty()
         progress = sys.stderr.isatty() if progress is None else progress
         bar = tqdm(total=steps, initial=min(self._step, steps), disable=not progress, unit="step",
                    dynamic_ncols=True, file=sys.stderr)
-        metrics = None
+        metrics, last = None, time.monotonic()
         try:
             while self._step < steps:
                 metrics = self.train_step()
+                if lines and (self._step % LOG_EVERY_STEPS == 0 or self._step == steps
+                              or time.monotonic() - last >= LOG_EVERY_S):
+                    last = time.monotonic()
+                    log.info(f"step {self._step}/{steps}  loss {metrics['loss']:.4f}  acc {metrics['accuracy']:.3f}"
+                             f"  lr {metrics['lr']:.4g}  {metrics['samples_per_sec']:.1f} vol/s")
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['accuracy']:.3f}",
                                 vol_s=f"{metrics['samples_per_sec']:.1f}")
@@ -581,14 +608,15 @@ class Trainer:
         loss = top1 = top5 = 0.0
         n = 0
         labels, scores = [], []
-        for x, y in batches:
-            x, y = self._check_batch(x, y, "evaluate")
-            sums, p = self._eval_fn(x, y)
-            s, c1, c5, samples, *checks = sums.numpy()
-            self._raise_for_inputs(checks, "evaluate")
-            loss, top1, top5, n = loss + s, top1 + c1, top5 + c5, n + int(samples)
-            labels.append(y.numpy())
-            scores.append(p.numpy())
+        with data_errors():
+            for x, y in batches:
+                x, y = self._check_batch(x, y, "evaluate")
+                sums, p = self._eval_fn(x, y)
+                s, c1, c5, samples, *checks = sums.numpy()
+                self._raise_for_inputs(checks, "evaluate")
+                loss, top1, top5, n = loss + s, top1 + c1, top5 + c5, n + int(samples)
+                labels.append(y.numpy())
+                scores.append(p.numpy())
         if n == 0:
             raise ValueError("evaluate: data is empty (no samples)")
         result = {"loss": loss / n, "accuracy": top1 / n, "top5_accuracy": top5 / n, "samples": n}
@@ -598,7 +626,7 @@ class Trainer:
         if report_dir is not None and self.is_chief:
             from wrn3d_tl.report import evaluation_report
 
-            result["report"] = evaluation_report(labels, scores, report_dir)
+            result["report"] = evaluation_report(labels, scores, report_dir, class_names=self.class_names)
         if log and self.logger:
             self.logger.log(self._step, "eval", {**result, "wall_time": time.time()})
         return result
@@ -611,7 +639,8 @@ class Trainer:
                 "warmup_steps": self.warmup_steps, "mixed_precision": self.mixed_precision, "seed": self.seed,
                 "batch_size": self.batch_size, "keep_checkpoints": self.keep_checkpoints,
                 "jit_compile": self.jit_compile, "trainable": self.trainable, "lr_override": self._lr_override,
-                "preprocessing": self.preprocessing}
+                "preprocessing": self.preprocessing,
+                "class_names": None if self.class_names is None else list(self.class_names)}
 
     def _state_arrays(self):
         # Every worker reads (cross-replica reads of ON_READ variables are collectives).
@@ -757,9 +786,10 @@ def load_model(path, *, strategy=None, recompute=False):
 
 
 def load_for_inference(path):
-    """``(model, config, normalization, preprocessing)`` from ONE read of a checkpoint: what
-    ``load_model`` gives plus the stored NIfTI reading (``Trainer.preprocessing``, validated;
-    None when the training data did not say)."""
+    """``(model, config, normalization, preprocessing, class_names)`` from ONE read of a
+    checkpoint: what ``load_model`` gives plus the stored reading (``Trainer.preprocessing``,
+    validated; None when the training data did not say) and the class names (a tuple of
+    str, or None: checkpoints from before they were stored load without them)."""
     return _load(path, None, False)
 
 
@@ -768,12 +798,13 @@ def _load(path, strategy, recompute):
     config, norm = _stored_config_and_normalization(ck, path)
     try:
         reading = check_preprocessing(ck["trainer"].get("preprocessing"), "its stored preprocessing")
+        names = check_class_names(ck["trainer"].get("class_names"), config.num_classes, "its stored class_names")
     except ValueError as e:
         raise CheckpointError(f"checkpoint {os.fspath(path)!r}: {e}") from e
     with (strategy or tf.distribute.get_strategy()).scope():
         model = build_wrn(config, recompute=recompute)
     _assign_checked([(v, ck["weights"], variable_name(v)) for v in model.all_weights], path)
-    return model, config, None if norm is None else norm.to_dict(), reading
+    return model, config, None if norm is None else norm.to_dict(), reading, names
 
 
 def _check(value, name, rule, ok):

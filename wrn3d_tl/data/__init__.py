@@ -12,6 +12,7 @@ Public API:
   augment_image, augment_volume                -- WRN crop + flip (stateless)
   make_dataset                                 -- in-memory tf.data pipeline
   normalization_of                             -- the stats a pipeline applies
+  data_errors                                  -- a reader's error in tf.data as its one line
   starting_at, input_share, Share              -- resume position; one worker's share
   write_hdf5_volumes, hdf5_info, hdf5_dataset  -- HDF5 volume files
   Augment3D                                    -- flips / rotations / crops / jitter
@@ -27,7 +28,7 @@ from .cifar import load_cifar, synthetic_cifar
 from .hdf5 import HDF5Info, hdf5_dataset, hdf5_info, write_hdf5_volumes
 from .medmnist import MEDMNIST3D, load_medmnist3d
 from .nifti import NiftiInfo, NiftiVolumes, nifti_dataset, nifti_info, nifti_to_hdf5, read_nifti
-from .pipeline import make_dataset, normalization_of
+from .pipeline import data_errors, make_dataset, normalization_of
 from .shards import Share, input_share, starting_at
 from .transforms import (TILE_MODES, Normalization, as_normalization, augment_image, same_normalization,
                          augment_volume, compute_normalization, tile_to_volume)
@@ -45,6 +46,7 @@ __all__ = [
     "augment_volume",
     "make_dataset",
     "normalization_of",
+    "data_errors",
     "starting_at",
     "input_share",
     "Share",

@@ -25,7 +25,7 @@ from wrn3d_tl.files import written_atomically
 from .pipeline import (AUTOTUNE, _augmenter, _batch_transform, _check_pipeline_flags,
                        _check_labels, _element_seed, _finish, _tagged)
 from .shards import EpochCounter, Share, start_of
-from .nifti import check_preprocessing
+from .reading import check_class_names, check_preprocessing
 from .transforms import (Normalization, _check_positive_int, as_normalization,
                          compute_normalization)
 
@@ -51,6 +51,8 @@ class HDF5Info:
       chunk_len: samples per HDF5 chunk along N (``None`` if contiguous).
       preprocessing: how the volumes were made from raw files (the ``preprocessing``
         JSON attribute ``nifti_to_hdf5`` writes), or ``None``.
+      class_names: the classes' names in index order (the ``class_names`` JSON
+        attribute of the labels), or ``None``.
     """
 
     path: str
@@ -63,6 +65,7 @@ class HDF5Info:
     normalization: Normalization | None
     chunk_len: int | None
     preprocessing: dict | None = None
+    class_names: tuple | None = None
 
 
 def _where(path, key=None) -> str:
@@ -152,8 +155,19 @@ def _inspect(path, x_key, y_key, num_classes=None):
             preprocessing = check_preprocessing(None if preprocessing is None else json.loads(preprocessing))
         except (TypeError, ValueError) as e:
             raise ValueError(f"{_where(path, x_key)}: bad preprocessing attribute: {e}") from e
+        names = _attr("class_names", dy)
+        try:
+            names = None if names is None else json.loads(names)
+            names = check_class_names(names, len(names) if isinstance(names, list) else -1, "class_names")
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{_where(path, y_key)}: bad class_names attribute: {e}") from e
+        if names is not None and stored is not None and len(names) != stored:
+            raise ValueError(f"{_where(path, y_key)}: {len(names)} class_names but num_classes={stored}")
+        if names is not None and labels.max() >= len(names):
+            raise ValueError(f"{_where(path, y_key)}: label {labels.max()} has no name among the "
+                             f"{len(names)} class_names")
         info = HDF5Info(
-            preprocessing=preprocessing,
+            preprocessing=preprocessing, class_names=names,
             path=path, x_key=x_key, y_key=y_key, n=int(n),
             volume_shape=tuple(int(s) for s in dx.shape[1:]),
             dtype=dx.dtype.newbyteorder("="),
@@ -181,8 +195,8 @@ def hdf5_info(path, x_key: str = "volumes", y_key: str = "labels") -> HDF5Info:
 
 def write_hdf5_volumes(path, volumes, labels, *, x_key: str = "volumes",
                        y_key: str = "labels", chunks=None, normalization=None,
-                       compression=None, num_classes=None, mode: str = "w"
-                       ) -> HDF5Info:
+                       compression=None, num_classes=None, mode: str = "w",
+                       class_names=None) -> HDF5Info:
     """Write volumes and labels to an HDF5 file in the layout
     :func:`hdf5_dataset` streams from.
 
@@ -204,6 +218,9 @@ def write_hdf5_volumes(path, volumes, labels, *, x_key: str = "volumes",
         labels dataset; labels must be < num_classes.
       mode: ``"w"`` (create / overwrite the file) or ``"a"`` (add datasets to
         an existing file, e.g. a test split under other keys).
+      class_names: optional names of the classes in index order, stored as the
+        ``class_names`` JSON attribute of the labels (a ``Trainer`` on
+        :func:`hdf5_dataset` of the file stores them in its checkpoints).
 
     Returns:
       :func:`hdf5_info` of the written file.
@@ -230,6 +247,13 @@ def write_hdf5_volumes(path, volumes, labels, *, x_key: str = "volumes",
         if labels.max() >= num_classes:
             raise ValueError(f"labels must be < num_classes={num_classes}, got "
                              f"max {labels.max()}")
+    if class_names is not None:
+        class_names = check_class_names(class_names, len(class_names) if isinstance(class_names, (list, tuple))
+                                        else -1, "class_names")
+        if num_classes is not None and len(class_names) != num_classes:
+            raise ValueError(f"class_names has {len(class_names)} names but num_classes={num_classes}")
+        if labels.max() >= len(class_names):
+            raise ValueError(f"labels must be < len(class_names)={len(class_names)}, got max {labels.max()}")
     if isinstance(normalization, str) and normalization == "compute":
         normalization = compute_normalization(volumes)
     normalization = as_normalization(normalization, shape[-1], "volumes")
@@ -249,13 +273,13 @@ def write_hdf5_volumes(path, volumes, labels, *, x_key: str = "volumes",
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # as Trainer.save does
     if mode == "w":   # a failure part-way leaves the old file (or none), not half of a new one
         with written_atomically(path) as tmp:
-            _write_volumes(tmp, volumes, labels, x_key, y_key, kwargs, normalization, num_classes, "w")
+            _write_volumes(tmp, volumes, labels, x_key, y_key, kwargs, normalization, num_classes, "w", class_names)
     else:
-        _write_volumes(path, volumes, labels, x_key, y_key, kwargs, normalization, num_classes, "a")
+        _write_volumes(path, volumes, labels, x_key, y_key, kwargs, normalization, num_classes, "a", class_names)
     return hdf5_info(path, x_key, y_key)
 
 
-def _write_volumes(path, volumes, labels, x_key, y_key, kwargs, normalization, num_classes, mode):
+def _write_volumes(path, volumes, labels, x_key, y_key, kwargs, normalization, num_classes, mode, class_names):
     shape, dtype, n = tuple(volumes.shape), np.dtype(volumes.dtype), volumes.shape[0]
     with h5py.File(path, mode) as f:
         for key in (x_key, y_key):
@@ -271,6 +295,8 @@ def _write_volumes(path, volumes, labels, x_key, y_key, kwargs, normalization, n
             dx.attrs["norm_std"] = normalization.std
         if num_classes is not None:
             dy.attrs["num_classes"] = np.int64(num_classes)
+        if class_names is not None:
+            dy.attrs["class_names"] = json.dumps(list(class_names))
 
 
 def hdf5_dataset(path, *, x_key: str = "volumes", y_key: str = "labels",
@@ -433,4 +459,4 @@ def hdf5_dataset(path, *, x_key: str = "volumes", y_key: str = "labels",
         return _finish(ds, pipeline)
 
     return _tagged(build, n, batch_size, drop_remainder, repeat, normalization, blocks=len(starts),
-                   wrn3d_preprocessing=info.preprocessing)
+                   wrn3d_preprocessing=info.preprocessing, wrn3d_class_names=info.class_names)

@@ -15,7 +15,8 @@ from wrn3d_tl.files import written_atomically
 
 from .cifar import DATA_DIR_ENV
 
-__all__ = ["MEDMNIST3D", "MEDMNIST_URL", "MEDMNIST_SIZES", "load_medmnist3d", "medmnist_file_name"]
+__all__ = ["MEDMNIST3D", "MEDMNIST_URL", "MEDMNIST_SIZES", "MEDMNIST_RELEASES", "load_medmnist3d",
+           "medmnist_file_name", "medmnist_release"]
 
 MEDMNIST_SIZES = (28, 64)
 # The current release (MedMNIST v3 / MedMNIST+, Zenodo record 10519652); only used with download=True.
@@ -23,21 +24,27 @@ MEDMNIST_URL = "https://zenodo.org/records/10519652/files/{name}?download=1"
 SPLITS = ("train", "val", "test")
 
 
-def _entry(task, labels, train, val, test):
-    return {"task": task, "num_classes": len(labels), "labels": tuple(labels),
-            "n_samples": {"train": train, "val": val, "test": test}}
+# The releases whose split sizes differ: the medmnist package v2.2.4 and later (v3.0.2's INFO,
+# the files the download URL serves) dropped one organmnist3d train and one vesselmnist3d val volume.
+MEDMNIST_RELEASES = ("v2.2.4+ (current, v3.0.2)", "before v2.2.4")
 
 
-# Task, class names (index order) and split sizes, as the MedMNIST package's INFO gives them.
+def _entry(task, labels, train, val, test, before_2_2_4=None):
+    current = {"train": train, "val": val, "test": test}
+    return {"task": task, "num_classes": len(labels), "labels": tuple(labels), "n_samples": current,
+            "releases": dict(zip(MEDMNIST_RELEASES, (current, {**current, **(before_2_2_4 or {})})))}
+
+
+# Task, class names (index order) and split sizes, as the MedMNIST package's INFO (v3.0.2) gives them.
 MEDMNIST3D = {
     "organmnist3d": _entry("multi-class", ("liver", "kidney-right", "kidney-left", "femur-right", "femur-left",
                                            "bladder", "heart", "lung-right", "lung-left", "spleen", "pancreas"),
-                           972, 161, 610),
+                           971, 161, 610, before_2_2_4={"train": 972}),
     "nodulemnist3d": _entry("binary-class", ("benign", "malignant"), 1158, 165, 310),
     "adrenalmnist3d": _entry("binary-class", ("normal", "hyperplasia"), 1188, 98, 298),
     "fracturemnist3d": _entry("multi-class", ("buckle rib fracture", "nondisplaced rib fracture",
                                               "displaced rib fracture"), 1027, 103, 240),
-    "vesselmnist3d": _entry("binary-class", ("vessel", "aneurysm"), 1335, 192, 382),
+    "vesselmnist3d": _entry("binary-class", ("vessel", "aneurysm"), 1335, 191, 382, before_2_2_4={"val": 192}),
     "synapsemnist3d": _entry("binary-class", ("inhibitory synapse", "excitatory synapse"), 1230, 177, 352),
 }
 
@@ -57,6 +64,12 @@ def _candidates(data_dir):
         dirs.append(os.environ[DATA_DIR_ENV])
     dirs.append(_default_dir())
     return list(dict.fromkeys(dirs))
+
+
+def medmnist_release(flag, sizes):
+    """The release (``MEDMNIST_RELEASES``) whose split sizes ``{"train": n, "val": n, "test":
+    n}`` are, or None (newest first when several releases agree)."""
+    return next((name for name, n in MEDMNIST3D[flag]["releases"].items() if n == dict(sizes)), None)
 
 
 def _check_file(path, flag, size, check_sizes):
@@ -86,10 +99,6 @@ def _check_file(path, flag, size, check_sizes):
                 x = x[..., 0]
             if x.ndim != 4 or x.shape[1:] != (size,) * 3:
                 raise ValueError(f"{what} has shape {x.shape}; expected (N, {size}, {size}, {size}) for size={size}")
-            n = spec["n_samples"][split]
-            if check_sizes and len(x) != n:
-                raise ValueError(f"{what} holds {len(x)} volumes; the official {flag} {split} split has {n} "
-                                 "(pass check_sizes=False for a subset you made yourself)")
             what = f"MedMNIST file {path!r} {split}_labels"
             if y.dtype.kind not in "iu":
                 raise ValueError(f"{what} has dtype {y.dtype}; expected integers")
@@ -100,6 +109,13 @@ def _check_file(path, flag, size, check_sizes):
                 raise ValueError(f"{what} holds labels from {y.min()} to {y.max()}; {flag} has "
                                  f"{spec['num_classes']} classes")
             out[split] = (x[..., None], y)
+    sizes = {split: len(out[split][0]) for split in SPLITS}
+    if check_sizes and medmnist_release(flag, sizes) is None:
+        official = "; ".join(f"{name}: " + ", ".join(f"{k} {v}" for k, v in n.items())
+                             for name, n in spec["releases"].items())
+        raise ValueError(f"MedMNIST file {path!r} holds " + ", ".join(f"{k} {v}" for k, v in sizes.items())
+                         + f" volumes, which is no official {flag} release ({official}); pass check_sizes=False "
+                         "for a subset you made yourself")
     return out
 
 
@@ -127,7 +143,9 @@ def load_medmnist3d(flag: str, *, data_dir=None, size: int = 28, download: bool 
     Args:
       flag: a key of ``MEDMNIST3D`` (``"organmnist3d"``, ``"nodulemnist3d"``, ...).
       size: 28 or 64.
-      check_sizes: refuse a file whose split sizes differ from the official release.
+      check_sizes: refuse a file whose split sizes are those of no official release
+        (``MEDMNIST_RELEASES``: the current one and the one before v2.2.4 are accepted;
+        ``medmnist_release`` names which a file matches).
 
     Returns:
       ``{"train": (x, y), "val": (x, y), "test": (x, y)}``: ``x`` uint8 ``(N, S, S, S, 1)``

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import numbers
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -34,14 +33,16 @@ import tensorflow as tf
 from wrn3d_tl.axes import is_int
 from wrn3d_tl.files import written_atomically
 
-from .pipeline import AUTOTUNE, _augmenter, _check_pipeline_flags, _element_seed, _finish, _sample_order, _tagged
+from .reading import (INTENSITY_MODES, apply_reading, check_intensity, check_preprocessing, check_target_shape,
+                      preprocessing_of)
+from .pipeline import AUTOTUNE, marked_errors, _augmenter, _check_pipeline_flags, _element_seed, _finish, _sample_order, _tagged
 from .transforms import _check_positive_int
 
 __all__ = ["NIFTI_SUFFIXES", "INTENSITY_MODES", "NiftiInfo", "NiftiVolumes", "nifti_info", "read_nifti",
-           "nifti_dataset", "nifti_to_hdf5", "is_nifti_path", "preprocessing_of", "check_preprocessing"]
+           "check_files", "usable_files", "nifti_dataset", "nifti_to_hdf5", "is_nifti_path", "preprocessing_of",
+           "check_preprocessing", "check_intensity", "check_target_shape"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
-INTENSITY_MODES = ("zscore", "zscore_nonzero", "('window', lo, hi)", None)
 
 
 def is_nifti_path(path) -> bool:
@@ -51,55 +52,6 @@ def is_nifti_path(path) -> bool:
 
 def _one_line(exc):
     return " ".join(str(exc).split()) or type(exc).__name__
-
-
-# ------------------------------------------------------------------ arguments
-def check_intensity(intensity):
-    """Validate ``intensity``: ``"zscore"``, ``"zscore_nonzero"``, ``None`` or
-    ``("window", lo, hi)`` with finite ``lo < hi``; returns it (the window as a tuple)."""
-    if intensity is None or intensity in ("zscore", "zscore_nonzero"):
-        return intensity
-    if (isinstance(intensity, (tuple, list)) and len(intensity) == 3 and intensity[0] == "window"
-            and all(isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) and np.isfinite(v)
-                    for v in intensity[1:]) and intensity[1] < intensity[2]):
-        return ("window", float(intensity[1]), float(intensity[2]))
-    raise ValueError(f"intensity must be 'zscore', 'zscore_nonzero', None or ('window', lo, hi) with finite "
-                     f"lo < hi, got {intensity!r}")
-
-
-def preprocessing_of(intensity, target_shape) -> dict:
-    """The JSON-able record of how NIfTI files become volumes, as a ``Trainer`` stores it in
-    checkpoints (``predict`` reads NIfTI inputs with it): ``{"reader": "nifti",
-    "intensity": ..., "target_shape": [D, H, W] or None}``."""
-    intensity, target_shape = check_intensity(intensity), check_target_shape(target_shape)
-    return {"reader": "nifti", "intensity": list(intensity) if isinstance(intensity, tuple) else intensity,
-            "target_shape": None if target_shape is None else list(target_shape)}
-
-
-def check_preprocessing(value, what="preprocessing"):
-    """Validate a stored reading (None, or a dict as :func:`preprocessing_of` returns, e.g.
-    read back from a checkpoint or an HDF5 attribute); returns it in canonical form.
-    ValueError naming ``what`` otherwise."""
-    if value is None:
-        return None
-    if not isinstance(value, dict) or value.get("reader") != "nifti" or \
-            set(value) != {"reader", "intensity", "target_shape"}:
-        raise ValueError(f"{what} must be None or {{'reader': 'nifti', 'intensity': ..., 'target_shape': ...}}, "
-                         f"got {value!r}")
-    try:
-        return preprocessing_of(value["intensity"], value["target_shape"])
-    except ValueError as e:
-        raise ValueError(f"{what}: {e}") from e
-
-
-def check_target_shape(target_shape):
-    """``None`` or three positive ints ``(D, H, W)``."""
-    if target_shape is None:
-        return None
-    shape = tuple(target_shape) if isinstance(target_shape, (tuple, list)) else None
-    if shape is None or len(shape) != 3 or not all(is_int(s) and s > 0 for s in shape):
-        raise ValueError(f"target_shape must be None or three positive ints (D, H, W), got {target_shape!r}")
-    return tuple(int(s) for s in shape)
 
 
 # ---------------------------------------------------------------------- tables
@@ -274,7 +226,71 @@ def _shape_of(img):
     return shape + (1,) if len(shape) == 3 else shape
 
 
-def nifti_info(table, *, labels: bool = True, classes=None, num_classes=None) -> NiftiInfo:
+def check_files(paths, where, *, threads=None, progress=None):
+    """Read every file once (header, voxels, finiteness; parallel threads, a progress bar on
+    a terminal): the list of ``"where: what is wrong"`` messages of the bad ones, in table
+    order (empty when all are fine)."""
+    return [m for m in _problems(paths, where, threads, progress) if m is not None]
+
+
+def usable_files(table, *, threads=None, progress=None):
+    """Split an unlabelled table (a CSV with a ``path`` column, a folder, or one file) into
+    ``(NiftiInfo of the files that read cleanly, [(path, "where: what is wrong"), ...] of the
+    others)``: the check pass of :func:`nifti_info` that keeps going (``wrn3d-predict
+    --skip-bad``). The usable files must share their channel count."""
+    table = os.fspath(table)
+    if not os.path.exists(table):
+        raise FileNotFoundError(f"table {table!r} does not exist")
+    if os.path.isdir(table):
+        rows = _folder_rows(table, False)[0]
+    elif is_nifti_path(table):
+        rows = [(table, None, repr(table))]
+    else:
+        rows = _csv_rows(table, False)
+    if not rows:
+        raise ValueError(f"table {table!r} lists no NIfTI files (.nii or .nii.gz)")
+    paths = tuple(os.path.abspath(p) for p, _, _ in rows)
+    where = tuple(w for _, _, w in rows)
+    problems = _problems(paths, where, threads, progress)
+    keep = [i for i, m in enumerate(problems) if m is None]
+    bad = [(paths[i], m) for i, m in enumerate(problems) if m is not None]
+    if not keep:
+        raise ValueError(f"table {table!r}: none of its {len(paths)} files can be used; the first: {bad[0][1]}")
+    shapes = tuple(_shape_of(_open(paths[i], where[i])) for i in keep)
+    for shape, i in zip(shapes, keep):
+        if shape[-1] != shapes[0][-1]:
+            raise ValueError(f"{where[i]}: {shape[-1]} channel(s) (shape {shape}), but {where[keep[0]]} has "
+                             f"{shapes[0][-1]}")
+    info = NiftiInfo(table=table, paths=tuple(paths[i] for i in keep), where=tuple(where[i] for i in keep),
+                     labels=None, class_names=None, num_classes=None, n=len(keep),
+                     volume_shape=shapes[0] if all(sh == shapes[0] for sh in shapes) else None, shapes=shapes)
+    return info, bad
+
+
+def _problems(paths, where, threads=None, progress=None):
+    """One entry per file: None, or its one-line problem."""
+    import sys
+
+    from tqdm import tqdm
+
+    def problem(i):
+        try:
+            read_nifti(paths[i], intensity=None, where=where[i])
+        except (OSError, ValueError) as e:
+            return _one_line(e)
+        return None
+
+    show = sys.stderr.isatty() if progress is None else progress
+    with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool, \
+            tqdm(total=len(paths), desc="checking scans", unit="file", disable=not show) as bar:
+        found = []
+        for message in pool.map(problem, range(len(paths))):
+            bar.update(1)
+            found.append(message)
+    return found
+
+
+def nifti_info(table, *, labels: bool = True, classes=None, num_classes=None, check: bool = False) -> NiftiInfo:
     """Validate a NIfTI table and summarise it, reading every file's header (not its voxels).
 
     Args:
@@ -284,6 +300,9 @@ def nifti_info(table, *, labels: bool = True, classes=None, num_classes=None) ->
       classes: the class names in index order, to map name labels the same way for every
         split (pass ``nifti_info(train_table).class_names`` for val/test tables).
       num_classes: labels must be in ``[0, num_classes)``.
+      check: also read every file's voxels once (parallel; a progress bar on a terminal)
+        and raise ONE ValueError listing every file that cannot be used (truncated,
+        unreadable, NaN/Inf voxels), each with its CSV line. Costs one pass of decoding.
 
     Raises FileNotFoundError or ValueError naming the table and, where it applies, the
     file and CSV line: table missing, empty, missing columns, empty cells, a file missing
@@ -309,6 +328,11 @@ def nifti_info(table, *, labels: bool = True, classes=None, num_classes=None) ->
     count = num_classes
     if labels:
         label_array, names, count = _labels([v for _, v, _ in rows], where, table, classes, num_classes)
+    if check:
+        bad = check_files(paths, where)
+        if bad:
+            raise ValueError(f"table {table!r}: {len(bad)} of {len(paths)} files cannot be used:\n  "
+                             + "\n  ".join(bad))
     shapes = tuple(_shape_of(_open(p, w)) for p, w in zip(paths, where))
     for shape, w in zip(shapes, where):
         if shape[-1] != shapes[0][-1]:
@@ -319,42 +343,6 @@ def nifti_info(table, *, labels: bool = True, classes=None, num_classes=None) ->
 
 
 # ------------------------------------------------------------------- reading
-def _fit(volume, target_shape):
-    """Centre crop / zero pad each spatial axis of a DHWC array to ``target_shape``."""
-    out = volume
-    for axis, want in enumerate(target_shape):
-        have = out.shape[axis]
-        if have > want:
-            start = (have - want) // 2
-            out = np.take(out, np.arange(start, start + want), axis=axis)
-        elif have < want:
-            before = (want - have) // 2
-            widths = [(0, 0)] * 4
-            widths[axis] = (before, want - have - before)
-            out = np.pad(out, widths)
-    return out
-
-
-def _normalise(x, intensity):
-    if intensity is None:
-        return x
-    if intensity[0] == "window":
-        _, lo, hi = intensity
-        return ((np.clip(x, lo, hi) - lo) / (hi - lo)).astype(np.float32)
-    out = np.empty_like(x)
-    for c in range(x.shape[-1]):
-        v = x[..., c]
-        mask = v != 0 if intensity == "zscore_nonzero" else None
-        sel = v if mask is None else v[mask]
-        mean = sel.mean(dtype=np.float64) if sel.size else 0.0
-        std = sel.std(dtype=np.float64) if sel.size else 1.0
-        std = std if std > 1e-6 else 1.0         # a constant volume is centred, not scaled by ~0
-        out[..., c] = (v - np.float32(mean)) / np.float32(std)
-        if mask is not None:
-            out[..., c][~mask] = 0.0
-    return out
-
-
 def read_nifti(path, *, intensity="zscore", target_shape=None, where=None) -> np.ndarray:
     """One NIfTI file as a float32 ``(D, H, W, C)`` array, preprocessed as described in the
     module's doc (``intensity`` then centre crop / zero pad to ``target_shape``).
@@ -378,10 +366,7 @@ def read_nifti(path, *, intensity="zscore", target_shape=None, where=None) -> np
         data = data[..., None]
     if not np.isfinite(data).all():
         raise ValueError(f"{where}: {path!r} contains NaN or Inf voxels")
-    data = _normalise(data, intensity)
-    if target_shape is not None:
-        data = _fit(data, target_shape)
-    return np.ascontiguousarray(data, dtype=np.float32)
+    return apply_reading(data[None], preprocessing_of(intensity, target_shape))[0]
 
 
 def _output_shape(info, target_shape):
@@ -405,7 +390,7 @@ class NiftiVolumes:
     """
 
     def __init__(self, table, *, intensity="zscore", target_shape=None, labels=False, classes=None,
-                 num_classes=None, threads=None):
+                 num_classes=None, threads=None, check=False):
         self.intensity = check_intensity(intensity)
         self.target_shape = check_target_shape(target_shape)
         if isinstance(table, NiftiInfo):
@@ -416,7 +401,7 @@ class NiftiVolumes:
             info = NiftiInfo(table=path, paths=(path,), where=(repr(path),), labels=None, class_names=None,
                              num_classes=None, n=1, volume_shape=shape, shapes=(shape,))
         else:
-            info = nifti_info(table, labels=labels, classes=classes, num_classes=num_classes)
+            info = nifti_info(table, labels=labels, classes=classes, num_classes=num_classes, check=check)
         self.info = info
         self.shape = (info.n,) + _output_shape(info, self.target_shape)
         self.dtype = np.dtype(np.float32)
@@ -454,7 +439,7 @@ class NiftiVolumes:
 # ------------------------------------------------------------------ pipelines
 def nifti_dataset(table, *, batch_size: int, training: bool = False, target_shape=None, intensity="zscore",
                   seed: int = 0, repeat: bool = False, shuffle=None, augment=None, num_classes=None,
-                  classes=None, drop_remainder: bool = False) -> tf.data.Dataset:
+                  classes=None, drop_remainder: bool = False, check: bool = True) -> tf.data.Dataset:
     """Stream labelled NIfTI volumes as ``tf.data`` batches.
 
     Every file's header is checked up front (:func:`nifti_info`); voxels are read per
@@ -483,8 +468,11 @@ def nifti_dataset(table, *, batch_size: int, training: bool = False, target_shap
       ``dataset.wrn3d_preprocessing`` the reading (:func:`preprocessing_of`), which a
       ``Trainer`` stores in its checkpoints for ``predict``.
 
-    Errors while reading a file (NaN voxels, a corrupt file) surface when the batch is
-    produced, as a ``tf.errors.InvalidArgumentError`` whose message names the file.
+    ``check`` (default True): read every file once before returning (``nifti_info(...,
+    check=True)``), so truncated files and NaN/Inf voxels are all listed in one ValueError
+    before any training step; False skips that pass. Errors while reading a file later on
+    surface when the batch is produced; a ``Trainer`` re-raises them as ValueError with the
+    reader's one-line message (``wrn3d_tl.data.data_errors`` does it for other loops).
     """
     batch_size = _check_positive_int("batch_size", batch_size)
     training, augment, shuffle, _, drop_remainder, repeat, seed, _ = _check_pipeline_flags(
@@ -493,7 +481,7 @@ def nifti_dataset(table, *, batch_size: int, training: bool = False, target_shap
         raise ValueError("nifti_dataset: augment=True has no meaning for scans; pass augment=Augment3D(...) "
                          "naming the flips/rotations/crops that suit the anatomy")
     volumes = NiftiVolumes(table, intensity=intensity, target_shape=target_shape, labels=True, classes=classes,
-                           num_classes=num_classes)
+                           num_classes=num_classes, check=check)
     info, shape = volumes.info, volumes.shape[1:]
     n = info.n
     if drop_remainder and not repeat and n < batch_size:
@@ -502,8 +490,10 @@ def nifti_dataset(table, *, batch_size: int, training: bool = False, target_shap
     labels = tf.constant(info.labels)
     augmenter = _augmenter(augment, 0, False) if augment else None
 
+    read = marked_errors(lambda i: volumes.read(int(i)))
+
     def load(index, epoch):
-        volume = tf.numpy_function(lambda i: volumes.read(int(i)), [index], tf.float32, stateful=False)
+        volume = tf.numpy_function(read, [index], tf.float32, stateful=False)
         volume = tf.ensure_shape(volume, shape)
         if augmenter is not None:
             volume = tf.cast(augmenter(volume, _element_seed(seed, epoch, index)), tf.float32)
@@ -532,7 +522,9 @@ def nifti_to_hdf5(table, out_path, *, target_shape=None, intensity="zscore", cla
     info = volumes.info
     with written_atomically(out_path) as tmp:      # a bad scan part-way leaves no half-written file
         write_hdf5_volumes(tmp, volumes, info.labels, x_key=x_key, y_key=y_key, compression=compression,
-                           num_classes=info.num_classes)
+                           num_classes=info.num_classes,
+                           class_names=info.class_names if info.class_names and len(info.class_names) ==
+                           info.num_classes else None)
         _describe(tmp, x_key, y_key, info, volumes)
     return hdf5_info(out_path, x_key, y_key)
 
@@ -543,7 +535,6 @@ def _describe(path, x_key, y_key, info, volumes):
     import h5py
 
     with h5py.File(path, "a") as f:
-        f[y_key].attrs["class_names"] = json.dumps(info.class_names)
         f[x_key].attrs["source"] = json.dumps({"table": os.path.abspath(info.table), "intensity": volumes.intensity,
                                                "target_shape": volumes.target_shape})
         f[x_key].attrs["preprocessing"] = json.dumps(preprocessing_of(volumes.intensity, volumes.target_shape))

@@ -25,9 +25,36 @@ from .transforms import (_check_positive_int, _check_tile_mode,
                          _crop_flip, _check_non_negative_int, as_normalization,
                          tile_to_volume)
 
-__all__ = ["make_dataset", "normalization_of"]
+__all__ = ["make_dataset", "normalization_of", "marked_errors", "data_errors"]
 
 AUTOTUNE = tf.data.AUTOTUNE
+_MARK = "\u2039wrn3d_tl\u203a"   # brackets a reader's one-line message inside TensorFlow's error text
+
+
+def marked_errors(fn):
+    """``fn`` for a ``tf.numpy_function``: its ValueError/OSError messages (which name the
+    file and the CSV line) are bracketed so :func:`data_errors` can give them back whole."""
+    def call(*args):
+        try:
+            return fn(*args)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"{_MARK}{' '.join(str(e).split())}{_MARK}") from None
+    return call
+
+
+class data_errors:
+    """Context manager around pulling batches: a reader's error raised inside ``tf.data``
+    (a ``tf.errors.OpError`` wrapping Python traceback text) comes out as ``ValueError``
+    with the reader's one-line message (file, CSV line, what is wrong)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if isinstance(exc, tf.errors.OpError) and _MARK in (exc.message or ""):
+            message = exc.message.split(_MARK)[1]
+            raise ValueError(message) from None
+        return False
 
 
 # --------------------------------------------------------------------------
