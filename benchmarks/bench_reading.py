@@ -29,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -85,7 +86,9 @@ def main(argv=None):
         reading = preprocessing_of("zscore", spatial)
         config = WRNConfig(depth=args.depth, widen_factor=args.width, num_classes=2, input_shape=info.volume_shape)
         trainer = Trainer(build_wrn(config), lr=0.01, verbose=False, preprocessing=reading)
-        export_saved_model(trainer, os.path.join(tmp, "served"))
+        with warnings.catch_warnings():      # no dataset-level stats here, and none needed
+            warnings.simplefilter("ignore", UserWarning)
+            export_saved_model(trainer, os.path.join(tmp, "served"))
         served = tf.saved_model.load(os.path.join(tmp, "served"))
         raw = np.stack([np.asarray(nib.load(p).dataobj, np.float32).reshape(info.shapes[i])
                         for i, p in enumerate(info.paths[:args.batch_size])])
