@@ -8,7 +8,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 export TF_ENABLE_ONEDNN_OPTS ?= 1
 ITERS ?= 10
 
-.PHONY: demo test bench gpu-check clean
+.PHONY: demo test test-full bench gpu-check clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -24,8 +24,15 @@ demo: $(STAMP)
 # Three pytest processes (pytest-xdist), a test file each at a time: one TensorFlow process
 # leaves the second core idle about half of the time, and many tests wait on subprocesses
 # (measured on 2 cores: 761 s in one process, 556-620 s with -n 2, 462 s with -n 3).
+# `make test` is the fast tier (not the `slow` marker); `make test-full` (CI) runs everything.
+# Both print the 30 slowest tests.
+PYTEST := $(PY) -m pytest -q -rs -n 3 --dist loadfile --durations=30
+
 test: $(STAMP)
-	$(PY) -m pytest -q -n 3 --dist loadfile tests
+	$(PYTEST) -m "not slow" tests
+
+test-full: $(STAMP)
+	$(PYTEST) tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_train.py

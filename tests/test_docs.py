@@ -628,7 +628,11 @@ def test_make_targets_run_the_documented_commands():
     recipes = dict(re.findall(r"^([\w$().]+):[^\n=]*\n((?:\t[^\n]*\n)+)", make, re.M))
     assert re.search(r"^VENV \?= \.venv$", make, re.M) and re.search(r"^ITERS \?= 10$", make, re.M)
     assert "examples/cifar_wide_resnet_tl.py --iters $(ITERS)" in recipes["demo"]
-    assert "-m pytest" in recipes["test"] and "tests" in recipes["test"]
+    pytest = re.search(r"^PYTEST := (.*)$", make, re.M).group(1)
+    assert "-m pytest" in pytest and "--durations=30" in pytest
+    assert recipes["test"].split() == ["$(PYTEST)", "-m", '"not', 'slow"', "tests"]     # the fast tier
+    assert recipes["test-full"].split() == ["$(PYTEST)", "tests"]                      # everything
+    assert "make test-full" in (ROOT / ".ci" / "run").read_text()
     assert re.search(r"^demo: \$\(STAMP\)", make, re.M) and re.search(r"^test: \$\(STAMP\)", make, re.M)
     assert 'pip install -q -e ".[test]"' in recipes["$(STAMP)"]
 

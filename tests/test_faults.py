@@ -357,9 +357,25 @@ EVAL_PATTERN = {"rank: one volume without batch axis": r"x must have shape \(bat
                 "empty batch": "data is empty"}
 
 
+@pytest.fixture(scope="module")
+def shared_ck_trainer(tmp_path_factory):
+    """ONE trainer like ``ck_trainer`` for all the bad-batch cases (compiling a trainer per case
+    was most of their time): each case asserts that its refusal changed nothing, and starts
+    from the state saved here (``trainer.load``), so the cases stay independent."""
+    folder = str(tmp_path_factory.mktemp("shared") / "ck")
+    tf.random.set_seed(0)
+    trainer = Trainer(build_wrn(CFG), lr=0.05, normalization=NORM, checkpoint_dir=folder, checkpoint_every=1,
+                      verbose=False)
+    for s in range(2):
+        trainer.train_step(*_batch(s))
+    start = trainer.save(os.path.join(os.path.dirname(folder), "start.h5"))
+    return trainer, folder, start
+
+
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_batches_raise_and_change_nothing(ck_trainer, case):
-    trainer, folder = ck_trainer
+def test_bad_batches_raise_and_change_nothing(shared_ck_trainer, case):
+    trainer, folder, start = shared_ck_trainer
+    trainer.load(start)
     x, y, pattern = BAD[case]
     state, files = _state(trainer), _digests(folder)
     with pytest.raises(ValueError, match=r"train_step: .*" + pattern):

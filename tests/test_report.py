@@ -262,6 +262,7 @@ def test_cifar_example_writes_a_report(cifar_report):
     assert "WRN-10-1" in body and body.count('src="data:image/png;base64,') == 3 + len(cams)
 
 
+@pytest.mark.slow   # a real browser; fast tier: test_run_report_is_one_self_contained_page (the HTML structure)
 def test_report_renders_in_a_headless_browser(request, tmp_path):
     from matplotlib.image import imread
 

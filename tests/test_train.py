@@ -358,6 +358,7 @@ def test_bf16_warns_once_on_a_cpu_without_bf16_instructions(monkeypatch):
     assert len([w for w in rec if "bf16 instructions" in str(w.message)]) == 1
 
 
+@pytest.mark.slow     # bf16 training parity: the full tier (make test-full, CI)
 @pytest.mark.skipif(not __import__("wrn3d_tl.cpu").cpu.has_bf16_instructions(),
                     reason="bf16 is emulated on this CPU (no avx512_bf16/amx_bf16): 2-14x slower than fp32, too slow "
                            "for the suite; the bf16 correctness tests still run")
