@@ -625,7 +625,7 @@ def test_make_targets_run_the_documented_commands():
     """README's two commands: `make demo` runs the main job for 10 iterations, `make test` the
     suite, both in .venv after installing the package (with the test extras)."""
     make = (ROOT / "Makefile").read_text()
-    recipes = dict(re.findall(r"^([\w$().]+):[^\n=]*\n((?:\t[^\n]*\n)+)", make, re.M))
+    recipes = dict(re.findall(r"^([\w$().-]+):[^\n=]*\n((?:\t[^\n]*\n)+)", make, re.M))
     assert re.search(r"^VENV \?= \.venv$", make, re.M) and re.search(r"^ITERS \?= 10$", make, re.M)
     assert "examples/cifar_wide_resnet_tl.py --iters $(ITERS)" in recipes["demo"]
     pytest = re.search(r"^PYTEST := (.*)$", make, re.M).group(1)
