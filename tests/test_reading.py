@@ -19,7 +19,8 @@ from wrn3d_tl.data.reading import apply_reading, apply_reading_tf, preprocessing
 from wrn3d_tl.model import WRNConfig, build_wrn
 from wrn3d_tl.predict import Predictor, predict
 from wrn3d_tl.predict import main as predict_main
-from wrn3d_tl.train import Trainer, load_for_inference
+from wrn3d_tl.loading import load_for_inference
+from wrn3d_tl.train import Trainer
 
 NAMES = ("apex", "body", "tail")        # the class = where a bright slab lies along depth (sorted names)
 TARGET = (8, 8, 8)

@@ -222,7 +222,7 @@ def from_torch(source, *, layout="auto", input_shape=(32, 32, 3)):
 # ---------------------------------------------------------------- inflation
 def _source_model(source):
     if isinstance(source, (str, os.PathLike)):
-        from wrn3d_tl.train import load_model
+        from wrn3d_tl.loading import load_model
 
         return load_model(source)[0]
     if not isinstance(getattr(source, "wrn_config", None), WRNConfig):

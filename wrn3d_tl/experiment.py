@@ -141,7 +141,7 @@ def initial_model(path, *, input_shape, num_classes, strategy=None, recompute=Fa
     """``(model, stored normalisation)`` of a checkpoint to fine-tune from (``--init-from``):
     its network (depth, width, padding, strides come from the file) with its weights.
     ValueError when its input shape or classes are not the data's."""
-    from wrn3d_tl.train import load_model
+    from wrn3d_tl.loading import load_model
 
     model, config, norm = load_model(path, strategy=strategy, recompute=recompute)
     if config.input_shape != tuple(input_shape) or config.num_classes != num_classes:

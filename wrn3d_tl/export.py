@@ -64,7 +64,7 @@ def _resolve(trainer_or_model, normalization):
     from wrn3d_tl.config import WRNConfig
 
     if isinstance(trainer_or_model, (str, os.PathLike)):  # a checkpoint file: weights, normalisation, reading
-        from wrn3d_tl.train import load_for_inference
+        from wrn3d_tl.loading import load_for_inference
 
         model, config, stored, reading, names = load_for_inference(trainer_or_model)
         return model, config, _norm_arrays(stored if normalization is None else normalization, config), reading, names
@@ -262,7 +262,7 @@ def main(argv=None):
         return fail(p.prog, "--out", args.out, "is a folder holding something other than a SavedModel; "
                     "give a new or empty folder")
     quiet_tensorflow()
-    from wrn3d_tl.train import load_for_inference
+    from wrn3d_tl.loading import load_for_inference
 
     try:
         model, config, stored, reading, names = load_for_inference(args.checkpoint)

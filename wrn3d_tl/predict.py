@@ -79,7 +79,7 @@ class Predictor:
 
         from wrn3d_tl.config import WRNConfig
         from wrn3d_tl.model import inference_copy, inference_dtype
-        from wrn3d_tl.train import load_for_inference
+        from wrn3d_tl.loading import load_for_inference
 
         dtype = inference_dtype(precision)
 

@@ -27,12 +27,13 @@ from wrn3d_tl.data import as_normalization, data_errors, normalization_of, same_
 from wrn3d_tl.data.reading import check_class_names, check_preprocessing
 from wrn3d_tl.data.shards import Share, input_share, share_problem
 from wrn3d_tl.layers import variable_name
+from wrn3d_tl.loading import assign_checked, stored_config_and_normalization, load_for_inference, load_model  # noqa: F401
 from wrn3d_tl.logs import MetricsLogger, log, plot_metrics
 from wrn3d_tl.metrics import classification_metrics
 from wrn3d_tl.model import WRNConfig, build_wrn
 from wrn3d_tl.optim import FP16_MAX_FLOOR_SKIPS, SCHEDULES, SGD, LossScale, scheduled_lr
 
-__all__ = ["Trainer", "describe_devices", "load_model", "load_for_inference", "under"]
+__all__ = ["Trainer", "describe_devices", "load_model", "load_for_inference", "under"]   # the loaders: wrn3d_tl.loading
 
 LOG_EVERY_STEPS, LOG_EVERY_S = 50, 30.0   # fit's progress lines where no bar can show
 
@@ -681,7 +682,7 @@ class Trainer:
         step, loss scale, normalisation). Everything is checked before anything is
         assigned: on any error the trainer is unchanged."""
         ck = read_checkpoint(path)
-        config, norm = _stored_config_and_normalization(ck, path)
+        config, norm = stored_config_and_normalization(ck, path)
         if self.normalization_known and not same_normalization(norm, self.normalization):
             raise CheckpointError(f"checkpoint {os.fspath(path)!r} was trained on batches normalised with "
                                   f"{ck['normalization'] or 'nothing (raw)'}, but this trainer's data uses "
@@ -691,7 +692,7 @@ class Trainer:
                                   f"{self.config}")
         pairs = [(v, ck["weights"], variable_name(v)) for v in self.model.all_weights]
         pairs += [(s, ck["optimizer"], variable_name(w)) for w, s in zip(self.optimizer.weights, self.optimizer.slots)]
-        _assign_checked(pairs, path)
+        assign_checked(pairs, path)
         if ck["trainer"].get("mixed_precision") == self.mixed_precision:
             self.loss_scale.load_state(ck["state"])  # else a run switching to fp16 starts at the initial scale
         self._step = ck["step"]
@@ -746,65 +747,6 @@ def under(name, prefixes):
     """Whether the weight ``name`` ("group2/block1/conv1/kernel") lies under one of
     ``prefixes``, matched by whole path components ("group2", "group2/block1", "head")."""
     return any(name == p.rstrip("/") or name.startswith(p.rstrip("/") + "/") for p in prefixes)
-
-
-def _stored_config_and_normalization(ck, path):
-    """The ``WRNConfig`` and the validated normalisation (or None) a read checkpoint holds;
-    CheckpointError naming the file when either is malformed."""
-    try:
-        config = WRNConfig.from_dict(ck["config"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {os.fspath(path)!r} holds an invalid config: {e}") from e
-    try:
-        norm = as_normalization(ck["normalization"], config.input_shape[-1], "its config's input")
-    except ValueError as e:
-        raise CheckpointError(f"checkpoint {os.fspath(path)!r} holds invalid normalization stats: {e}") from e
-    return config, norm
-
-
-def _assign_checked(pairs, path):
-    """``(variable, table, name)`` triples: check that every name is in its table with the
-    variable's shape, then assign them all (nothing is assigned when a check fails)."""
-    for var, table, name in pairs:
-        if name not in table:
-            raise CheckpointError(f"checkpoint {os.fspath(path)!r} lacks {name!r}")
-        if tuple(table[name].shape) != tuple(var.shape):
-            raise CheckpointError(f"checkpoint {os.fspath(path)!r}: {name!r} has shape "
-                                  f"{table[name].shape}, the model expects {tuple(var.shape)}")
-    for var, table, name in pairs:
-        var.assign(table[name])
-
-
-def load_model(path, *, strategy=None, recompute=False):
-    """The network a checkpoint file holds: ``(model, config, normalization)``, with the
-    weights (BN moving statistics included) loaded and the normalisation (a ``{"mean",
-    "std"}`` dict in raw units, or None) validated; for inference, or to start a training
-    run from (the model is built inside ``strategy``'s scope, with ``recompute``). The
-    optimizer state is not read. Raises FileNotFoundError or CheckpointError naming the file.
-    """
-    return _load(path, strategy, recompute)[:3]
-
-
-def load_for_inference(path):
-    """``(model, config, normalization, preprocessing, class_names)`` from ONE read of a
-    checkpoint: what ``load_model`` gives plus the stored reading (``Trainer.preprocessing``,
-    validated; None when the training data did not say) and the class names (a tuple of
-    str, or None: checkpoints from before they were stored load without them)."""
-    return _load(path, None, False)
-
-
-def _load(path, strategy, recompute):
-    ck = read_checkpoint(path)
-    config, norm = _stored_config_and_normalization(ck, path)
-    try:
-        reading = check_preprocessing(ck["trainer"].get("preprocessing"), "its stored preprocessing")
-        names = check_class_names(ck["trainer"].get("class_names"), config.num_classes, "its stored class_names")
-    except ValueError as e:
-        raise CheckpointError(f"checkpoint {os.fspath(path)!r}: {e}") from e
-    with (strategy or tf.distribute.get_strategy()).scope():
-        model = build_wrn(config, recompute=recompute)
-    _assign_checked([(v, ck["weights"], variable_name(v)) for v in model.all_weights], path)
-    return model, config, None if norm is None else norm.to_dict(), reading, names
 
 
 def _check(value, name, rule, ok):

@@ -239,16 +239,7 @@ def usable_files(table, *, threads=None, progress=None):
     others)``: the check pass of :func:`nifti_info` that keeps going (``wrn3d-predict
     --skip-bad``). The usable files must share their channel count."""
     table = os.fspath(table)
-    if not os.path.exists(table):
-        raise FileNotFoundError(f"table {table!r} does not exist")
-    if os.path.isdir(table):
-        rows = _folder_rows(table, False)[0]
-    elif is_nifti_path(table):
-        rows = [(table, None, repr(table))]
-    else:
-        rows = _csv_rows(table, False)
-    if not rows:
-        raise ValueError(f"table {table!r} lists no NIfTI files (.nii or .nii.gz)")
+    rows, _ = _table_rows(table, False, single_file=True)
     paths = tuple(os.path.abspath(p) for p, _, _ in rows)
     where = tuple(w for _, _, w in rows)
     problems = _problems(paths, where, threads, progress)
@@ -256,15 +247,38 @@ def usable_files(table, *, threads=None, progress=None):
     bad = [(paths[i], m) for i, m in enumerate(problems) if m is not None]
     if not keep:
         raise ValueError(f"table {table!r}: none of its {len(paths)} files can be used; the first: {bad[0][1]}")
-    shapes = tuple(_shape_of(_open(paths[i], where[i])) for i in keep)
-    for shape, i in zip(shapes, keep):
-        if shape[-1] != shapes[0][-1]:
-            raise ValueError(f"{where[i]}: {shape[-1]} channel(s) (shape {shape}), but {where[keep[0]]} has "
-                             f"{shapes[0][-1]}")
+    shapes = _header_shapes([paths[i] for i in keep], [where[i] for i in keep])
     info = NiftiInfo(table=table, paths=tuple(paths[i] for i in keep), where=tuple(where[i] for i in keep),
                      labels=None, class_names=None, num_classes=None, n=len(keep),
                      volume_shape=shapes[0] if all(sh == shapes[0] for sh in shapes) else None, shapes=shapes)
     return info, bad
+
+
+def _table_rows(table, labels, single_file=False):
+    """``(rows, class folders or None)`` of a table: rows ``(path, label value or None,
+    where)`` of a CSV, a class-per-folder folder, or (``single_file``) one NIfTI file."""
+    if not os.path.exists(table):
+        raise FileNotFoundError(f"table {table!r} does not exist (expected a CSV file with path and label "
+                                "columns, or a folder of NIfTI files)")
+    folders = None
+    if os.path.isdir(table):
+        rows, folders = _folder_rows(table, labels)
+    elif single_file and is_nifti_path(table):
+        rows = [(table, None, repr(table))]
+    else:
+        rows = _csv_rows(table, labels)
+    if not rows:
+        raise ValueError(f"table {table!r} lists no NIfTI files (.nii or .nii.gz)")
+    return rows, folders
+
+
+def _header_shapes(paths, where):
+    """``(D, H, W, C)`` of each file from its header; ValueError when the channels differ."""
+    shapes = tuple(_shape_of(_open(p, w)) for p, w in zip(paths, where))
+    for shape, w in zip(shapes, where):
+        if shape[-1] != shapes[0][-1]:
+            raise ValueError(f"{w}: {shape[-1]} channel(s) (shape {shape}), but {where[0]} has {shapes[0][-1]}")
+    return shapes
 
 
 def _problems(paths, where, threads=None, progress=None):
@@ -312,16 +326,8 @@ def nifti_info(table, *, labels: bool = True, classes=None, num_classes=None, ch
     table = os.fspath(table)
     if num_classes is not None:
         num_classes = _check_positive_int("num_classes", num_classes)
-    if not os.path.exists(table):
-        raise FileNotFoundError(f"table {table!r} does not exist (expected a CSV file with path and label "
-                                "columns, or a folder of NIfTI files)")
-    if os.path.isdir(table):
-        rows, folders = _folder_rows(table, labels)
-        classes = folders if classes is None else classes
-    else:
-        rows = _csv_rows(table, labels)
-    if not rows:
-        raise ValueError(f"table {table!r} lists no NIfTI files (.nii or .nii.gz)")
+    rows, folders = _table_rows(table, labels)
+    classes = folders if classes is None else classes
     paths = tuple(os.path.abspath(p) for p, _, _ in rows)
     where = tuple(w for _, _, w in rows)
     label_array = names = None
@@ -333,10 +339,7 @@ def nifti_info(table, *, labels: bool = True, classes=None, num_classes=None, ch
         if bad:
             raise ValueError(f"table {table!r}: {len(bad)} of {len(paths)} files cannot be used:\n  "
                              + "\n  ".join(bad))
-    shapes = tuple(_shape_of(_open(p, w)) for p, w in zip(paths, where))
-    for shape, w in zip(shapes, where):
-        if shape[-1] != shapes[0][-1]:
-            raise ValueError(f"{w}: {shape[-1]} channel(s) (shape {shape}), but {where[0]} has {shapes[0][-1]}")
+    shapes = _header_shapes(paths, where)
     same = all(s == shapes[0] for s in shapes)
     return NiftiInfo(table=table, paths=paths, where=where, labels=label_array, class_names=names,
                      num_classes=count, n=len(paths), volume_shape=shapes[0] if same else None, shapes=shapes)

@@ -1,0 +1,78 @@
+"""Loading a trained network from a checkpoint file, for inference or to start from: the
+model (``build_wrn`` of the stored config, its weights assigned by name with their shapes
+checked), its normalisation, its reading and its class names.
+
+Beside ``build_wrn`` in the data flow (data -> layers/model -> loading -> train ->
+export/predict/explain): the inference side loads models without importing the trainer.
+"""
+
+import os
+
+import tensorflow as tf
+
+from wrn3d_tl.checkpoint import CheckpointError, read_checkpoint
+from wrn3d_tl.data import as_normalization
+from wrn3d_tl.data.reading import check_class_names, check_preprocessing
+from wrn3d_tl.layers import variable_name
+from wrn3d_tl.model import WRNConfig, build_wrn
+
+__all__ = ["load_model", "load_for_inference", "assign_checked", "stored_config_and_normalization"]
+
+
+def stored_config_and_normalization(ck, path):
+    """The ``WRNConfig`` and the validated normalisation (or None) a read checkpoint holds;
+    CheckpointError naming the file when either is malformed."""
+    try:
+        config = WRNConfig.from_dict(ck["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {os.fspath(path)!r} holds an invalid config: {e}") from e
+    try:
+        norm = as_normalization(ck["normalization"], config.input_shape[-1], "its config's input")
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {os.fspath(path)!r} holds invalid normalization stats: {e}") from e
+    return config, norm
+
+
+def assign_checked(pairs, path):
+    """``(variable, table, name)`` triples: check that every name is in its table with the
+    variable's shape, then assign them all (nothing is assigned when a check fails)."""
+    for var, table, name in pairs:
+        if name not in table:
+            raise CheckpointError(f"checkpoint {os.fspath(path)!r} lacks {name!r}")
+        if tuple(table[name].shape) != tuple(var.shape):
+            raise CheckpointError(f"checkpoint {os.fspath(path)!r}: {name!r} has shape "
+                                  f"{table[name].shape}, the model expects {tuple(var.shape)}")
+    for var, table, name in pairs:
+        var.assign(table[name])
+
+
+def load_model(path, *, strategy=None, recompute=False):
+    """The network a checkpoint file holds: ``(model, config, normalization)``, with the
+    weights (BN moving statistics included) loaded and the normalisation (a ``{"mean",
+    "std"}`` dict in raw units, or None) validated; for inference, or to start a training
+    run from (the model is built inside ``strategy``'s scope, with ``recompute``). The
+    optimizer state is not read. Raises FileNotFoundError or CheckpointError naming the file.
+    """
+    return _load(path, strategy, recompute)[:3]
+
+
+def load_for_inference(path):
+    """``(model, config, normalization, preprocessing, class_names)`` from ONE read of a
+    checkpoint: what ``load_model`` gives plus the stored reading (``Trainer.preprocessing``,
+    validated; None when the training data did not say) and the class names (a tuple of
+    str, or None: checkpoints from before they were stored load without them)."""
+    return _load(path, None, False)
+
+
+def _load(path, strategy, recompute):
+    ck = read_checkpoint(path)
+    config, norm = stored_config_and_normalization(ck, path)
+    try:
+        reading = check_preprocessing(ck["trainer"].get("preprocessing"), "its stored preprocessing")
+        names = check_class_names(ck["trainer"].get("class_names"), config.num_classes, "its stored class_names")
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {os.fspath(path)!r}: {e}") from e
+    with (strategy or tf.distribute.get_strategy()).scope():
+        model = build_wrn(config, recompute=recompute)
+    assign_checked([(v, ck["weights"], variable_name(v)) for v in model.all_weights], path)
+    return model, config, None if norm is None else norm.to_dict(), reading, names
