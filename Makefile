@@ -21,12 +21,13 @@ $(STAMP): setup.py | $(PY)
 demo: $(STAMP)
 	$(PY) examples/cifar_wide_resnet_tl.py --iters $(ITERS)
 
-# Three pytest processes (pytest-xdist), a test file each at a time: one TensorFlow process
-# leaves the second core idle about half of the time, and many tests wait on subprocesses
-# (measured on 2 cores: 761 s in one process, 556-620 s with -n 2, 462 s with -n 3).
+# Two pytest processes (pytest-xdist), a test file each at a time, each with ONE intra-op
+# thread for TensorFlow's kernels (tests/conftest.py reads WRN3D_TEST_INTRA_OP_THREADS): on 2
+# cores the fast tier took 482 s this way against 626 s with three processes of TensorFlow's
+# default thread pools (AMD EPYC, AVX512_BF16, 2026-12-06), whose pools oversubscribed the cores.
 # `make test` is the fast tier (not the `slow` marker); `make test-full` (CI) runs everything.
-# Both print the 30 slowest tests.
-PYTEST := $(PY) -m pytest -q -rs -n 3 --dist loadfile --durations=30
+# Both print the 30 slowest tests and the reasons of skips.
+PYTEST := WRN3D_TEST_INTRA_OP_THREADS=1 $(PY) -m pytest -q -rs -n 2 --dist loadfile --durations=30
 
 test: $(STAMP)
 	$(PYTEST) -m "not slow" tests

@@ -14,6 +14,11 @@ import tensorflow as tf  # noqa: E402
 # Logical devices can only be configured before TensorFlow's runtime starts, so this
 # happens at import, once for the whole session; single-device code still runs on CPU:0.
 _cpus = tf.config.list_physical_devices("CPU")
+# WRN3D_TEST_INTRA_OP_THREADS=N: each pytest worker's kernels use N threads (make test runs one
+# worker per core with 1), so workers do not oversubscribe the cores; subprocesses the tests
+# start keep TensorFlow's defaults.
+if os.environ.get("WRN3D_TEST_INTRA_OP_THREADS"):
+    tf.config.threading.set_intra_op_parallelism_threads(int(os.environ["WRN3D_TEST_INTRA_OP_THREADS"]))
 try:
     tf.config.set_logical_device_configuration(_cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 except RuntimeError:  # runtime already initialised by another plugin
