@@ -814,11 +814,39 @@ def test_performance_summary_per_machine_is_the_recorded_run():
     """Every machine kind of docs/performance.md's summary quotes its run's JSON records:
     samples/s of every implementation, precision and phase, and wrn3d_tl / best rival."""
     machines = _perf_machines()
-    assert len(machines) == 2 and any("Xeon" in h for h in machines) and any("EPYC" in h for h in machines)
-    (amx,) = [v for h, v in machines.items() if "Xeon" in h]
-    part, records = amx
+    assert len(machines) == 3 and sum("Xeon" in h for h in machines) == 1 and sum("EPYC" in h for h in machines) == 2
+    tables = [(h, v) for h, v in machines.items() if "2026-11-25" not in h]   # the 11-25 run: the next test
+    assert len(tables) == 2
+    for heading, (part, records) in tables:
+        env = next(r for r in records if r["kind"] == "environment")
+        assert env["cpu"] in part and all(f"`{flag}`" in part for flag in env["cpu_flags"] if "bf16" in flag)
+        assert ("amx_bf16" in env["cpu_flags"]) == ("Xeon" in heading)
+        _check_machine_table(part, records)
+    part, records = next(v for h, v in tables if "EPYC" in h)
     env = next(r for r in records if r["kind"] == "environment")
-    assert env["cpu"] in part and "amx_bf16" in env["cpu_flags"]
+    assert env["onednn"] is True and "oneDNN on" in part
+    steps = {(r["config"], r["impl"], r["precision"]): r for r in records if r["kind"] == "step"}
+    (summary,) = [r for r in records if r["kind"] == "summary"]
+    ratios = summary["ratios"]
+    text = " ".join(part.split())
+    assert f"({summary['elapsed_s']:.0f} s)" in text
+    assert f"fp32 {summary['matmul_peak']['fp32']:.0f} GFLOP/s, bf16 {summary['matmul_peak']['bf16']:.0f} GFLOP/s" in text
+    assert ("bf16 over fp32: " + ", ".join(f"{ratios[f'{c}/bf16_over_fp32']:.2f}x ({label})" for c, label in
+            (("wrn16-4-3d", "WRN-16-4 3D"), ("wrn40-4-2d", "WRN-40-4 2D"), ("wrn10-2-3d", "WRN-10-2 3D")))
+            .replace("x (WRN-40-4 2D), ", "x (WRN-40-4 2D) and ")) in text
+    xla = [steps[(c, "wrn3d_tl+xla", "fp32")]["train"]["median_s"] / steps[(c, "wrn3d_tl", "fp32")]["train"]["median_s"]
+           for c in ("wrn16-4-3d", "wrn40-4-2d", "wrn10-2-3d")]
+    assert f"train step is {xla[0]:.1f}x, {xla[1]:.1f}x and {xla[2]:.1f}x slower" in text
+    big = [ratios[f"{c}/{p}/{ph}/wrn3d_tl_vs_best"] for c in ("wrn16-4-3d", "wrn40-4-2d") for p in ("fp32", "bf16")
+           for ph in ("train", "infer")]
+    assert sum(r >= 0.98 for r in big) == 7 and "in 7 of the 8 cells" in text
+    small = [ratios[f"wrn10-2-3d/{p}/{ph}/wrn3d_tl_vs_best"] for p in ("fp32", "bf16") for ph in ("train", "infer")]
+    assert f"({min(small):.2f}-{max(small):.2f})" in text
+
+
+def _check_machine_table(part, records):
+    """The 6-row table of a machine part: samples/s of wrn3d_tl, Keras and PyTorch per phase and
+    precision, and wrn3d_tl / the faster rival, are the run's records."""
     steps = {(r["config"], r["impl"], r["precision"]): r for r in records if r["kind"] == "step"}
     (ratios,) = [r["ratios"] for r in records if r["kind"] == "summary"]
     rows = re.findall(r"^\| (WRN-\d+-\d+ [23]D), [^|]* \| (fp32|bf16) \|((?: [^|]+ \|){8})$", part, re.M)
@@ -837,7 +865,7 @@ def test_performance_summary_per_machine_is_the_recorded_run():
 def test_performance_summary_is_the_recorded_run():
     """docs/performance.md's AMD EPYC summary tables and XLA ratios are those of the JSON
     records of the run they quote (benchmarks/results/2026-11-25-epyc-2core-bn4d.jsonl)."""
-    ((summary, records),) = [v for h, v in _perf_machines().items() if "EPYC" in h]
+    ((summary, records),) = [v for h, v in _perf_machines().items() if "EPYC" in h and "2026-11-25" in h]
     steps = {(r["config"], r["impl"], r["precision"]): r for r in records if r["kind"] == "step"}
     (ratios,) = [r["ratios"] for r in records if r["kind"] == "summary"]
     configs = PERF_CONFIGS
