@@ -118,6 +118,9 @@ def test_normalization_is_baked_in_and_none_passes_through(trained, tmp_path):
     np.testing.assert_allclose(got, _tl_logits(trained["model"], (raw - MEAN) / STD), atol=TOL, rtol=0)
     # The raw input is NOT what the network sees.
     assert np.abs(got - _tl_logits(trained["model"], raw)).max() > 1e-3
+    # serving_preprocessed takes what the training pipeline fed the network: normalised already
+    pre = served.signatures["serving_preprocessed"](volumes=tf.constant(_normalised(raw)))["logits"].numpy()
+    np.testing.assert_allclose(pre, got, atol=TOL, rtol=0)
 
     # A bare model (no stats): the input passes unchanged.
     bare = export_saved_model(trained["model"], str(tmp_path / "bare"))

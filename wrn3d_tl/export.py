@@ -132,9 +132,7 @@ class _ServingModule(tf.Module):
         std = None if norm is None else np.asarray(norm["std"], np.float32)
         meta_json = json.dumps(metadata, sort_keys=True)
 
-        def network(x):
-            if mean is not None:
-                x = (x - tf.constant(mean)) / tf.constant(std)
+        def network(x):   # x: what the training pipeline fed the network (read and normalised)
             # TensorLayer's forward is Python that reads layer.is_train: trace in eval mode.
             logits = tf.cast(model(tf.cast(x, dtype), is_train=False), tf.float32)
             return {"logits": logits, "probabilities": tf.nn.softmax(logits, axis=-1)}
@@ -143,6 +141,8 @@ class _ServingModule(tf.Module):
             x = _shape_check(volumes, rank, channels, None if free else config.input_shape[:-1], config.layout)
             if reading is not None:
                 x = apply_reading_tf(x, reading)
+            if mean is not None:
+                x = (x - tf.constant(mean)) / tf.constant(std)
             return network(x)
 
         @tf.function(input_signature=[tf.TensorSpec(raw_shape, tf.float32, name="volumes")])
