@@ -73,15 +73,7 @@ def log(msg):
 
 
 # --------------------------------------------------------------------------- machine
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+cpu_model = wrn3d_tl.cpu.cpu_model   # the results/ naming below and the other benchmarks use it
 
 
 def cpu_slug(model, cores):

@@ -723,11 +723,9 @@ def report(records, peak):
 def environment():
     import tensorflow as tf
     import keras
-    info = open("/proc/cpuinfo").read().splitlines()
-    cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), platform.processor())
-    flags = next((line.split(":", 1)[1].split() for line in info if line.startswith("flags")), [])
-    # what decides the bf16 kernels: AMX tiles, AVX512 bf16 dot products, or neither
-    cpu_flags = sorted(set(flags) & {"avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8"})
+    cpu = wrn3d_tl.cpu.cpu_model()
+    # what decides the kernels: AVX2 only, AVX-512, bf16 dot products, AMX tiles
+    cpu_flags = wrn3d_tl.cpu.cpu_flags(relevant_only=True)
     env = {"cpu": cpu, "cpu_flags": cpu_flags, "cores": os.cpu_count(), "python": platform.python_version(), "tensorflow": tf.__version__,
            "keras": keras.__version__, "onednn": wrn3d_tl.cpu.onednn_enabled(),
            "TF_ENABLE_ONEDNN_OPTS": os.environ.get(wrn3d_tl.cpu.ONEDNN_VAR)}
