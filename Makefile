@@ -8,7 +8,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 export TF_ENABLE_ONEDNN_OPTS ?= 1
 ITERS ?= 10
 
-.PHONY: demo test test-full bench gpu-check clean
+.PHONY: demo test test-full mutation-check bench gpu-check clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -34,6 +34,10 @@ test: $(STAMP)
 
 test-full: $(STAMP)
 	$(PYTEST) tests
+
+# Eight ways to break the library, one at a time in a copy; each must fail a fast test.
+mutation-check: $(STAMP)
+	$(PY) tests/mutation_check.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_train.py

@@ -113,3 +113,17 @@ def cifar_script(load_example):
 def hdf5_script(load_example):
     """examples/train_hdf5_volumes.py as a module (main, parse_args)."""
     return load_example("train_hdf5_volumes")
+
+
+# WRN3D_TEST_GC_LOG=PREFIX: each test process writes PREFIX.<pid> at exit: the time Python's full
+# garbage collections took and every one over 1 s with the test it interrupted (tests/_gc_log.py).
+_GC_LOG = None
+if os.environ.get("WRN3D_TEST_GC_LOG"):
+    from _gc_log import GCLog
+
+    _GC_LOG = GCLog(os.environ["WRN3D_TEST_GC_LOG"], os.environ.get("WRN3D_TEST_GC_STACKS"))
+
+
+def pytest_runtest_setup(item):
+    if _GC_LOG is not None:
+        _GC_LOG.test = item.nodeid

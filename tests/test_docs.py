@@ -218,6 +218,8 @@ def prepare(needs, store, workdir, monkeypatch):
             shutil.copyfile(store["ckpt"], workdir / "c.h5")
             shutil.copyfile(store["volumes.h5"], workdir / "data.h5")
             shutil.copyfile(store["volumes.npy"], workdir / "data.npy")
+        elif need == "few_volumes":  # data.npy of 5 volumes: a montage per volume costs ~1 s
+            np.save(workdir / "data.npy", np.load(store["volumes.npy"])[:5])
         elif need == "pretrained":  # Standard.npz (a PyTorch WRN-10-1 state dict) and 2x32x32x3 5-class volumes
             from wrn3d_tl.data import write_hdf5_volumes
 
@@ -520,7 +522,7 @@ BASH_RUN = {
         subs=(("python examples/explain_blobs.py", "python examples/explain_blobs.py --steps 5 --out blob.png"),),
         check=lambda workdir: (workdir / "blob.png").exists() or pytest.fail("no montage")),
     "wrn3d-explain --checkpoint c.h5 --npy data.npy --out cams --indices 0,3": Bash(
-        needs=("predict_files",), check=_check_explain_cli),
+        needs=("predict_files", "few_volumes"), check=_check_explain_cli),
     "wrn3d-predict --checkpoint c.h5 --npy data.npy --out preds_bf16.csv --precision bf16": Bash(
         needs=("predict_files",), check=_check_bf16_cli),
     "wrn3d-export --checkpoint runs/last.h5 --out exported/wrn-cli": Bash(
@@ -632,6 +634,9 @@ def test_make_targets_run_the_documented_commands():
     assert "-m pytest" in pytest and "--durations=30" in pytest
     assert recipes["test"].split() == ["$(PYTEST)", "-m", '"not', 'slow"', "tests"]     # the fast tier
     assert recipes["test-full"].split() == ["$(PYTEST)", "tests"]                      # everything
+    assert recipes["mutation-check"].split() == ["$(PY)", "tests/mutation_check.py"]
+    ci = [line.split("#")[0].split() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert ["make", "test-full"] in ci and ["make", "mutation-check"] in ci             # what CI runs
     assert "make test-full" in (ROOT / ".ci" / "run").read_text()
     assert re.search(r"^demo: \$\(STAMP\)", make, re.M) and re.search(r"^test: \$\(STAMP\)", make, re.M)
     assert 'pip install -q -e ".[test]"' in recipes["$(STAMP)"]

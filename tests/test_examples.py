@@ -60,6 +60,9 @@ def test_main_job_falls_back_loudly_trains_evaluates_and_resumes(cifar_script, t
     out = capsys.readouterr().out
     assert f"resumed from {ckpt} at step 3" in out
     assert [line.split()[1] for line in iteration_lines(out)] == ["4/5", "5/5"]
+    from wrn3d_tl.checkpoint import read_checkpoint
+
+    assert read_checkpoint(ckpt)["trainer"]["total_steps"] == 5   # the constant schedule was extended
 
 
 def test_resumed_run_sees_the_same_batches_as_an_uninterrupted_one(cifar_script, tmp_path, capsys):

@@ -4,13 +4,6 @@ import os
 import subprocess
 import sys
 
-WRITE = """
-import sys
-from wrn3d_tl.model import WRNConfig, build_wrn
-from wrn3d_tl.train import Trainer
-cfg = WRNConfig(depth=10, widen_factor=1, num_classes=3, input_shape=(2, 8, 8, 1))
-Trainer(build_wrn(cfg), lr=0.1, verbose=False, class_names=["a", "b", "c"]).save(sys.argv[1])
-"""
 
 USE = """
 import sys
@@ -29,9 +22,13 @@ print(sorted(m for m in sys.modules if m in ("wrn3d_tl.train", "wrn3d_tl.optim",
 
 
 def test_predict_explain_and_export_never_import_the_trainer(tmp_path):
+    from wrn3d_tl.model import WRNConfig, build_wrn
+    from wrn3d_tl.train import Trainer
+
     ckpt = str(tmp_path / "c.h5")
+    cfg = WRNConfig(depth=10, widen_factor=1, num_classes=3, input_shape=(2, 8, 8, 1))
+    Trainer(build_wrn(cfg), lr=0.1, verbose=False, class_names=["a", "b", "c"]).save(ckpt)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    subprocess.run([sys.executable, "-c", WRITE, ckpt], check=True, env=env, capture_output=True, timeout=300)
     out = subprocess.run([sys.executable, "-c", USE, ckpt, str(tmp_path / "served")], capture_output=True,
                          text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
