@@ -10,12 +10,13 @@ import atexit
 import faulthandler
 import gc
 import os
+import resource
 import time
 
 
 class GCLog:
     """Times every generation-2 collection; at exit writes ``{prefix}.{pid}``: the count, the
-    total seconds and each collection over ``slow`` seconds with the test it interrupted
+    total seconds, the peak resident memory and each collection over ``slow`` seconds with the test it interrupted
     (``self.test``, set by conftest). ``stacks``: a prefix for the Python stacks of the slow
     collections (faulthandler, after ``slow`` seconds)."""
 
@@ -44,5 +45,7 @@ class GCLog:
 
     def _write(self):
         with open(f"{self.prefix}.{os.getpid()}", "w") as f:
-            f.write(f"gen2 {self.count} collections, {self.total:.1f} s, objects {len(gc.get_objects())}\n")
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            f.write(f"gen2 {self.count} collections, {self.total:.1f} s, objects {len(gc.get_objects())}, "
+                    f"peak RSS {peak:.0f} MiB\n")
             f.writelines(line + "\n" for line in self.slow_ones)
