@@ -53,7 +53,7 @@ MUTATIONS = (
              ("tests/test_convert.py",)),
     Mutation("auc-definition", "wrn3d_tl/metrics.py",  # each class scored by its neighbour's column
              "out[k] = roc_auc_score(positive, s[:, k])", "out[k] = roc_auc_score(positive, s[:, (k + 1) % s.shape[1]])",
-             ("tests/test_data.py", "tests/test_report.py")),
+             ("tests/test_medical.py", "tests/test_report.py")),
     Mutation("in-graph-nan-check", "wrn3d_tl/train.py",  # non-finite inputs never counted
              "nonfinite = tf.logical_not(tf.math.is_finite(tf.cast(x, tf.float32)))",
              "nonfinite = tf.zeros_like(x, tf.bool)",
