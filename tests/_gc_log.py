@@ -2,8 +2,8 @@
 
 They were the suite's spikes: single collections of 15-37 s, 50-95 s per pytest worker in
 7-11 minute runs on 2 cores, where the same tests alone collect in ~2 s. A full collection
-frees, at once, every dropped tf.data pipeline and traced function of the tests before it;
-TensorFlow's clean-up of each grows with the size of the process's function library.
+frees, at once, the dropped Trainers (a Trainer sits in reference cycles), their tf.data
+iterators and traced functions; why it is that slow inside the suite is still open (issue 24).
 """
 
 import atexit

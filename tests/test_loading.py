@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-
 USE = """
 import sys
 import numpy as np
