@@ -1,9 +1,12 @@
 """Timing of Python's full garbage collections in a test process (WRN3D_TEST_GC_LOG).
 
-They were the suite's spikes: single collections of 15-37 s, 50-95 s per pytest worker in
+They were the suite's spikes: single collections of 15-100 s, 50-180 s per pytest worker in
 7-11 minute runs on 2 cores, where the same tests alone collect in ~2 s. A full collection
-frees, at once, the dropped Trainers (a Trainer sits in reference cycles), their tf.data
-iterators and traced functions; why it is that slow inside the suite is still open (issue 24).
+frees, at once, the dropped Trainers (a Trainer sits in reference cycles) and their tf.data
+iterators; py-spy and gdb showed each slow one waiting in an iterator's destructor for its
+autotuning thread (RootDataset::Iterator joining Model::OptimizeLoop, which sleeps up to
+60 s). conftest.py now turns tf.data's autotuning off in the test processes; collections
+take ~6 s per worker in all.
 """
 
 import atexit

@@ -1,5 +1,6 @@
 """Shared test set-up: quiet TensorFlow, two logical CPUs for tf.distribute tests."""
 
+import gc
 import importlib.util
 import os
 import sys
@@ -23,6 +24,38 @@ try:
     tf.config.set_logical_device_configuration(_cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 except RuntimeError:  # runtime already initialised by another plugin
     pass
+
+
+# tf.data's autotuning is off in the test processes (WRN3D_TEST_AUTOTUNE=1 keeps it on). With it
+# on, every iterator runs an optimisation thread that sleeps up to 60 s between passes, and in
+# TensorFlow 2.21 dropping an iterator sometimes waits for that sleep to end: the waits stalled
+# Python's garbage collections for 15-100 s, 50-180 s per pytest worker (py-spy/gdb:
+# RootDataset::Iterator::~Iterator joining the Model::OptimizeLoop thread). Autotuning only
+# chooses parallelism and buffer sizes, never the elements or their order
+# (test_data.py::test_autotuning_changes_no_element checks it), so results are the same.
+_autotuned_iterators = tf.data.Dataset._apply_debug_options  # every iterator is made through it
+
+
+def _without_autotune(dataset):
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return _autotuned_iterators(dataset.with_options(options))
+
+
+def autotune(on):
+    """Make tf.data iterators with autotuning on (True) or off (False, the test default)."""
+    tf.data.Dataset._apply_debug_options = _autotuned_iterators if on else _without_autotune
+
+
+_AUTOTUNE = os.environ.get("WRN3D_TEST_AUTOTUNE") == "1"
+autotune(_AUTOTUNE)
+
+
+@pytest.fixture
+def set_autotune():
+    """``set_autotune(on)`` for one test (see ``autotune``); the session's setting comes back after it."""
+    yield autotune
+    autotune(_AUTOTUNE)
 
 
 _STRATEGY = {}  # the session's MirroredStrategy objects, by their devices
@@ -122,6 +155,10 @@ if os.environ.get("WRN3D_TEST_GC_LOG"):
     from _gc_log import GCLog
 
     _GC_LOG = GCLog(os.environ["WRN3D_TEST_GC_LOG"], os.environ.get("WRN3D_TEST_GC_STACKS"))
+
+# The ~400k objects of TensorFlow's and the libraries' imports live as long as the process: out
+# of the full collections' scans, which then look only at what the tests made.
+gc.freeze()
 
 
 def pytest_runtest_setup(item):

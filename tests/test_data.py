@@ -873,6 +873,29 @@ def small_volumes(dtype, n=200, seed=9):
     return rng.integers(0, 256, (n, 4, 8, 8, 2)).astype(dtype)
 
 
+def test_autotuning_changes_no_element(tmp_path, set_autotune):
+    """The test processes run tf.data with autotuning off (tests/conftest.py): the shuffled,
+    augmented in-memory and HDF5 training pipelines give the same batches either way."""
+    vols = small_volumes(np.uint8, n=40)
+    write_hdf5_volumes(tmp_path / "t.h5", vols, np.arange(40), chunks=(8, 4, 8, 8, 2))
+    pipelines = {
+        "memory": lambda: make_dataset(vols, np.arange(40), batch_size=8, volume_depth=None, training=True,
+                                       seed=3, depth_flip=True),
+        "hdf5": lambda: hdf5_dataset(tmp_path / "t.h5", batch_size=8, training=True, seed=3, normalization=None,
+                                     block_size=8, shuffle_buffer=16, depth_flip=True)}
+    for name, make in pipelines.items():
+        got = {}
+        for on in (True, False):
+            set_autotune(on)
+            ds = make()
+            enabled = tf.data.Dataset._apply_debug_options(ds).options().autotune.enabled  # None: the default, on
+            assert (enabled is not False) == on, name
+            got[on] = collect(ds)
+        assert sorted(got[True][1]) == list(range(40)), name
+        np.testing.assert_array_equal(got[True][0], got[False][0], err_msg=name)
+        np.testing.assert_array_equal(got[True][1], got[False][1], err_msg=name)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.uint8])
 @pytest.mark.parametrize("block_size", [None, 16])
 def test_hdf5_round_trip_in_order(tmp_path, dtype, block_size):
