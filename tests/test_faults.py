@@ -432,6 +432,8 @@ def test_bad_volumes_for_predict_and_cli_change_nothing(ck_trainer, tmp_path, ca
             predict(pred, volumes)
         with pytest.raises(ValueError):
             predict(trainer, volumes)
+        if name not in ("rank", "empty", "nan"):  # the CLI reports the same check: three kinds show it
+            continue
         path = str(tmp_path / f"{name}.npy")
         np.save(path, volumes)
         out = str(tmp_path / "out.csv")
@@ -468,9 +470,7 @@ def valid_configs(draw):
                      bn_decay=draw(st.floats(0.0, 0.999)), bn_epsilon=draw(st.floats(1e-6, 1e-2)))
 
 
-@settings(max_examples=8, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-@given(cfg=valid_configs(), batch=st.integers(1, 3))
-def test_valid_configs_build_and_run(cfg, batch):
+def _builds_and_runs(cfg, batch):
     model = build_wrn(cfg)
     x = tf.random.normal((batch,) + cfg.input_shape, seed=0)
     for is_train in (False, True):
@@ -479,6 +479,19 @@ def test_valid_configs_build_and_run(cfg, batch):
         assert bool(tf.reduce_all(tf.math.is_finite(y)))
     assert count_params(model) == sum(row[3] for row in group_shapes(cfg))
     assert WRNConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@settings(max_examples=3, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=valid_configs(), batch=st.integers(1, 3))
+def test_valid_configs_build_and_run(cfg, batch):
+    _builds_and_runs(cfg, batch)
+
+
+@pytest.mark.slow  # ~1.5 s per example; the fast tier draws 3
+@settings(max_examples=12, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=valid_configs(), batch=st.integers(1, 3))
+def test_more_valid_configs_build_and_run(cfg, batch):
+    _builds_and_runs(cfg, batch)
 
 
 _BASE = dict(depth=10, widen_factor=1, num_classes=3, input_shape=(2, 8, 8, 1))
