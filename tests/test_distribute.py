@@ -266,7 +266,7 @@ def single_trained_on(batches_, seed=0):
     return t
 
 
-@pytest.mark.parametrize("kind", ["memory", "hdf5"])
+@pytest.mark.parametrize("kind", ["memory", pytest.param("hdf5", marks=pytest.mark.slow)])  # fast tier: test_shards
 def test_split_train_data_under_mirrored_trains_as_one_process(two_cpu_strategy, tmp_path, kind):
     path = str(tmp_path / "v.h5")
     write_hdf5_volumes(path, *split_data(), chunks=(3,) + SPLIT_CFG.input_shape)

@@ -373,7 +373,8 @@ def test_bf16_inference_in_predictor_export_and_cli(trained, tmp_path, capsys):
     from wrn3d_tl.predict import main as predict_main
 
     raw = _raw(12, seed=31)
-    fp32 = Predictor(trained["ckpt"]).predict(raw)
+    fp32_predictor = Predictor(trained["ckpt"])
+    fp32 = fp32_predictor.predict(raw)
     bf16 = Predictor(trained["ckpt"], precision="bf16")
     assert bf16.precision == "bf16"
     got = bf16.predict(raw)
@@ -390,7 +391,7 @@ def test_bf16_inference_in_predictor_export_and_cli(trained, tmp_path, capsys):
     kernels = [v for v in bf16.model.trainable_weights if "conv" in v.name or "shortcut" in v.name]
     assert kernels and {v.dtype for v in kernels} == {tf.bfloat16}
     assert _conv_dtypes(bf16._infer.get_concrete_function()) == {"bfloat16"}
-    assert _conv_dtypes(Predictor(trained["ckpt"])._infer.get_concrete_function()) == {"float32"}
+    assert _conv_dtypes(fp32_predictor._infer.get_concrete_function()) == {"float32"}
 
     # the SavedModel: same logits, bf16 kernels on disk (a smaller file), precision in its metadata
     path = export_saved_model(trained["ckpt"], str(tmp_path / "bf16"), precision="bf16")
