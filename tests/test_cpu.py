@@ -34,6 +34,10 @@ def test_console_script_runs_with_onednn_on_unless_told_otherwise():
     assert line.startswith("wrn3d_tl 0.1.0, TensorFlow 2.") and re.fullmatch(VERSION_LINE, line), line
     assert "oneDNN on (TF_ENABLE_ONEDNN_OPTS=1)" in line, line
     assert cpu.cpu_model() in line
+
+
+@pytest.mark.slow  # a second process; fast tier: test_enable_onednn_sets_only_an_unset_variable_before_tensorflow
+def test_console_script_respects_an_explicit_zero():
     assert "oneDNN off (TF_ENABLE_ONEDNN_OPTS=0)" in _version("0"), "an explicit 0 must be respected"
 
 

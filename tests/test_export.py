@@ -58,6 +58,7 @@ def _tl_logits(model, x):
 
 # ------------------------------------------------------------------ SavedModel
 
+@pytest.mark.slow  # a second TensorFlow process; fast tier: test_reading's raw scans served by TensorFlow alone
 def test_saved_model_serves_without_wrn3d_tl_or_tensorlayer(trained):
     raw = _raw(5, seed=7)
     np.save(trained["tmp"] / "raw.npy", raw)
