@@ -24,7 +24,8 @@ demo: $(STAMP)
 # Two pytest processes (pytest-xdist), a test file each at a time, each with ONE intra-op
 # thread for TensorFlow's kernels (tests/conftest.py reads WRN3D_TEST_INTRA_OP_THREADS): on 2
 # cores the fast tier took 482 s this way against 626 s with three processes of TensorFlow's
-# default thread pools (AMD EPYC, AVX512_BF16, 2026-12-06), whose pools oversubscribed the cores.
+# default thread pools (AMD EPYC, AVX512_BF16, 2026-12-06), whose pools oversubscribed the cores,
+# and 356 s against 449 s with three processes of one thread each (same machine, 2026-12-07).
 # `make test` is the fast tier (not the `slow` marker); `make test-full` (CI) runs everything.
 # Both print the 30 slowest tests and the reasons of skips.
 PYTEST := WRN3D_TEST_INTRA_OP_THREADS=1 $(PY) -m pytest -q -rs -n 2 --dist loadfile --durations=30
