@@ -1,6 +1,7 @@
 """oneDNN on where TensorFlow leaves it off (wrn3d_tl.cpu), and an explicit 0 respected."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -28,8 +29,6 @@ VERSION_LINE = (r"wrn3d_tl \d+\.\d+\.\d+, TensorFlow 2\.\d+\.\d+, oneDNN (on|off
 
 
 def test_console_script_runs_with_onednn_on_unless_told_otherwise():
-    import re
-
     line = _version(None)  # the user set nothing: the package sets 1 before TensorFlow is imported
     assert line.startswith("wrn3d_tl 0.1.0, TensorFlow 2.") and re.fullmatch(VERSION_LINE, line), line
     assert "oneDNN on (TF_ENABLE_ONEDNN_OPTS=1)" in line, line
@@ -90,7 +89,6 @@ def test_cpu_flags_read_from_proc_cpuinfo():
 
 
 def test_readme_version_line_has_the_commands_format():
-    import re
     from pathlib import Path
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
