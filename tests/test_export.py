@@ -453,3 +453,34 @@ def test_inference_copy_is_a_checked_snapshot(two_cpu_strategy):
     other.wrn_config = cfg
     with pytest.raises(ValueError, match="inference_copy: model's weights are not those of build_wrn"):
         inference_copy(other, "bf16")
+
+
+def test_compiled_functions_are_traced_without_autograph(tmp_path, monkeypatch):
+    """The step, evaluation, inference, Grad-CAM and the SavedModel's signatures are traced
+    as written (wrn3d_tl.model.graph_function): AutoGraph converts none of our or
+    TensorLayer's code, the rewrite that cost most of a first step's tracing."""
+    from tensorflow.python.autograph.impl import api
+
+    from wrn3d_tl.explain import grad_cam
+
+    converted = []
+    convert = api.converted_call
+
+    def spy(f, *args, **kwargs):
+        converted.append(getattr(f, "__module__", None) or "")
+        return convert(f, *args, **kwargs)
+
+    monkeypatch.setattr(api, "converted_call", spy)
+    cfg = WRNConfig(depth=10, widen_factor=1, num_classes=3, input_shape=(2, 8, 8, 1))
+    x = np.random.default_rng(0).normal(size=(4,) + cfg.input_shape).astype(np.float32)
+    y = np.array([0, 1, 2, 0])
+    trainer = Trainer(build_wrn(cfg), (x, y), batch_size=4, normalization=Normalization([0.0], [1.0]), verbose=False)
+    assert np.isfinite(trainer.train_step()["loss"])
+    assert trainer.evaluate((x, y))["samples"] == 4
+    predictor = Predictor(trainer)
+    assert predictor.predict(x)["probabilities"].shape == (4, 3)
+    assert grad_cam(predictor, x[:2]).shape == (2, 2, 8, 8)
+    export_saved_model(trainer, str(tmp_path / "sm"))
+    assert converted, "the spy saw no call at all: TensorFlow's AutoGraph entry point moved"
+    ours = [m for m in converted if m.split(".")[0] in ("wrn3d_tl", "tensorlayer")]
+    assert ours == []

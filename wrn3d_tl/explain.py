@@ -138,13 +138,15 @@ def _compiled(predictor, front, back, mean, std, spatial, axes):
     """One tf.function per (predictor, layer), kept on the predictor."""
     import tensorflow as tf
 
+    from wrn3d_tl.model import graph_function
+
     key = tuple(lay.name for lay in back[:1])
     cache = predictor.__dict__.setdefault("_cam_fns", {})
     if key in cache:
         return cache[key]
     spec = (tf.TensorSpec((None,) + predictor.config.input_shape, tf.float32), tf.TensorSpec((None,), tf.int64))
 
-    @tf.function(input_signature=spec)
+    @graph_function(input_signature=spec)
     def fn(x, wanted):
         h = x if mean is None else (x - mean) / std
         for lay in front:

@@ -51,7 +51,7 @@ import tensorflow as tf
 
 from wrn3d_tl.data import as_normalization
 from wrn3d_tl.data.reading import apply_reading_tf, describe_reading
-from wrn3d_tl.model import inference_copy, inference_dtype
+from wrn3d_tl.model import graph_function, inference_copy, inference_dtype
 
 __all__ = ["export_saved_model", "SIGNATURES"]
 
@@ -145,19 +145,19 @@ class _ServingModule(tf.Module):
                 x = (x - tf.constant(mean)) / tf.constant(std)
             return network(x)
 
-        @tf.function(input_signature=[tf.TensorSpec(raw_shape, tf.float32, name="volumes")])
+        @graph_function(input_signature=[tf.TensorSpec(raw_shape, tf.float32, name="volumes")])
         def serve(volumes):
             return forward(volumes)
 
-        @tf.function(input_signature=[tf.TensorSpec(raw_shape, tf.uint8, name="volumes")])
+        @graph_function(input_signature=[tf.TensorSpec(raw_shape, tf.uint8, name="volumes")])
         def serve_uint8(volumes):
             return forward(tf.cast(volumes, tf.float32))
 
-        @tf.function(input_signature=[tf.TensorSpec([None, *config.input_shape], tf.float32, name="volumes")])
+        @graph_function(input_signature=[tf.TensorSpec([None, *config.input_shape], tf.float32, name="volumes")])
         def serve_preprocessed(volumes):
             return network(_shape_check(volumes, rank, channels, config.input_shape[:-1], config.layout))
 
-        @tf.function(input_signature=[])
+        @graph_function(input_signature=[])
         def metadata_fn():
             return tf.constant(meta_json)
 

@@ -78,7 +78,7 @@ class Predictor:
         import tensorflow as tf
 
         from wrn3d_tl.config import WRNConfig
-        from wrn3d_tl.model import inference_copy, inference_dtype
+        from wrn3d_tl.model import graph_function, inference_copy, inference_dtype
         from wrn3d_tl.loading import load_for_inference
 
         dtype = inference_dtype(precision)
@@ -107,7 +107,7 @@ class Predictor:
         model = self.model
         spec = tf.TensorSpec((None,) + self.config.input_shape, tf.float32)
 
-        @tf.function(input_signature=[spec])
+        @graph_function(input_signature=[spec])
         def infer(x):
             if mean is not None:
                 x = (x - mean) / std

@@ -30,7 +30,7 @@ from wrn3d_tl.layers import variable_name
 from wrn3d_tl.loading import assign_checked, stored_config_and_normalization, load_for_inference, load_model  # noqa: F401
 from wrn3d_tl.logs import MetricsLogger, log, plot_metrics
 from wrn3d_tl.metrics import classification_metrics
-from wrn3d_tl.model import WRNConfig, build_wrn
+from wrn3d_tl.model import WRNConfig, build_wrn, graph_function
 from wrn3d_tl.optim import FP16_MAX_FLOOR_SKIPS, SCHEDULES, SGD, LossScale, scheduled_lr
 
 __all__ = ["Trainer", "describe_devices", "load_model", "load_for_inference", "under"]   # the loaders: wrn3d_tl.loading
@@ -193,8 +193,8 @@ class Trainer:
         # XLA stays off by default: it ran 3D convolutions 7-14x slower on the CPUs we measured
         # (on GPUs it is unmeasured; benchmarks/gpu_check.py reports it against the default).
         self.jit_compile = bool(jit_compile)
-        self._train_fn = tf.function(self._distributed_step, jit_compile=self.jit_compile or None)
-        self._eval_fn = tf.function(self._distributed_eval)
+        self._train_fn = graph_function(self._distributed_step, jit_compile=self.jit_compile or None)
+        self._eval_fn = graph_function(self._distributed_eval)
         self.logger = MetricsLogger(logdir) if logdir and self.is_chief else None
         if verbose and self.is_chief:
             print(f"[wrn3d_tl] {config.name} {config.spatial_rank}D on {describe_devices()}, "
