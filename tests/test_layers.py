@@ -256,3 +256,31 @@ def test_bf16_filter_grad_probe_agrees_with_the_gradient_of_a_bf16_conv():
     right = bool(np.isfinite(error) and error < BF16_PROBE_TOLERANCE)
     assert bf16_filter_grad_ok((4, 2, 8, 8, 16), (3, 3, 3, 16, 8), (1, 1, 1), "SAME") is right
     assert bf16_filter_grad_ok((None, 2, 8, 8, 16), (3, 3, 3, 16, 8), (1, 1, 1), "SAME") is False
+
+
+def test_tensorlayer_records_the_same_layer_arguments_without_reading_source(monkeypatch):
+    """TensorLayer reads each new layer's arguments from its caller's frame through
+    ``inspect.stack()``; wrn3d_tl.layers gives it the frames without looking up every
+    frame's source (inspect.getmodule), which made model builds slow under deep stacks.
+    The recorded arguments are the same either way, and a build looks up no source."""
+    import inspect
+
+    import tensorlayer.decorators.method_decorator as decorators
+
+    from wrn3d_tl.model import WRNConfig, build_wrn
+
+    cfg = WRNConfig(depth=10, widen_factor=2, input_shape=(4, 8, 8, 1), dropout=0.3)
+    lookups = []
+    getmodule = inspect.getmodule
+    monkeypatch.setattr(inspect, "getmodule", lambda *a, **k: lookups.append(a) or getmodule(*a, **k))
+    fast = build_wrn(cfg)
+    assert lookups == []
+    for module in (tl.layers.core, decorators):  # TensorLayer as released: inspect.stack() itself
+        monkeypatch.setattr(module, "inspect", inspect)
+    slow = build_wrn(cfg)
+    assert lookups, "the real inspect.stack() looks up sources: this test no longer sees the difference"
+
+    def args(model):
+        return {layer.name: layer.layer_args for layer in [*model.all_layers, *leaf_layers(model)]}
+
+    assert len(args(fast)) > 20 and args(fast) == args(slow)

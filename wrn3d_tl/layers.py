@@ -6,16 +6,46 @@ layer is read from its input at build time, so the same layer classes and the
 same block builder serve both.
 """
 
+import inspect
 import math
+import sys
+import types
 
 import tensorflow as tf
 import tensorlayer as tl
+import tensorlayer.decorators.method_decorator
 
 from wrn3d_tl.axes import check_batch_shape, ensure_tuple_rep, layout, same_output_shape
 from wrn3d_tl.config import PADDINGS
 
 __all__ = ["HeNormal", "InputCheck", "BatchNorm", "Conv", "GlobalAvgPool", "WideBasicBlock", "leaf_layers",
            "variable_name", "runs_on_cpu", "bf16_filter_grad_ok", "BF16_PROBE_TOLERANCE"]
+
+
+def _frames(context=1):
+    """``inspect.stack()`` as TensorLayer reads it: the caller's frame first, then outwards,
+    as (frame, filename, lineno, function, None, None) entries without source lines."""
+    frame, frames = sys._getframe(1), []
+    while frame is not None:
+        frames.append((frame, frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name, None, None))
+        frame = frame.f_back
+    return frames
+
+
+def _tensorlayer_without_source_lookups():
+    """TensorLayer calls ``inspect.stack()`` twice per layer it makes, only to read a caller's
+    frame and arguments, but ``inspect.stack()`` also finds the source line of every frame on
+    the stack (``inspect.getmodule`` scans ``sys.modules`` for each): under pytest, a notebook
+    or any deep call stack a WRN-10-1 took 0.3-1 s to build, against 30 ms. TensorLayer's two
+    modules get an ``inspect`` whose ``stack`` returns the same frames without the lookups."""
+    frames_only = types.ModuleType("inspect")
+    frames_only.__dict__.update(inspect.__dict__)
+    frames_only.stack = _frames
+    tl.layers.core.inspect = frames_only
+    tensorlayer.decorators.method_decorator.inspect = frames_only
+
+
+_tensorlayer_without_source_lookups()
 
 
 class HeNormal(tl.initializers.Initializer):
