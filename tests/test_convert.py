@@ -301,7 +301,6 @@ def fixture_checkpoint(tmp_path):
     return str(path)
 
 
-@pytest.mark.slow   # the main job from a converted checkpoint (~40-75 s); fast tier: the HDF5 script's test below
 def test_cifar_script_starts_from_a_converted_checkpoint(cifar_script, tmp_path, capsys):
     from wrn3d_tl.checkpoint import read_checkpoint
 

@@ -266,7 +266,7 @@ def single_trained_on(batches_, seed=0):
     return t
 
 
-@pytest.mark.parametrize("kind", ["memory", pytest.param("hdf5", marks=pytest.mark.slow)])  # fast tier: test_shards
+@pytest.mark.parametrize("kind", ["memory", "hdf5"])
 def test_split_train_data_under_mirrored_trains_as_one_process(two_cpu_strategy, tmp_path, kind):
     path = str(tmp_path / "v.h5")
     write_hdf5_volumes(path, *split_data(), chunks=(3,) + SPLIT_CFG.input_shape)
@@ -301,7 +301,6 @@ def test_distributed_evaluate_equals_single_device(two_cpu_strategy):
         np.testing.assert_allclose(a["auc_per_class"], b["auc_per_class"], rtol=1e-5)
 
 
-@pytest.mark.slow  # fast tier: distributed evaluate equals single device
 def test_distributed_evaluate_uses_the_replicas_mean_statistics_without_sync_bn(two_cpu_strategy, tmp_path):
     cfg = WRNConfig(depth=10, widen_factor=1, input_shape=SPLIT_CFG.input_shape, num_classes=4)  # no sync BN
     tf.random.set_seed(0)
@@ -336,7 +335,6 @@ def test_a_model_built_outside_the_scope_or_an_indivisible_batch_is_refused(two_
     assert t.step == 0
 
 
-@pytest.mark.slow  # fast tier: test_faults' bad batches on one device
 @pytest.mark.parametrize("fault, pattern", [("nan", r"train_step: x contains NaN or Inf"),
                                             ("label", r"train_step: labels must be in \[0, 4\), got values from 0 to 6")])
 def test_bad_input_in_one_share_is_refused_and_changes_nothing(two_cpu_strategy, fault, pattern):
@@ -358,7 +356,6 @@ def test_bad_input_in_one_share_is_refused_and_changes_nothing(two_cpu_strategy,
         np.testing.assert_array_equal(v.numpy(), old, err_msg=v.name)
 
 
-@pytest.mark.slow  # fast tier: split train data trains as one process
 def test_epochs_of_a_finite_split_pipeline_follow_each_other(two_cpu_strategy):
     x, y = split_data()
     make = lambda: make_dataset(x, y, batch_size=SPLIT_B, volume_depth=None, training=True, seed=3,  # noqa: E731

@@ -131,7 +131,6 @@ def _damage(path):
         f.write(bytes([byte[0] ^ 0xFF]))
 
 
-@pytest.mark.slow  # fast tier: test_checkpoint_manager's newest_verified, the main job's --resume
 def test_train_hdf5_volumes_resumes_from_the_newest_verified_checkpoint(hdf5_script, tmp_path, capsys):
     import numpy as np
 

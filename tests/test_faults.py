@@ -470,7 +470,9 @@ def valid_configs(draw):
                      bn_decay=draw(st.floats(0.0, 0.999)), bn_epsilon=draw(st.floats(1e-6, 1e-2)))
 
 
-def _builds_and_runs(cfg, batch):
+@settings(max_examples=15, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=valid_configs(), batch=st.integers(1, 3))
+def test_valid_configs_build_and_run(cfg, batch):
     model = build_wrn(cfg)
     x = tf.random.normal((batch,) + cfg.input_shape, seed=0)
     for is_train in (False, True):
@@ -479,19 +481,6 @@ def _builds_and_runs(cfg, batch):
         assert bool(tf.reduce_all(tf.math.is_finite(y)))
     assert count_params(model) == sum(row[3] for row in group_shapes(cfg))
     assert WRNConfig.from_dict(cfg.to_dict()) == cfg
-
-
-@settings(max_examples=3, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-@given(cfg=valid_configs(), batch=st.integers(1, 3))
-def test_valid_configs_build_and_run(cfg, batch):
-    _builds_and_runs(cfg, batch)
-
-
-@pytest.mark.slow  # ~1.5 s per example; the fast tier draws 3
-@settings(max_examples=12, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-@given(cfg=valid_configs(), batch=st.integers(1, 3))
-def test_more_valid_configs_build_and_run(cfg, batch):
-    _builds_and_runs(cfg, batch)
 
 
 _BASE = dict(depth=10, widen_factor=1, num_classes=3, input_shape=(2, 8, 8, 1))

@@ -262,7 +262,6 @@ def _run(code, namespace, subs=()):
     return namespace
 
 
-@pytest.mark.slow  # fast tier: test_export's predict/SavedModel and test_keras_twin's agreement
 def test_documented_hdf5_training_then_predict_export_and_twin_agree(tmp_path, monkeypatch):
     """docs/data.md's "Training on your own HDF5 file" block, then docs/using-a-trained-model.md's
     export and Keras-twin blocks, on a 5-class file whose classes differ in raw intensity

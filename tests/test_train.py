@@ -265,7 +265,6 @@ def test_train_data_arrays_and_dataset_pull_batches():
         make().train_step()
 
 
-@pytest.mark.slow  # 80 steps; fast tier: test_data's synthetic_is_learnable, test_nifti's training_on_nifti_learns
 def test_tiny_3d_wrn_learns_the_synthetic_set():
     from wrn3d_tl.data import compute_normalization, make_dataset, synthetic_cifar
 
