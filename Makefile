@@ -37,7 +37,7 @@ test-full: $(STAMP)
 	$(PYTEST) tests
 
 # Eight ways to break the library, one at a time in a copy; each must fail a fast test
-# (~10 minutes on 2 cores: run by hand, not in CI, which stays under 20 minutes).
+# (~2.5 minutes on 2 cores: run by hand, not in CI).
 mutation-check: $(STAMP)
 	$(PY) tests/mutation_check.py
 
