@@ -31,8 +31,8 @@ setup(
         # only wrn3d_tl.convert reads .pt files with it; nothing else imports torch
         "torch": ["torch>=2.1"],
     },
-    entry_points={"console_scripts": ["wrn3d-predict = wrn3d_tl.predict:main",
-                                      "wrn3d-export = wrn3d_tl.export:main",
-                                      "wrn3d-convert = wrn3d_tl.convert:main",
-                                      "wrn3d-explain = wrn3d_tl.explain:main"]},
+    entry_points={"console_scripts": ["wrn3d-predict = wrn3d_tl.commands.predict:main",
+                                      "wrn3d-export = wrn3d_tl.commands.export:main",
+                                      "wrn3d-convert = wrn3d_tl.commands.convert:main",
+                                      "wrn3d-explain = wrn3d_tl.commands.explain:main"]},
 )

@@ -323,7 +323,7 @@ def main(argv=None):
     # workers): without growth the first would map nearly all of its memory.
     os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from wrn3d_tl.cli import quiet_tensorflow
+    from wrn3d_tl.commands import quiet_tensorflow
 
     tf = quiet_tensorflow()
     if not tf.config.list_physical_devices("GPU"):

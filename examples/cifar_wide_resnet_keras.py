@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from wrn3d_tl import data  # noqa: E402
-from wrn3d_tl.cli import Parser  # noqa: E402
+from wrn3d_tl.commands import Parser  # noqa: E402
 from wrn3d_tl.keras_twin import build_keras_wrn, count_keras_params  # noqa: E402
 from wrn3d_tl.model import WRNConfig  # noqa: E402
 

@@ -21,7 +21,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from wrn3d_tl.cli import (Parser, add_training_flags, check_training_flags, die, non_negative_float,  # noqa: E402
+from wrn3d_tl.commands import (Parser, add_training_flags, check_training_flags, die, non_negative_float,  # noqa: E402
                           non_negative_int, positive_float, positive_int, quiet_tensorflow)
 from wrn3d_tl.experiment import DEFAULT_ITERS, DEFAULTS, build_experiment, make_trainer  # noqa: E402,F401
 

@@ -14,7 +14,7 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from wrn3d_tl.cli import Parser, positive_int, quiet_tensorflow  # noqa: E402
+from wrn3d_tl.commands import Parser, positive_int, quiet_tensorflow  # noqa: E402
 
 
 def main(argv=None):

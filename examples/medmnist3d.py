@@ -19,7 +19,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from wrn3d_tl.cli import Parser, die, non_negative_int, positive_float, positive_int, quiet_tensorflow  # noqa: E402
+from wrn3d_tl.commands import Parser, die, non_negative_int, positive_float, positive_int, quiet_tensorflow  # noqa: E402
 
 
 def parse_args(argv=None):

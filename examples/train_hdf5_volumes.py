@@ -18,7 +18,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from wrn3d_tl.cli import (Parser, add_training_flags, check_training_flags, die, existing_file,  # noqa: E402
+from wrn3d_tl.commands import (Parser, add_training_flags, check_training_flags, die, existing_file,  # noqa: E402
                           positive_int, quiet_tensorflow)
 
 

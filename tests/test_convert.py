@@ -16,7 +16,8 @@ import pytest
 import tensorflow as tf
 
 from wrn3d_tl.config import WRNConfig
-from wrn3d_tl.convert import ConversionError, from_torch, inflate, load_state_dict, main
+from wrn3d_tl.commands.convert import main
+from wrn3d_tl.convert import ConversionError, from_torch, inflate, load_state_dict
 from wrn3d_tl.layers import leaf_layers, variable_name
 from wrn3d_tl.model import build_wrn
 from wrn3d_tl.train import Trainer

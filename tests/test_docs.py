@@ -505,7 +505,7 @@ BASH_RUN = {
         needs=("predict_files",),
         subs=(("[--key volumes]", "--key volumes"), ("[--batch-size N]", "--batch-size 4"), ("[--top-k K]", "--top-k 3"),
               ("--npy data.npy --out preds.csv", "--npy data.npy --out preds_npy.csv"),
-              ("python -m wrn3d_tl.predict ...", "python -m wrn3d_tl.predict --checkpoint c.h5 --npy data.npy "
+              ("python -m wrn3d_tl.commands.predict ...", "python -m wrn3d_tl.commands.predict --checkpoint c.h5 --npy data.npy "
                                                  "--out preds_module.csv")),
         check=_check_predict_csv),
     "wrn3d-convert --torch Standard.pt --out runs/wrn28-10-3d.h5 --volume-depth 8 --num-classes 5 --mean 0,0,0 --std 255,255,255": Bash(
@@ -564,20 +564,20 @@ def _run_in_process(argv, load_example):
     """Run one documented command through its script's main(argv); returns the exit status."""
     if argv[0] == "python" and len(argv) > 1 and re.fullmatch(r"examples/\w+\.py", argv[1]):
         main, args = load_example(Path(argv[1]).stem).main, argv[2:]
-    elif argv[0] == "wrn3d-predict" or argv[:3] == ["python", "-m", "wrn3d_tl.predict"]:
-        from wrn3d_tl import predict
+    elif argv[0] == "wrn3d-predict" or argv[:3] == ["python", "-m", "wrn3d_tl.commands.predict"]:
+        from wrn3d_tl.commands import predict
 
         main, args = predict.main, argv[1:] if argv[0] == "wrn3d-predict" else argv[3:]
     elif argv[0] == "wrn3d-export":
-        from wrn3d_tl import export
+        from wrn3d_tl.commands import export
 
         main, args = export.main, argv[1:]
     elif argv[0] == "wrn3d-convert":
-        from wrn3d_tl import convert
+        from wrn3d_tl.commands import convert
 
         main, args = convert.main, argv[1:]
     elif argv[0] == "wrn3d-explain":
-        from wrn3d_tl import explain
+        from wrn3d_tl.commands import explain
 
         main, args = explain.main, argv[1:]
     else:
@@ -765,7 +765,7 @@ def test_command_help_says_each_default_once_and_none_for_required_flags(module,
     ``--out``) shows none, and help that says its default in words gets no second one."""
     import importlib
 
-    main = importlib.import_module(f"wrn3d_tl.{module}").main
+    main = importlib.import_module(f"wrn3d_tl.commands.{module}").main
     assert main(["--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     entries = re.split(r" (?=--[a-z])", text[text.index("options:"):])

@@ -13,7 +13,8 @@ from matplotlib.image import imread
 
 from wrn3d_tl.config import WRNConfig
 from wrn3d_tl.data import orthant_of, synthetic_blobs
-from wrn3d_tl.explain import cam_layers, grad_cam, main, montage_slices, save_montage
+from wrn3d_tl.commands.explain import main
+from wrn3d_tl.explain import cam_layers, grad_cam, montage_slices, save_montage
 from wrn3d_tl.model import build_wrn
 from wrn3d_tl.predict import Predictor, predict
 from wrn3d_tl.train import Trainer
@@ -387,7 +388,7 @@ def test_explain_cli_negative_class_is_refused_by_the_parser(checkpoint, tmp_pat
 
 
 def test_predict_cam_dir_writes_a_montage_per_volume_and_the_same_csv(checkpoint, tmp_path):
-    from wrn3d_tl.predict import main as predict_main
+    from wrn3d_tl.commands.predict import main as predict_main
     from wrn3d_tl.predict import write_csv
 
     folder, path, _, predictions = checkpoint

@@ -15,7 +15,8 @@ from wrn3d_tl.checkpoint import CheckpointError
 from wrn3d_tl.data import Normalization, write_hdf5_volumes
 from wrn3d_tl.export import export_saved_model
 from wrn3d_tl.model import WRNConfig, build_wrn
-from wrn3d_tl.predict import Predictor, main, predict
+from wrn3d_tl.commands.predict import main
+from wrn3d_tl.predict import Predictor, predict
 from wrn3d_tl.train import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -344,7 +345,7 @@ def test_cli_as_a_process_exits_2_with_only_our_line(trained, tmp_path):
     np.save(bad, _raw(2)[..., :2])
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     env["PYTHONPATH"] = ROOT
-    proc = subprocess.run([sys.executable, "-m", "wrn3d_tl.predict", "--checkpoint", trained["ckpt"], "--npy", bad,
+    proc = subprocess.run([sys.executable, "-m", "wrn3d_tl.commands.predict", "--checkpoint", trained["ckpt"], "--npy", bad,
                            "--out", str(tmp_path / "p.csv")], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
@@ -371,7 +372,7 @@ def _conv_dtypes(concrete):
 
 
 def test_bf16_inference_in_predictor_export_and_cli(trained, tmp_path, capsys):
-    from wrn3d_tl.predict import main as predict_main
+    from wrn3d_tl.commands.predict import main as predict_main
 
     raw = _raw(12, seed=31)
     fp32_predictor = Predictor(trained["ckpt"])

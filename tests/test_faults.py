@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 
 from wrn3d_tl.checkpoint import CheckpointError, read_checkpoint
 from wrn3d_tl.model import WRNConfig, build_wrn, count_params, group_shapes
-from wrn3d_tl.predict import Predictor, main as predict_main, predict
+from wrn3d_tl.commands.predict import main as predict_main
+from wrn3d_tl.predict import Predictor, predict
 from wrn3d_tl.checkpoint import CheckpointManager
 from wrn3d_tl.train import Trainer
 

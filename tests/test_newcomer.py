@@ -135,7 +135,7 @@ def checkpoint(tmp_path):
 
 
 def test_predict_cli_checks_out_and_input_type_before_inference(checkpoint, tmp_path, capsys, monkeypatch):
-    import wrn3d_tl.predict as predict
+    import wrn3d_tl.commands.predict as predict
 
     np.save(tmp_path / "x.npy", np.zeros((2,) + CFG.input_shape, "float32"))
     (tmp_path / "notes.txt").write_text("a note, not an array")
@@ -182,7 +182,8 @@ def test_write_hdf5_volumes_creates_its_folder(tmp_path):
 
 
 def test_export_takes_a_checkpoint_path_and_the_cli_writes_a_servable_model(checkpoint, tmp_path, capsys):
-    from wrn3d_tl.export import export_saved_model, main
+    from wrn3d_tl.commands.export import main
+    from wrn3d_tl.export import export_saved_model
     from wrn3d_tl.predict import predict
 
     raw = np.random.default_rng(0).uniform(0, 60, (3,) + CFG.input_shape).astype("float32")

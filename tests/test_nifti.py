@@ -30,7 +30,7 @@ from wrn3d_tl.data import (
 )
 from wrn3d_tl.model import WRNConfig, build_wrn
 from wrn3d_tl.predict import Predictor, predict
-from wrn3d_tl.predict import main as predict_main
+from wrn3d_tl.commands.predict import main as predict_main
 from wrn3d_tl.train import Trainer
 
 SHAPE = (4, 6, 6)

@@ -114,7 +114,7 @@ def test_malformed_normalization_is_refused_on_the_way_in(norm, match):
 
 def test_a_checkpoint_with_malformed_normalization_is_a_one_line_predict_error(tmp_path, capsys):
     from wrn3d_tl.checkpoint import read_checkpoint, write_checkpoint
-    from wrn3d_tl.predict import main
+    from wrn3d_tl.commands.predict import main
 
     good = make().save(tmp_path / "good.h5")
     ck = read_checkpoint(good)

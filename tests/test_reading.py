@@ -18,7 +18,7 @@ from wrn3d_tl.data import hdf5_dataset, nifti_dataset, nifti_info, write_hdf5_vo
 from wrn3d_tl.data.reading import apply_reading, apply_reading_tf, preprocessing_of
 from wrn3d_tl.model import WRNConfig, build_wrn
 from wrn3d_tl.predict import Predictor, predict
-from wrn3d_tl.predict import main as predict_main
+from wrn3d_tl.commands.predict import main as predict_main
 from wrn3d_tl.loading import load_for_inference
 from wrn3d_tl.train import Trainer
 
@@ -117,7 +117,7 @@ def test_apply_reading_tf_equals_numpy(rng):
 
 
 def test_saved_model_serves_raw_scans_with_tensorflow_alone(trained, tmp_path):
-    from wrn3d_tl.export import main as export_main
+    from wrn3d_tl.commands.export import main as export_main
 
     out = tmp_path / "served"
     assert export_main(["--checkpoint", trained["ckpt"], "--out", str(out)]) == 0
@@ -156,7 +156,7 @@ print(json.dumps({{"probs": probs, "meta": meta, "ours": [m for m in sys.modules
 
 
 def test_class_names_in_the_csv_the_report_and_the_montage_titles(trained, tmp_path, monkeypatch):
-    from wrn3d_tl import explain, report
+    from wrn3d_tl import evaluation, explain, report
 
     out_csv = tmp_path / "p.csv"
     assert predict_main(["--checkpoint", trained["ckpt"], "--nifti", trained["tables"]["test"],
@@ -167,7 +167,7 @@ def test_class_names_in_the_csv_the_report_and_the_montage_titles(trained, tmp_p
     assert [r["path"] for r in rows] == trained["test_paths"]
     # report pictures: the confusion matrix's and the ROC legend's labels, and the per-class table
     ticks = {}
-    original_confusion, original_roc = report._confusion_figure, report._roc_figure
+    original_confusion, original_roc = evaluation.confusion_figure, evaluation.roc_figure
 
     def confusion(*a, **k):
         fig = original_confusion(*a, **k)
@@ -179,8 +179,8 @@ def test_class_names_in_the_csv_the_report_and_the_montage_titles(trained, tmp_p
         ticks["roc"] = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
         return fig
 
-    monkeypatch.setattr(report, "_confusion_figure", confusion)
-    monkeypatch.setattr(report, "_roc_figure", roc)
+    monkeypatch.setattr(evaluation, "confusion_figure", confusion)
+    monkeypatch.setattr(evaluation, "roc_figure", roc)
     trainer = trained["trainer"]
     test = nifti_dataset(trained["tables"]["test"], batch_size=9, target_shape=TARGET, classes=NAMES)
     result = trainer.evaluate(test, report_dir=tmp_path / "eval", log=False)

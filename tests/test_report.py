@@ -73,7 +73,7 @@ def test_importing_report_does_not_import_tensorflow():
 
 
 def test_confusion_matrix_in_metrics_json_is_a_numpy_count(tmp_path, rng):
-    from wrn3d_tl.report import evaluation_report
+    from wrn3d_tl.evaluation import evaluation_report
 
     y, p = _predictions(rng, 60, 4)
     y[y == 3] = 2                                        # class 3 absent: its AUC and recall are NaN -> null
@@ -97,10 +97,10 @@ def test_confusion_matrix_in_metrics_json_is_a_numpy_count(tmp_path, rng):
 
 def _roc_lines(y, p, names=None):
     from wrn3d_tl import metrics
-    from wrn3d_tl.report import _class_names, _roc_figure
+    from wrn3d_tl.evaluation import class_name_list, roc_figure
 
     k = p.shape[1]
-    fig = _roc_figure(y, p.astype(float), _class_names(names, k), metrics.auc_per_class(y, p).tolist(), None)
+    fig = roc_figure(y, p.astype(float), class_name_list(names, k), metrics.auc_per_class(y, p).tolist(), None)
     ax = fig.axes[0]
     curves = [line for line in ax.get_lines() if line.get_label() != "chance"]
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
@@ -110,7 +110,7 @@ def _roc_lines(y, p, names=None):
 def test_binary_roc_is_the_class1_curve_with_its_auc(tmp_path, rng):
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    from wrn3d_tl.report import evaluation_report
+    from wrn3d_tl.evaluation import evaluation_report
 
     y, p = _predictions(rng, 40, 2)
     curves, legend = _roc_lines(y, p)
@@ -146,7 +146,7 @@ def test_multiclass_roc_has_one_curve_per_present_class(rng):
     (dict(out_dir="FILE"), "out_dir"),
 ])
 def test_bad_arguments_are_named(tmp_path, kwargs, message):
-    from wrn3d_tl.report import evaluation_report
+    from wrn3d_tl.evaluation import evaluation_report
 
     (tmp_path / "file").write_text("x")
     args = dict(y_true=np.array([0, 1, 2, 0]), probabilities=np.full((4, 3), 1 / 3), out_dir=tmp_path / "out")
@@ -199,7 +199,8 @@ def test_run_report_is_one_self_contained_page(tmp_path, rng):
     from wrn3d_tl.explain import save_montage
     from wrn3d_tl.logs import FIELDS
     from wrn3d_tl.model import WRNConfig, summary
-    from wrn3d_tl.report import evaluation_report, write_run_report
+    from wrn3d_tl.evaluation import evaluation_report
+    from wrn3d_tl.report import write_run_report
 
     cfg = WRNConfig(depth=10, widen_factor=1, num_classes=3, input_shape=(4, 8, 8, 1))
     csv_path = tmp_path / "logs" / "metrics.csv"

@@ -16,11 +16,10 @@ map before global pooling, so for it Grad-CAM equals CAM (Zhou et al., CVPR 2016
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 
-__all__ = ["grad_cam", "cam_layers", "save_montage", "montage_slices", "write_cam_montages", "main"]
+__all__ = ["grad_cam", "cam_layers", "save_montage", "montage_slices", "write_cam_montages"]
 
 DEFAULT_LAYER = "head/bn"
 
@@ -297,59 +296,3 @@ def write_cam_montages(model, volumes, out_dir, *, indices=None, class_index=Non
             save_montage(volume, path, cam=cam, axis=axis, title=f"{what}: Grad-CAM of {label}")
             paths.append(path)
     return paths
-
-
-_CLI = "wrn3d-explain"
-
-
-def main(argv=None):
-    """The ``wrn3d-explain`` command: Grad-CAM montages of chosen volumes; returns the exit
-    status (0 ok, 2 bad input, one line ``wrn3d-explain: error: ...``)."""
-    from wrn3d_tl.cli import Parser, fail, non_negative_int
-    from wrn3d_tl.predict import _Exit, add_input_flags, open_inputs
-
-    p = Parser(prog=_CLI, description="Grad-CAM montages (one PNG per volume, {index}_{class}.png) of raw "
-               "volumes with a wrn3d_tl checkpoint.")
-    add_input_flags(p)
-    p.add_argument("--out", required=True, help="folder for the PNGs (created)")
-    p.add_argument("--indices", help="comma-separated volume indices (default: all)")
-    p.add_argument("--class", dest="class_index", type=non_negative_int,
-                   help="explain this class (default: each volume's predicted class)")
-    p.add_argument("--layer", help=f"feature map: stem/conv, groupG, groupG/blockB or {DEFAULT_LAYER} (default)")
-    p.add_argument("--axis", type=int, choices=(0, 1, 2), default=0, help="slice along D (0), H (1) or W (2)")
-    try:
-        args = p.parse_args(argv)
-    except SystemExit as e:
-        return e.code
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        return fail(_CLI, "--out", args.out, "is a file; give a folder")
-    try:
-        indices = None if args.indices is None else [int(v) for v in args.indices.split(",")]
-    except ValueError:
-        return fail(_CLI, "--indices", args.indices, "expected comma-separated ints")
-    try:
-        predictor, volumes, src_arg, src, _ = open_inputs(_CLI, args)
-    except _Exit as e:
-        return e.args[0]
-    config = predictor.config
-    if args.class_index is not None and args.class_index >= config.num_classes:
-        return fail(_CLI, "--class", args.class_index, f"the model has {config.num_classes} classes")
-    if args.layer is not None:
-        names, groups = cam_layers(config)
-        if args.layer not in names and args.layer not in groups:
-            return fail(_CLI, "--layer", args.layer, f"expected one of {sorted(groups) + names}")
-    try:
-        with predictor.open(volumes, key=args.key, intensity=args.intensity,
-                            target_shape=args.target_shape) as (array, _):
-            paths = write_cam_montages(predictor, array, args.out, indices=indices, class_index=args.class_index,
-                                       layer=args.layer, axis=args.axis, batch_size=args.batch_size,
-                                       preprocessed=args.preprocessed)
-    except (OSError, ValueError) as e:
-        flag, value = ("--indices", args.indices) if "indices must be" in str(e) else (src_arg, src)
-        return fail(_CLI, flag, value, e)
-    print(f"{_CLI}: {len(paths)} montage(s) -> {args.out}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

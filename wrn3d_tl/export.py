@@ -44,13 +44,12 @@ layout and shapes, the signature names and the precision.
 
 import json
 import os
-import sys
 
 import numpy as np
 import tensorflow as tf
 
 from wrn3d_tl.data import as_normalization
-from wrn3d_tl.data.reading import apply_reading_tf, describe_reading
+from wrn3d_tl.data.reading import apply_reading_tf
 from wrn3d_tl.model import graph_function, inference_copy, inference_dtype
 
 __all__ = ["export_saved_model", "SIGNATURES"]
@@ -237,50 +236,3 @@ def _export(resolved, path, precision):
         for layer, mode in layer_modes:
             layer.is_train = mode
     return path
-
-
-def main(argv=None):
-    """The ``wrn3d-export`` command: ``wrn3d-export --checkpoint c.h5 --out DIR``; returns
-    the exit status (0 ok, 2 bad input, one line ``wrn3d-export: error: ...``)."""
-    from wrn3d_tl.cli import Parser, fail, quiet_tensorflow
-
-    p = Parser(prog="wrn3d-export", description="Export a wrn3d_tl checkpoint as a TensorFlow SavedModel that "
-               "takes raw volumes (its normalisation built in) and serves with TensorFlow alone.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint .h5 written by Trainer.save")
-    p.add_argument("--out", required=True, help="output folder of the SavedModel (an existing SavedModel there "
-                   "is replaced)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16: the network computes in bfloat16, its convolution kernels stored as bfloat16")
-    try:
-        args = p.parse_args(argv)
-    except SystemExit as e:
-        return e.code
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        return fail(p.prog, "--out", args.out, "is a file; give a folder for the SavedModel")
-    saved_model = os.path.join(args.out, "saved_model.pb")
-    if os.path.isdir(args.out) and os.listdir(args.out) and not os.path.exists(saved_model):
-        return fail(p.prog, "--out", args.out, "is a folder holding something other than a SavedModel; "
-                    "give a new or empty folder")
-    quiet_tensorflow()
-    from wrn3d_tl.loading import load_for_inference
-
-    try:
-        model, config, stored, reading, names = load_for_inference(args.checkpoint)
-        norm = _norm_arrays(stored, config)
-    except (OSError, ValueError) as e:
-        return fail(p.prog, "--checkpoint", args.checkpoint, e)
-    try:
-        _export((model, config, norm, reading, names), args.out, args.precision)
-    except OSError as e:
-        return fail(p.prog, "--out", args.out, e)
-    built_in = ", ".join(part for part in (reading and f"reading ({describe_reading(reading)})",
-                                           norm and "normalisation") if part)
-    print(f"{p.prog}: SavedModel of {config.name} ({args.precision}) from {args.checkpoint} -> {args.out}; "
-          + (f"built in: {built_in}; feed raw volumes" if built_in else "nothing built in: feed the volumes as the "
-             "network was trained on them")
-          + (f"; classes {', '.join(names)}" if names else ""), file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,6 +26,7 @@ from wrn3d_tl.cpu import warn_if_bf16_emulated
 from wrn3d_tl.data import as_normalization, data_errors, normalization_of, same_normalization
 from wrn3d_tl.data.reading import check_class_names, check_preprocessing
 from wrn3d_tl.data.shards import Share, input_share, share_problem
+from wrn3d_tl.evaluation import evaluation_report
 from wrn3d_tl.layers import variable_name
 from wrn3d_tl.loading import assign_checked, stored_config_and_normalization, load_for_inference, load_model  # noqa: F401
 from wrn3d_tl.logs import MetricsLogger, log, plot_metrics
@@ -586,7 +587,7 @@ class Trainer:
         definitions of ``wrn3d_tl.metrics.classification_metrics``, ``"auc"`` (binary: ROC AUC
         of the class-1 probability; multi-class: mean one-vs-rest AUC), ``"auc_per_class"``,
         ``"confusion_matrix"`` (rows = true class) and ``"per_class_accuracy"``. Deterministic.
-        ``report_dir``: also write ``wrn3d_tl.report.evaluation_report``'s ``confusion.png``,
+        ``report_dir``: also write ``wrn3d_tl.evaluation.evaluation_report``'s ``confusion.png``,
         ``roc.png`` and ``metrics.json`` there (chief only) and return their paths as ``"report"``.
         """
         if data is None:
@@ -625,8 +626,6 @@ class Trainer:
         report = classification_metrics(labels, scores)
         result.update({k: report[k] for k in ("auc", "auc_per_class", "confusion_matrix", "per_class_accuracy")})
         if report_dir is not None and self.is_chief:
-            from wrn3d_tl.report import evaluation_report
-
             result["report"] = evaluation_report(labels, scores, report_dir, class_names=self.class_names)
         if log and self.logger:
             self.logger.log(self._step, "eval", {**result, "wall_time": time.time()})

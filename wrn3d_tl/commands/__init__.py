@@ -1,8 +1,10 @@
-"""What the command-line tools share: one-line errors with exit status 2, every default
-in ``--help``, argument types that name the flag, and a quiet TensorFlow start.
+"""The top floor: the console scripts, one module each (``predict``, ``explain``, ``export``,
+``convert``: argument parsing, one-line errors), and what they and the example scripts
+share, here: one-line errors with exit status 2, every default in ``--help``, argument
+types that name the flag, and a quiet TensorFlow start.
 
-Used by ``wrn3d-predict``, ``wrn3d-export`` and the example scripts. Imports nothing
-heavy: ``--help`` and argument errors come back at once.
+Imports nothing heavy: ``--help`` and argument errors come back at once. The library below
+never imports this package.
 """
 
 import argparse
