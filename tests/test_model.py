@@ -173,3 +173,48 @@ def test_block_plan_is_the_built_network():
         assert [b.projection for b in plan] == [b.in_channels != b.out_channels or b.strides != (1,) * cfg.spatial_rank
                                                 for b in plan]
         assert plan[0].in_channels == cfg.stem_width == 16
+
+
+def test_create_wrn_by_name_with_weights_from_a_checkpoint(tmp_path):
+    from wrn3d_tl.checkpoint import CheckpointError
+    from wrn3d_tl.loading import create_wrn
+    from wrn3d_tl.train import Trainer
+
+    model = create_wrn("WRN-16-2", input_shape=(4, 8, 8, 1), num_classes=3, dropout=0.3)
+    assert model.wrn_config == WRNConfig(depth=16, widen_factor=2, num_classes=3, input_shape=(4, 8, 8, 1),
+                                         dropout=0.3)
+    assert create_wrn("wrn-10-1", input_shape=(8, 8, 3), num_classes=2).wrn_config.name == "WRN-10-1"
+    for bad in ("WRN-16", "ResNet-16-4", 16, "WRN-16-x"):
+        with pytest.raises(ValueError, match=r"^name must look like 'WRN-<depth>-<widen_factor>'"):
+            create_wrn(bad, input_shape=(8, 8, 3), num_classes=2)
+    with pytest.raises(ValueError, match=r"WRNConfig\.depth must be"):
+        create_wrn("WRN-12-1", input_shape=(8, 8, 3), num_classes=2)
+    # weights: every variable (BN statistics too) from a checkpoint of the same architecture
+    trained = build_wrn(model.wrn_config)
+    x = np.random.default_rng(0).normal(size=(2, 4, 8, 8, 1)).astype("float32")
+    trained(x, is_train=True)   # moves the BN statistics away from their initial values
+    path = Trainer(trained, verbose=False, normalization=None).save(tmp_path / "c.h5")
+    loaded = create_wrn("WRN-16-2", input_shape=(4, 8, 8, 1), num_classes=3, dropout=0.3, weights=path)
+    np.testing.assert_array_equal(loaded(x, is_train=False).numpy(), trained(x, is_train=False).numpy())
+    with pytest.raises(CheckpointError, match=r"c\.h5.*'head/logits/weights' has shape \(128, 3\), the model "
+                                              r"expects \(128, 5\)"):
+        create_wrn("WRN-16-2", input_shape=(4, 8, 8, 1), num_classes=5, weights=path)
+
+
+def test_the_package_face_loads_its_names_on_first_use():
+    """``import wrn3d_tl`` imports no TensorFlow; each public name comes from the module that
+    defines it, the same object as there."""
+    import importlib
+    import subprocess
+    import sys
+
+    import wrn3d_tl
+
+    out = subprocess.run([sys.executable, "-c", "import sys, wrn3d_tl; print('tensorflow' in sys.modules)"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr[-500:]
+    assert set(wrn3d_tl._PUBLIC) <= set(dir(wrn3d_tl)) and "create_wrn" in wrn3d_tl.__all__
+    for name, module in wrn3d_tl._PUBLIC.items():
+        assert getattr(wrn3d_tl, name) is getattr(importlib.import_module(f"wrn3d_tl.{module}"), name), name
+    with pytest.raises(AttributeError, match="has no attribute 'Trainerr'"):
+        wrn3d_tl.Trainerr

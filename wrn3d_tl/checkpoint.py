@@ -31,7 +31,7 @@ import sys
 import h5py
 import numpy as np
 
-from wrn3d_tl.files import temporary_path  # noqa: F401  (also this module's name for it)
+from wrn3d_tl.files import temporary_path, written_atomically  # noqa: F401  (temporary_path: also this module's name for it)
 
 FORMAT = "wrn3d_tl-checkpoint"
 VERSION = 1
@@ -100,13 +100,12 @@ def write_checkpoint(path, *, config, trainer, step, normalization, weights, opt
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    os.makedirs(folder, exist_ok=True)   # before the sweep of stale temporaries below
     meta = {"config": config, "trainer": trainer, "step": int(step), "normalization": normalization}
     arrays = {f"{g}/{k}": np.asarray(v) for g, d in zip(_GROUPS, (weights, optimizer, state or {}))
               for k, v in d.items()}
     remove_stale_temporaries(folder)
-    tmp = temporary_path(path)
-    try:
+    with written_atomically(path) as tmp:
         with h5py.File(tmp, "w", userblock_size=_USERBLOCK) as f:
             f.attrs["format"] = FORMAT
             f.attrs["version"] = VERSION
@@ -123,21 +122,6 @@ def write_checkpoint(path, *, config, trainer, step, normalization, weights, opt
             header = MAGIC + _file_digest(fh)
             fh.seek(0)
             fh.write(header.ljust(_USERBLOCK, b"\0"))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
     return path
 
 

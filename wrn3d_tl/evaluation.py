@@ -20,7 +20,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from wrn3d_tl import metrics
-from wrn3d_tl.files import written_atomically
+from wrn3d_tl.files import save_figure, written_atomically
 
 __all__ = ["evaluation_report", "check_labels_and_probabilities", "class_name_list", "json_safe", "output_folder",
            "confusion_figure", "roc_figure", "CONFUSION_PNG", "ROC_PNG", "METRICS_JSON"]
@@ -186,8 +186,8 @@ def evaluation_report(y_true, probabilities, out_dir, *, class_names=None, title
     paths = {"confusion": os.path.join(out, CONFUSION_PNG), "roc": os.path.join(out, ROC_PNG),
              "metrics": os.path.join(out, METRICS_JSON)}
     counts = np.asarray(numbers["confusion_matrix"], np.int64)
-    confusion_figure(counts, names, title).savefig(paths["confusion"], dpi=90)
-    roc_figure(y, p, names, numbers["auc_per_class"], None).savefig(paths["roc"], dpi=90)
+    save_figure(confusion_figure(counts, names, title), paths["confusion"], dpi=90)
+    save_figure(roc_figure(y, p, names, numbers["auc_per_class"], None), paths["roc"], dpi=90)
     with written_atomically(paths["metrics"]) as tmp, open(tmp, "w") as f:
         json.dump(json_safe(numbers), f, indent=1, allow_nan=False)
         f.write("\n")

@@ -19,6 +19,9 @@ import os
 
 import numpy as np
 
+from wrn3d_tl.files import save_figure
+from wrn3d_tl.predict import as_predictor
+
 __all__ = ["grad_cam", "cam_layers", "save_montage", "montage_slices", "write_cam_montages"]
 
 DEFAULT_LAYER = "head/bn"
@@ -86,8 +89,6 @@ def grad_cam(model, volumes, *, class_index=None, layer=None, batch_size=16, pre
     changed. Deterministic. Raises ValueError for a bad shape, NaN/Inf input, a class index
     outside ``[0, num_classes)`` or an unknown layer.
     """
-    from wrn3d_tl.predict import as_predictor
-
     predictor = as_predictor(model)
     config = predictor.config
     front, back = _split(predictor.model, config, DEFAULT_LAYER if layer is None else layer)
@@ -241,9 +242,7 @@ def save_montage(volume, path, *, cam=None, axis=0, slices=None, cols=None, titl
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
-    fig.savefig(path, dpi=80)
-    return path
+    return save_figure(fig, path, dpi=80)
 
 
 # ------------------------------------------------------------------ many montages
@@ -261,8 +260,6 @@ def write_cam_montages(model, volumes, out_dir, *, indices=None, class_index=Non
     a time. Returns the written paths.
     """
     from wrn3d_tl.data.reading import apply_reading
-    from wrn3d_tl.predict import as_predictor
-
     predictor = as_predictor(model)
     names = predictor.class_names if names is None else names
     reading = predictor.array_reading(volumes, preprocessed)

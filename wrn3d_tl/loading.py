@@ -1,6 +1,7 @@
-"""Loading a trained network from a checkpoint file, for inference or to start from: the
-model (``build_wrn`` of the stored config, its weights assigned by name with their shapes
-checked), its normalisation, its reading and its class names.
+"""The front door to a network: ``create_wrn("WRN-16-4", ...)`` by name (with weights from a
+checkpoint if given), and loading a trained network from a checkpoint file, for inference or
+to start from: the model (``build_wrn`` of the stored config, its weights assigned by name
+with their shapes checked), its normalisation, its reading and its class names.
 
 Beside ``build_wrn`` in the data flow (data -> layers/model -> loading -> train ->
 export/predict/explain): the inference side loads models without importing the trainer.
@@ -16,7 +17,7 @@ from wrn3d_tl.data.reading import check_class_names, check_preprocessing
 from wrn3d_tl.layers import variable_name
 from wrn3d_tl.model import WRNConfig, build_wrn
 
-__all__ = ["load_model", "load_for_inference", "assign_checked", "stored_config_and_normalization"]
+__all__ = ["create_wrn", "load_model", "load_for_inference", "assign_checked", "stored_config_and_normalization"]
 
 
 def stored_config_and_normalization(ck, path):
@@ -76,3 +77,27 @@ def _load(path, strategy, recompute):
         model = build_wrn(config, recompute=recompute)
     assign_checked([(v, ck["weights"], variable_name(v)) for v in model.all_weights], path)
     return model, config, None if norm is None else norm.to_dict(), reading, names
+
+
+def create_wrn(name, *, input_shape, num_classes, weights=None, **config):
+    """A WRN by the paper's name, as ``timm.create_model``/``keras.applications`` do.
+
+    Args:
+      name: ``"WRN-d-k"`` (depth d = 6n + 4, widening factor k), e.g. ``"WRN-16-4"``.
+      input_shape: one sample's shape: ``(D, H, W, C)`` for a 3D network on NDHWC
+        batches, ``(H, W, C)`` for a 2D one on NHWC batches.
+      num_classes: the number of logits.
+      weights: None (He-initialised) or a wrn3d_tl checkpoint path whose network has this
+        architecture: every weight (BN moving statistics included) is loaded by name, its
+        shape checked; nothing is loaded when one does not fit (CheckpointError naming the
+        file and the weight).
+      **config: the other ``WRNConfig`` fields (``dropout``, ``group_strides``, ...).
+
+    Returns the ``build_wrn`` model: float32 logits ``(N, num_classes)`` from float32 input
+    ``(N,) + input_shape``. ValueError names the argument that does not fit.
+    """
+    model = build_wrn(WRNConfig.from_name(name, num_classes=num_classes, input_shape=input_shape, **config))
+    if weights is not None:
+        ck = read_checkpoint(weights)
+        assign_checked([(v, ck["weights"], variable_name(v)) for v in model.all_weights], weights)
+    return model

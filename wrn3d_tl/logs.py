@@ -8,6 +8,8 @@ import sys
 
 import tensorflow as tf
 
+from wrn3d_tl.files import save_figure, written_atomically
+
 __all__ = ["MetricsLogger", "plot_metrics", "log"]
 
 
@@ -76,12 +78,10 @@ class MetricsLogger:
         with open(self.csv_path, newline="") as f:
             rows = list(csv.DictReader(f))
         keep = [row for row in rows if row.get("step", "").isdigit() and int(row["step"]) <= step]
-        tmp = self.csv_path + ".tmp"
-        with open(tmp, "w", newline="") as f:
+        with written_atomically(self.csv_path) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(keep)
-        os.replace(tmp, self.csv_path)
         self._file = open(self.csv_path, "a", newline="")
         self._csv = csv.DictWriter(self._file, fieldnames=FIELDS, extrasaction="ignore")
         return len(rows) - len(keep)
@@ -119,5 +119,4 @@ def plot_metrics(csv_path, png_path):
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    return png_path
+    return save_figure(fig, png_path, dpi=100)
