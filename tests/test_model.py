@@ -218,3 +218,59 @@ def test_the_package_face_loads_its_names_on_first_use():
         assert getattr(wrn3d_tl, name) is getattr(importlib.import_module(f"wrn3d_tl.{module}"), name), name
     with pytest.raises(AttributeError, match="has no attribute 'Trainerr'"):
         wrn3d_tl.Trainerr
+
+
+def test_one_precision_vocabulary_for_training_inference_and_the_commands(capsys):
+    from wrn3d_tl.commands import Parser, add_training_flags
+    from wrn3d_tl.commands.export import main as export_main
+    from wrn3d_tl.commands.predict import _parser as predict_parser
+    from wrn3d_tl.config import INFERENCE_PRECISIONS, PRECISIONS, check_mixed_precision, check_precision
+    from wrn3d_tl.memory import estimate_memory
+    from wrn3d_tl.model import PRECISION_DTYPES, inference_dtype
+    from wrn3d_tl.train import Trainer
+
+    assert PRECISIONS == ("fp32", "bf16", "fp16") and set(INFERENCE_PRECISIONS) < set(PRECISIONS)
+    assert [PRECISION_DTYPES[p] for p in PRECISIONS] == [tf.float32, tf.bfloat16, tf.float16]
+    assert [inference_dtype(p) for p in INFERENCE_PRECISIONS] == [tf.float32, tf.bfloat16]
+    with pytest.raises(ValueError, match=r"^precision must be one of 'fp32', 'bf16', got 'fp16'$"):
+        check_precision("fp16", allowed=INFERENCE_PRECISIONS)
+    assert [check_mixed_precision(p) for p in (None, "fp32", "bf16", "fp16")] == [None, None, "bf16", "fp16"]
+    with pytest.raises(ValueError, match=r"^mixed_precision must be None or one of 'fp32', 'bf16', 'fp16', got 'none'"):
+        check_mixed_precision("none")
+    # the commands offer the same words ("none" is fp32 on the training flag)
+    parser = Parser(prog="t")
+    add_training_flags(parser, iters_help="")
+    assert parser.parse_args(["--mixed-precision", "bf16"]).mixed_precision == "bf16"
+    choices = {a.dest: a.choices for a in parser._actions}
+    assert list(choices["mixed_precision"]) == ["none", *PRECISIONS[1:]]
+    assert list({a.dest: a.choices for a in predict_parser()._actions}["precision"]) == list(INFERENCE_PRECISIONS)
+    assert export_main(["--help"]) == 0 and "{fp32,bf16}" in capsys.readouterr().out
+    # "fp32" and None are the same training precision
+    cfg = WRNConfig(**TINY3D)
+    assert Trainer(build_wrn(cfg), mixed_precision="fp32", verbose=False).mixed_precision is None
+    assert estimate_memory(cfg, 2, mixed_precision="fp32") == estimate_memory(cfg, 2)
+
+
+def test_the_config_owns_the_layer_names():
+    """Layer names are written once, in wrn3d_tl.config: the built model has exactly them, and
+    no other library module spells one out."""
+    import ast
+    import re
+    from pathlib import Path
+
+    from wrn3d_tl.config import TOP_LAYERS
+    from wrn3d_tl.layers import variable_name
+
+    cfg = WRNConfig(**TINY3D)
+    model = build_wrn(cfg)
+    assert {variable_name(v).split("/")[0] for v in model.all_weights} == set(TOP_LAYERS)
+    layers = {layer.name for layer in [*model.all_layers, *leaf_layers(model)]}
+    assert cfg.feature_layers()[0] == "stem/conv" and cfg.feature_layers()[-1] == "head/bn"
+    assert set(cfg.feature_layers()) <= layers and len(cfg.feature_layers()) == 2 + 3 * cfg.blocks_per_group
+    package = Path(__file__).resolve().parent.parent / "wrn3d_tl"
+    spelled = [f"{path.name}:{node.lineno} {node.value!r}"
+               for path in sorted(package.rglob("*.py")) if path.name != "config.py"
+               for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+               if isinstance(node, ast.Constant) and isinstance(node.value, str)
+               and re.match(r"^(stem/|head/|group\d)", node.value)]
+    assert spelled == []

@@ -13,11 +13,41 @@ from typing import NamedTuple
 
 from wrn3d_tl.axes import ensure_tuple_rep, is_int, layout, same_output_shape
 
-__all__ = ["WRNConfig", "BlockSpec", "STEM_WIDTH", "GROUP_WIDTHS", "PADDINGS"]
+__all__ = ["WRNConfig", "BlockSpec", "STEM_WIDTH", "GROUP_WIDTHS", "PADDINGS", "PRECISIONS", "INFERENCE_PRECISIONS",
+           "check_precision", "check_mixed_precision", "STEM", "HEAD_BN", "HEAD_POOL", "HEAD_LOGITS", "GROUPS",
+           "TOP_LAYERS"]
 
 PADDINGS = ("same", "symmetric")
+# One precision vocabulary: what a network's convolutions compute in. Training takes all
+# three ("bf16"/"fp16" as mixed precision over float32 weights), inference the first two;
+# the command lines offer the same words.
+PRECISIONS = ("fp32", "bf16", "fp16")
+INFERENCE_PRECISIONS = ("fp32", "bf16")
+# The network's layer names, one place: weights are stored under "<layer>/<variable>" (e.g.
+# "group2/block1/conv1/kernel"), Grad-CAM, conversion, freezing and the Keras twin use them.
+STEM, HEAD_BN, HEAD_POOL, HEAD_LOGITS = "stem/conv", "head/bn", "head/pool", "head/logits"
+GROUPS = ("group1", "group2", "group3")
+TOP_LAYERS = ("stem", *GROUPS, "head")   # the first component of every layer name
 STEM_WIDTH = 16
 GROUP_WIDTHS = (16, 32, 64)  # times the widening factor k
+
+
+def check_precision(value, what="precision", allowed=PRECISIONS):
+    """``value`` when it is one of ``allowed`` (a subset of ``PRECISIONS``), else ValueError
+    naming ``what``."""
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{what} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+    return value
+
+
+def check_mixed_precision(value, what="mixed_precision"):
+    """Training's precision as ``Trainer`` stores it: None for float32 (None or "fp32"
+    given), else "bf16" or "fp16"; ValueError naming ``what`` otherwise."""
+    if value is None or value == "fp32":
+        return None
+    if not isinstance(value, str) or value not in PRECISIONS:
+        raise ValueError(f"{what} must be None or one of {', '.join(map(repr, PRECISIONS))}, got {value!r}")
+    return value
 
 
 class BlockSpec(NamedTuple):
@@ -171,10 +201,16 @@ class WRNConfig:
                 strides = group_strides if i == 1 else (1,) * self.spatial_rank
                 out = same_output_shape(spatial, strides)
                 projection = channels != width or any(s != 1 for s in strides)
-                plan.append(BlockSpec(f"group{g}/block{i}", g, i, spatial, out, channels, width, strides,
+                plan.append(BlockSpec(f"{GROUPS[g - 1]}/block{i}", g, i, spatial, out, channels, width, strides,
                                       projection))
                 spatial, channels = out, width
         return plan
+
+    def feature_layers(self):
+        """The layers whose output is a feature map, in network order (as timm's
+        ``feature_info``): ``"stem/conv"``, every block (``"group2/block1"``) and
+        ``"head/bn"`` (group3 after BN-ReLU)."""
+        return [STEM] + [b.name for b in self.blocks()] + [HEAD_BN]
 
     def to_dict(self):
         """A JSON-serialisable dict; ``WRNConfig.from_dict`` inverts it."""

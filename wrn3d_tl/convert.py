@@ -38,7 +38,7 @@ import re
 
 import numpy as np
 
-from wrn3d_tl.config import WRNConfig
+from wrn3d_tl.config import GROUP_WIDTHS, HEAD_BN, HEAD_LOGITS, STEM, WRNConfig
 from wrn3d_tl.layers import variable_name
 from wrn3d_tl.model import build_wrn
 
@@ -144,19 +144,19 @@ def _infer_config(state, spec, input_shape):
     n = len(blocks[first])
     stem = state[spec["stem"] + spec["conv_suffix"]]
     width = state[spec["block"](1, 1) + "." + spec["parts"]["conv1"] + spec["conv_suffix"]].shape[0]
-    if width % 16:
-        raise ConversionError(f"group 1 has {width} channels, not a multiple of 16")
+    if width % GROUP_WIDTHS[0]:
+        raise ConversionError(f"group 1 has {width} channels, not a multiple of {GROUP_WIDTHS[0]}")
     classes = state[spec["fc"] + ".weight"].shape[0]
     shape = tuple(input_shape)
     if shape[-1] != stem.shape[1]:
         raise ConversionError(f"input_shape {shape} has {shape[-1]} channels, the weights' stem takes {stem.shape[1]}")
-    return WRNConfig(depth=6 * n + 4, widen_factor=width // 16, num_classes=classes, input_shape=shape,
+    return WRNConfig(depth=6 * n + 4, widen_factor=width // GROUP_WIDTHS[0], num_classes=classes, input_shape=shape,
                      padding="symmetric")
 
 
 def _source_names(config, spec):
     """wrn3d_tl variable name -> (source key, kind) for every variable of ``config``."""
-    names = {"stem/conv/kernel": (spec["stem"] + spec["conv_suffix"], "conv")}
+    names = {f"{STEM}/kernel": (spec["stem"] + spec["conv_suffix"], "conv")}
     for b in config.blocks():
         base = spec["block"](b.group, b.index)
         for part in ("bn1", "conv1", "bn2", "conv2") + (("shortcut",) if b.projection else ()):
@@ -165,9 +165,9 @@ def _source_names(config, spec):
                 names.update({f"{b.name}/{part}/{v}": (f"{src}.{t}", "bn") for v, t in _BN.items()})
             else:
                 names[f"{b.name}/{part}/kernel"] = (src + spec["conv_suffix"], "conv")
-    names.update({f"head/bn/{v}": (f"{spec['head_bn']}.{t}", "bn") for v, t in _BN.items()})
-    names["head/logits/weights"] = (spec["fc"] + ".weight", "fc")
-    names["head/logits/biases"] = (spec["fc"] + ".bias", "bias")
+    names.update({f"{HEAD_BN}/{v}": (f"{spec['head_bn']}.{t}", "bn") for v, t in _BN.items()})
+    names[f"{HEAD_LOGITS}/weights"] = (spec["fc"] + ".weight", "fc")
+    names[f"{HEAD_LOGITS}/biases"] = (spec["fc"] + ".bias", "bias")
     return names
 
 
@@ -276,11 +276,11 @@ def inflate(model_2d, *, volume_depth, mode="centre", depth_kernel=3, in_channel
     fresh_head = num_classes is not None and num_classes != cfg.num_classes
     for var in model.all_weights:
         name = variable_name(var)
-        if fresh_head and name.startswith("head/logits/"):
+        if fresh_head and name.startswith(f"{HEAD_LOGITS}/"):
             continue  # build_wrn's initialisation: He-normal weights, zero biases
         value = source[name]
         if value.ndim == 4:  # a conv kernel (kh, kw, C_in, C_out) -> (kd, kh, kw, C_in, C_out)
-            if name == "stem/conv/kernel" and in_channels == 1:
+            if name == f"{STEM}/kernel" and in_channels == 1:
                 value = value.sum(axis=2, keepdims=True)
             value = _inflate_kernel(value, mode)
         var.assign(value)

@@ -322,8 +322,8 @@ def build_experiment(**options):
 
 def precision(flag):
     """The ``--mixed-precision`` flag's value as ``Trainer(mixed_precision=...)`` takes it
-    ("none" -> None)."""
-    return None if flag in (None, "none") else flag
+    ("none" or "fp32" -> None)."""
+    return None if flag in (None, "none", "fp32") else flag
 
 
 def make_trainer(**options):

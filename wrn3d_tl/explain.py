@@ -19,20 +19,21 @@ import os
 
 import numpy as np
 
+from wrn3d_tl.config import GROUPS, HEAD_BN
 from wrn3d_tl.files import save_figure
 from wrn3d_tl.predict import as_predictor
 
 __all__ = ["grad_cam", "cam_layers", "save_montage", "montage_slices", "write_cam_montages"]
 
-DEFAULT_LAYER = "head/bn"
+DEFAULT_LAYER = HEAD_BN
 
 
 def cam_layers(config):
     """The feature maps ``grad_cam`` can use: ``"stem/conv"``, every block
     (``"group2/block1"``), ``"group1"``..``"group3"`` (a group's last block) and
     ``"head/bn"`` (group3 after BN-ReLU, the default)."""
-    names = ["stem/conv"] + [b.name for b in config.blocks()] + [DEFAULT_LAYER]
-    groups = {f"group{b.group}": b.name for b in config.blocks()}
+    names = config.feature_layers()
+    groups = {GROUPS[b.group - 1]: b.name for b in config.blocks()}
     return names, groups
 
 

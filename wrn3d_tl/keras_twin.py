@@ -44,7 +44,7 @@ import keras
 import numpy as np
 
 from wrn3d_tl.layers import leaf_layers
-from wrn3d_tl.config import WRNConfig
+from wrn3d_tl.config import HEAD_BN, STEM, WRNConfig
 
 __all__ = ["build_keras_wrn", "keras_layer_name", "tl_to_keras", "keras_to_tl", "count_keras_params"]
 
@@ -97,7 +97,7 @@ def build_keras_wrn(config, name=None):
         return L.ReLU(name=keras_layer_name(tl_name) + "_relu")(x)
 
     inputs = keras.Input(shape=config.input_shape, name="input")
-    x = conv(inputs, config.stem_width, 3, 1, "stem/conv")
+    x = conv(inputs, config.stem_width, 3, 1, STEM)
     for b in config.blocks():
         preact = bn_relu(x, f"{b.name}/bn1")
         y = conv(preact, b.out_channels, 3, b.strides, f"{b.name}/conv1")
@@ -107,7 +107,7 @@ def build_keras_wrn(config, name=None):
         y = conv(y, b.out_channels, 3, 1, f"{b.name}/conv2")
         shortcut = conv(preact, b.out_channels, 1, b.strides, f"{b.name}/shortcut") if b.projection else x
         x = L.Add(name=keras_layer_name(f"{b.name}/add"))([y, shortcut])
-    x = bn_relu(x, "head/bn")
+    x = bn_relu(x, HEAD_BN)
     x = pool_cls(name="head_pool")(x)
     logits = L.Dense(config.num_classes, kernel_initializer="he_normal", bias_initializer="zeros",
                      name="head_logits")(x)

@@ -7,6 +7,7 @@ model: it lives here, beside neither.
 
 import math
 
+from wrn3d_tl.config import check_mixed_precision
 from wrn3d_tl.model import group_shapes
 
 __all__ = ["estimate_memory", "largest_batch", "RUNTIME_OVERHEAD_BYTES"]
@@ -30,8 +31,7 @@ def estimate_memory(config, batch_size, *, mixed_precision=None, recompute=False
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if mixed_precision not in (None, "bf16", "fp16"):
-        raise ValueError(f"mixed_precision must be None, 'bf16' or 'fp16', got {mixed_precision!r}")
+    mixed_precision = check_mixed_precision(mixed_precision)
     act_bytes = 4 if mixed_precision is None else 2
     stem = math.prod(config.input_shape[:-1]) * config.stem_width
     kept, inputs, biggest_block, biggest = stem, stem, 0, stem

@@ -19,16 +19,17 @@ import math
 import tensorflow as tf
 import tensorlayer as tl
 
-from wrn3d_tl.config import WRNConfig
+from wrn3d_tl.config import (GROUPS, HEAD_BN, HEAD_LOGITS, HEAD_POOL, INFERENCE_PRECISIONS, PRECISIONS, STEM,
+                             WRNConfig, check_precision)
 from wrn3d_tl.cpu import warn_if_bf16_emulated
 from wrn3d_tl.layers import BatchNorm, Conv, GlobalAvgPool, HeNormal, InputCheck, WideBasicBlock, variable_name
 
 __all__ = ["WRNConfig", "build_wrn", "count_params", "count_flops", "group_shapes", "summary", "inference_copy",
-           "inference_dtype", "INFERENCE_PRECISIONS", "graph_function"]
+           "inference_dtype", "PRECISION_DTYPES", "graph_function"]
 
-# Inference precisions: the dtype a model's input and convolutions compute in. Batch norm
-# statistics, the dense head, logits and probabilities stay float32.
-INFERENCE_PRECISIONS = {"fp32": tf.float32, "bf16": tf.bfloat16}
+# The dtype a model's input and convolutions compute in, per precision (wrn3d_tl.config's
+# vocabulary). Batch norm statistics, the dense head, logits and probabilities stay float32.
+PRECISION_DTYPES = dict(zip(PRECISIONS, (tf.float32, tf.bfloat16, tf.float16)))
 
 
 def graph_function(fn=None, **kwargs):
@@ -67,14 +68,14 @@ def build_wrn(config, name=None, recompute=False, kernel_dtype=tf.float32):
               padding=config.padding, kernel_dtype=kernel_dtype)
     inputs = tl.layers.Input((None,) + config.input_shape, name="input")
     x = InputCheck(config.input_shape, name="input/check")(inputs)
-    x = Conv(config.stem_width, 3, 1, config.padding, name="stem/conv", kernel_dtype=kernel_dtype)(x)
+    x = Conv(config.stem_width, 3, 1, config.padding, name=STEM, kernel_dtype=kernel_dtype)(x)
     for block in config.blocks():
         x = WideBasicBlock(block.out_channels, block.strides, config.dropout, projection=block.projection,
                            name=block.name, **bn)(x)
-    x = BatchNorm(config.bn_decay, config.bn_epsilon, act=tf.nn.relu, sync=config.sync_bn, name="head/bn")(x)
-    x = GlobalAvgPool(name="head/pool")(x)
+    x = BatchNorm(config.bn_decay, config.bn_epsilon, act=tf.nn.relu, sync=config.sync_bn, name=HEAD_BN)(x)
+    x = GlobalAvgPool(name=HEAD_POOL)(x)
     x = tl.layers.Dense(config.num_classes, W_init=HeNormal(), b_init=tl.initializers.zeros(),
-                        name="head/logits")(x)
+                        name=HEAD_LOGITS)(x)
     model = tl.models.Model(inputs=inputs, outputs=x, name=name)
     model.wrn_config = config
     model.recompute = bool(recompute)
@@ -83,9 +84,7 @@ def build_wrn(config, name=None, recompute=False, kernel_dtype=tf.float32):
 
 def inference_dtype(precision, what="precision"):
     """The tf dtype of an inference precision ("fp32" or "bf16"); ValueError naming ``what``."""
-    if not isinstance(precision, str) or precision not in INFERENCE_PRECISIONS:
-        raise ValueError(f"{what} must be one of {', '.join(map(repr, INFERENCE_PRECISIONS))}, got {precision!r}")
-    return INFERENCE_PRECISIONS[precision]
+    return PRECISION_DTYPES[check_precision(precision, what, INFERENCE_PRECISIONS)]
 
 
 def inference_copy(model, precision="fp32"):
@@ -134,8 +133,8 @@ def group_shapes(config):
     params, flops = conv(spatial, k3, config.input_shape[-1], config.stem_width)
     rows = [("stem", spatial, config.stem_width, params, flops)]
     for b in config.blocks():
-        if rows[-1][0] != f"group{b.group}":
-            rows.append((f"group{b.group}", b.out_spatial, b.out_channels, 0, 0))
+        if rows[-1][0] != GROUPS[b.group - 1]:
+            rows.append((GROUPS[b.group - 1], b.out_spatial, b.out_channels, 0, 0))
         p = 2 * b.in_channels + 2 * b.out_channels  # bn1, bn2
         f = 0
         convs = [(k3, b.in_channels), (k3, b.out_channels)] + ([(1, b.in_channels)] if b.projection else [])

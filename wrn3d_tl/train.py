@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from wrn3d_tl.axes import check_batch_shape
+from wrn3d_tl.config import check_mixed_precision
 from wrn3d_tl.checkpoint import CheckpointError, CheckpointManager, read_checkpoint, write_checkpoint
 from wrn3d_tl.cpu import warn_if_bf16_emulated
 from wrn3d_tl.data import as_normalization, data_errors, normalization_of, same_normalization
@@ -31,14 +32,13 @@ from wrn3d_tl.layers import variable_name
 from wrn3d_tl.loading import assign_checked, stored_config_and_normalization, load_for_inference, load_model  # noqa: F401
 from wrn3d_tl.logs import MetricsLogger, log, plot_metrics
 from wrn3d_tl.metrics import classification_metrics
-from wrn3d_tl.model import WRNConfig, build_wrn, graph_function
+from wrn3d_tl.model import PRECISION_DTYPES, WRNConfig, build_wrn, graph_function
 from wrn3d_tl.optim import FP16_MAX_FLOOR_SKIPS, SCHEDULES, SGD, LossScale, scheduled_lr
 
 __all__ = ["Trainer", "describe_devices", "load_model", "load_for_inference", "under"]   # the loaders: wrn3d_tl.loading
 
 LOG_EVERY_STEPS, LOG_EVERY_S = 50, 30.0   # fit's progress lines where no bar can show
 
-PRECISIONS = {None: tf.float32, "bf16": tf.bfloat16, "fp16": tf.float16}
 
 
 def describe_devices():
@@ -136,8 +136,7 @@ class Trainer:
             raise ValueError(f"total_steps must be a positive int for schedule={schedule!r}, got {total_steps!r}")
         if not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
-        if mixed_precision not in PRECISIONS:
-            raise ValueError(f"mixed_precision must be None, 'bf16' or 'fp16', got {mixed_precision!r}")
+        mixed_precision = check_mixed_precision(mixed_precision)
         if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
             raise ValueError(f"checkpoint_every must be a positive int or None, got {checkpoint_every!r}")
         if checkpoint_every and not checkpoint_dir:
@@ -158,7 +157,7 @@ class Trainer:
         self.total_steps = total_steps
         self.warmup_steps = warmup_steps
         self.mixed_precision = mixed_precision
-        self.compute_dtype = PRECISIONS[mixed_precision]
+        self.compute_dtype = PRECISION_DTYPES[mixed_precision or "fp32"]
         self.seed = int(seed)
         self.batch_size = batch_size
         self.normalization = norm.to_dict() if norm is not None else None

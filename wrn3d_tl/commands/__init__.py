@@ -12,6 +12,8 @@ import contextlib
 import os
 import sys
 
+from wrn3d_tl.config import PRECISIONS, TOP_LAYERS
+
 __all__ = ["Parser", "positive_int", "non_negative_int", "positive_float", "non_negative_float", "existing_file",
            "intensity_arg", "shape_arg", "fail", "die", "quiet_tensorflow", "versions_line", "add_training_flags", "check_training_flags"]
 
@@ -153,7 +155,7 @@ def add_training_flags(parser, *, iters_help):
       "ckpt-XXXXXXXX.h5 beside it. Precision may change, a constant schedule may be extended; other settings "
       "that differ from the checkpoint's are refused")
     a("--logdir", help="metrics.csv and TensorBoard scalars go here")
-    a("--mixed-precision", choices=["none", "bf16", "fp16"], help="bf16: CPUs with AVX512_BF16/AMX; fp16: GPUs")
+    a("--mixed-precision", choices=["none", *PRECISIONS[1:]], help="bf16: CPUs with AVX512_BF16/AMX; fp16: GPUs")
     a("--seed", type=int, help="data order, augmentation and initial weights")
     a("--init-from", type=existing_file, help="start from this wrn3d_tl checkpoint's network and weights (e.g. "
       "from wrn3d-convert); its depth, width, padding and strides replace --depth/--width")
@@ -169,7 +171,7 @@ def check_training_flags(parser, args):
 
     if args.resume and not args.checkpoint:
         parser.error("--resume needs --checkpoint")
-    bad = [p for p in args.freeze or [] if p.split("/")[0] not in ("stem", "group1", "group2", "group3", "head")]
+    bad = [p for p in args.freeze or [] if p.split("/")[0] not in TOP_LAYERS]
     if bad:
         parser.error(f"--freeze {' '.join(args.freeze)}: {bad[0]!r} is not a layer prefix (stem, group1..3, head, "
                      "or below them, e.g. group2/block1)")

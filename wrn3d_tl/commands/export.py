@@ -5,6 +5,7 @@ import os
 import sys
 
 from wrn3d_tl.commands import Parser, fail, quiet_tensorflow
+from wrn3d_tl.config import INFERENCE_PRECISIONS
 
 __all__ = ["main"]
 
@@ -17,7 +18,7 @@ def main(argv=None):
     p.add_argument("--checkpoint", required=True, help="checkpoint .h5 written by Trainer.save")
     p.add_argument("--out", required=True, help="output folder of the SavedModel (an existing SavedModel there "
                    "is replaced)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+    p.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="fp32",
                    help="bf16: the network computes in bfloat16, its convolution kernels stored as bfloat16")
     try:
         args = p.parse_args(argv)

@@ -16,6 +16,7 @@ import sys
 import h5py
 
 from wrn3d_tl.commands import Parser, fail, intensity_arg, positive_int, quiet_tensorflow, shape_arg
+from wrn3d_tl.config import INFERENCE_PRECISIONS
 from wrn3d_tl.explain import write_cam_montages
 from wrn3d_tl.files import written_atomically
 from wrn3d_tl.predict import FROM_CHECKPOINT, Predictor, is_nifti_input, load_npy, write_csv
@@ -58,7 +59,7 @@ def _parser():
     p.add_argument("--out", required=True, help="output CSV file (a file name, not a folder)")
     p.add_argument("--top-k", type=positive_int, default=5, help="classes ranked per volume")
     p.add_argument("--cam-dir", help="also write a Grad-CAM montage per volume here ({index}_{class}.png)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+    p.add_argument("--precision", choices=INFERENCE_PRECISIONS, default="fp32",
                    help="bf16: the network computes in bfloat16 (faster on CPUs with AMX/AVX512_BF16; the README "
                    "gives the change in predictions)")
     p.add_argument("--skip-bad", action="store_true",
