@@ -398,3 +398,25 @@ def test_a_step_reads_one_tensor_back_from_the_device(monkeypatch):
     reads.clear()
     t.train_step()
     assert reads == ["numpy"]
+
+
+def test_numpy_integers_and_numbers_are_accepted_where_python_ones_are():
+    """One set of checks (wrn3d_tl.validate): numpy ints pass wherever WRNConfig takes them,
+    bools and floats are refused by name."""
+    from wrn3d_tl.validate import check_int, check_number
+
+    t = Trainer(build_wrn(CFG), schedule="cosine", total_steps=np.int64(100), warmup_steps=np.int32(2),
+                checkpoint_every=None, lr=np.float32(0.05), verbose=False)
+    assert (t.total_steps, t.warmup_steps) == (100, 2) and type(t.total_steps) is int
+    for bad in (True, 2.0, "3", 0):
+        with pytest.raises(ValueError, match=r"^total_steps \(for schedule='cosine'\) must be a positive int, got "):
+            Trainer(build_wrn(CFG), schedule="cosine", total_steps=bad, verbose=False)
+    with pytest.raises(ValueError, match=r"^warmup_steps must be an int >= 0, got -1$"):
+        Trainer(build_wrn(CFG), warmup_steps=-1, verbose=False)
+    assert check_int(None, "keep", allow_none=True) is None and check_int(np.uint8(0), "n", 0) == 0
+    with pytest.raises(ValueError, match=r"^keep must be a positive int or None, got 0$"):
+        check_int(0, "keep", allow_none=True)
+    assert check_number(np.float64(0.5), "lr", "a number > 0", lambda v: v > 0) == 0.5
+    for bad in (float("nan"), np.bool_(True), "0.1", 0):
+        with pytest.raises(ValueError, match=r"^lr must be a number > 0, got "):
+            check_number(bad, "lr", "a number > 0", lambda v: v > 0)

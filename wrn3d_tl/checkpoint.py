@@ -32,6 +32,7 @@ import h5py
 import numpy as np
 
 from wrn3d_tl.files import temporary_path, written_atomically  # noqa: F401  (temporary_path: also this module's name for it)
+from wrn3d_tl.validate import check_int
 
 FORMAT = "wrn3d_tl-checkpoint"
 VERSION = 1
@@ -200,8 +201,7 @@ class CheckpointManager:
     """
 
     def __init__(self, directory, keep=3, report=None):
-        if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
-            raise ValueError(f"keep must be a positive int or None, got {keep!r}")
+        keep = check_int(keep, "keep", allow_none=True)
         self.directory = os.path.abspath(os.fspath(directory))
         self.keep = keep
         self.report = report or (lambda line: print(line, file=sys.stderr, flush=True))

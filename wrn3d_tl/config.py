@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from wrn3d_tl.axes import ensure_tuple_rep, is_int, layout, same_output_shape
+from wrn3d_tl.validate import ensure_tuple_rep, is_int, layout, same_output_shape
 
 __all__ = ["WRNConfig", "BlockSpec", "STEM_WIDTH", "GROUP_WIDTHS", "PADDINGS", "PRECISIONS", "INFERENCE_PRECISIONS",
            "check_precision", "check_mixed_precision", "STEM", "HEAD_BN", "HEAD_POOL", "HEAD_LOGITS", "GROUPS",

@@ -10,6 +10,8 @@ import os
 
 import tensorflow as tf
 
+from wrn3d_tl.validate import check_int
+
 __all__ = ["make_strategy", "WORKER_LOST_ERRORS", "MAYBE_WORKER_LOST_ERRORS", "worker_failure_message"]
 
 # What a collective raises when a peer worker dies or stops answering.
@@ -53,8 +55,7 @@ def make_strategy(kind="none", cpu_replicas=None, timeout_seconds=None):
     if kind == "mirrored":
         if cpu_replicas is None:
             return tf.distribute.MirroredStrategy()
-        if not isinstance(cpu_replicas, int) or cpu_replicas < 1:
-            raise ValueError(f"cpu_replicas must be a positive int, got {cpu_replicas!r}")
+        cpu_replicas = check_int(cpu_replicas, "cpu_replicas")
         cpu = tf.config.list_physical_devices("CPU")[0]
         try:
             tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * cpu_replicas)

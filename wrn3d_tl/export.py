@@ -50,6 +50,7 @@ import tensorflow as tf
 
 from wrn3d_tl.data import as_normalization
 from wrn3d_tl.data.reading import apply_reading_tf
+from wrn3d_tl.layers import checked_shape
 from wrn3d_tl.model import graph_function, inference_copy, inference_dtype
 
 __all__ = ["export_saved_model", "SIGNATURES"]
@@ -105,16 +106,8 @@ def _serving_model(model, precision):
 def _shape_check(volumes, rank, channels, spatial, layout):
     """Assert in the graph (signature calls do not enforce the declared shape): rank, the
     channels and, when ``spatial`` is given, the spatial shape."""
-    got = tf.shape(volumes)
-    want = list(spatial or []) + [channels]
-    n = rank + 1                                   # spatial axes and channels
-    tail = tf.pad(got[1:], [[0, n]])[:n]
-    ok = tf.equal(tf.size(got), n + 1)
-    ok = tf.logical_and(ok, tf.reduce_all(tf.equal(tail[n - len(want):], tf.constant(want, tf.int32))))
     shape = "(N,) + " + (str(tuple(spatial) + (channels,)) if spatial else f"(spatial..., {channels})")
-    with tf.control_dependencies([tf.debugging.Assert(ok, [f"volumes must have shape {shape} ({layout}); got "
-                                                           "shape:", got], summarize=16)]):
-        return tf.identity(volumes)
+    return checked_shape(volumes, rank, channels, spatial, f"volumes must have shape {shape} ({layout}); got shape:")
 
 
 class _ServingModule(tf.Module):

@@ -15,11 +15,11 @@ import tensorflow as tf
 import tensorlayer as tl
 import tensorlayer.decorators.method_decorator
 
-from wrn3d_tl.axes import check_batch_shape, ensure_tuple_rep, layout, same_output_shape
+from wrn3d_tl.validate import check_batch_shape, ensure_tuple_rep, layout, same_output_shape
 from wrn3d_tl.config import PADDINGS
 
 __all__ = ["HeNormal", "InputCheck", "BatchNorm", "Conv", "GlobalAvgPool", "WideBasicBlock", "leaf_layers",
-           "variable_name", "runs_on_cpu", "bf16_filter_grad_ok", "BF16_PROBE_TOLERANCE"]
+           "variable_name", "checked_shape", "runs_on_cpu", "bf16_filter_grad_ok", "BF16_PROBE_TOLERANCE"]
 
 
 def _frames(context=1):
@@ -90,13 +90,22 @@ class InputCheck(tl.layers.Layer):
         if inputs.shape.rank is not None:
             check_batch_shape(inputs.shape.as_list(), self.expected, "model")
             return inputs
-        got = tf.shape(inputs)
-        n = len(self.expected)
-        ok = tf.logical_and(tf.equal(tf.size(got), n + 1),
-                            tf.reduce_all(tf.equal(tf.pad(got[1:], [[0, n]])[:n], self.expected)))
-        with tf.control_dependencies([tf.debugging.Assert(ok, [f"model: x must have shape (batch,) + "
-                                                               f"{self.expected}, got", got], summarize=16)]):
-            return tf.identity(inputs)
+        return checked_shape(inputs, len(self.expected) - 1, self.expected[-1], self.expected[:-1],
+                             f"model: x must have shape (batch,) + {self.expected}, got")
+
+
+def checked_shape(x, rank, channels, spatial, message):
+    """``x`` unchanged, behind an in-graph assert that it is ``(N,) + spatial + (channels,)``
+    (``spatial`` None: any sizes on ``rank`` spatial axes): for shapes known only when the
+    graph runs, as a SavedModel signature's are. Fails with ``message`` and the shape found."""
+    got = tf.shape(x)
+    want = list(spatial or []) + [channels]
+    n = rank + 1                                   # spatial axes and channels
+    tail = tf.pad(got[1:], [[0, n]])[:n]
+    ok = tf.logical_and(tf.equal(tf.size(got), n + 1),
+                        tf.reduce_all(tf.equal(tail[n - len(want):], tf.constant(want, tf.int32))))
+    with tf.control_dependencies([tf.debugging.Assert(ok, [message, got], summarize=16)]):
+        return tf.identity(x)
 
 
 def _spatial_rank(inputs_shape, layer_name):

@@ -8,6 +8,7 @@ model: it lives here, beside neither.
 import math
 
 from wrn3d_tl.config import check_mixed_precision
+from wrn3d_tl.validate import check_int
 from wrn3d_tl.model import group_shapes
 
 __all__ = ["estimate_memory", "largest_batch", "RUNTIME_OVERHEAD_BYTES"]
@@ -29,8 +30,7 @@ def estimate_memory(config, batch_size, *, mixed_precision=None, recompute=False
     ``step_growth`` (what a train step adds on top of a built model and trainer:
     gradients + activations + runtime) and ``total``.
     """
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    batch_size = check_int(batch_size, "batch_size")
     mixed_precision = check_mixed_precision(mixed_precision)
     act_bytes = 4 if mixed_precision is None else 2
     stem = math.prod(config.input_shape[:-1]) * config.stem_width

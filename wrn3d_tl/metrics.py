@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from wrn3d_tl.validate import check_int
+
 __all__ = ["roc_auc", "auc_per_class", "confusion_matrix", "classification_metrics"]
 
 
@@ -50,8 +52,7 @@ def _auc_of(per_class):
 def confusion_matrix(y_true, y_pred, num_classes) -> np.ndarray:
     """int64 ``(K, K)``: row = true class, column = predicted class."""
     t, p = np.asarray(y_true), np.asarray(y_pred)
-    if not isinstance(num_classes, (int, np.integer)) or isinstance(num_classes, bool) or num_classes < 1:
-        raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+    check_int(num_classes, "num_classes")
     if t.ndim != 1 or t.shape != p.shape:
         raise ValueError(f"y_true and y_pred must be 1-D of the same length, got shapes {t.shape} and {p.shape}")
     for name, a in (("y_true", t), ("y_pred", p)):

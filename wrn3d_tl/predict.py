@@ -40,6 +40,7 @@ import h5py
 import numpy as np
 
 from wrn3d_tl.files import written_atomically
+from wrn3d_tl.validate import check_int
 
 __all__ = ["Predictor", "as_predictor", "predict", "write_csv", "load_npy", "is_nifti_input", "FROM_CHECKPOINT"]
 
@@ -48,12 +49,6 @@ FROM_CHECKPOINT = "checkpoint"   # NIfTI reading: as the checkpoint's training d
 
 def _one_line(exc):
     return " ".join(str(exc).split())
-
-
-def _positive_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
 
 
 class Predictor:
@@ -175,7 +170,7 @@ class Predictor:
         from wrn3d_tl.data.reading import apply_reading
 
         n = self.check_volumes(volumes, what, reading)[0]
-        batch_size = _positive_int(batch_size, "batch_size")
+        batch_size = check_int(batch_size, "batch_size")
         for start in range(0, n, batch_size):
             with np.errstate(over="ignore", invalid="ignore"):  # out-of-range float64 -> inf, reported below
                 x = np.asarray(volumes[start:start + batch_size]).astype(np.float32, copy=False)
@@ -215,7 +210,7 @@ class Predictor:
         """See ``wrn3d_tl.predict.predict``."""
         from wrn3d_tl.data.reading import preprocessing_of
 
-        top_k = _positive_int(top_k, "top_k")
+        top_k = check_int(top_k, "top_k")
         k = min(top_k, self.config.num_classes)
         with self.open(volumes, key=key, intensity=intensity, target_shape=target_shape) as (array, what):
             if preprocessed and hasattr(array, "info"):

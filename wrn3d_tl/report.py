@@ -27,6 +27,7 @@ import numpy as np
 from wrn3d_tl.evaluation import class_name_list, output_folder
 from wrn3d_tl.files import written_atomically
 from wrn3d_tl.predict import as_predictor
+from wrn3d_tl.validate import check_int
 
 __all__ = ["cam_gallery", "first_samples", "run_report", "write_run_report"]
 
@@ -34,12 +35,6 @@ CURVES_PNG, INDEX_HTML = "curves.png", "index.html"
 
 
 # ------------------------------------------------------------ Grad-CAM gallery
-def _count(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    return int(value)
-
-
 def cam_gallery(trainer_or_checkpoint, x, y, out_dir, *, correct=3, wrong=3, class_names=None):
     """Grad-CAM montages of the first ``correct`` correctly and first ``wrong`` wrongly
     classified volumes of ``x`` (in index order: deterministic), for a run report.
@@ -63,7 +58,7 @@ def cam_gallery(trainer_or_checkpoint, x, y, out_dir, *, correct=3, wrong=3, cla
     from wrn3d_tl.explain import grad_cam, save_montage
     from wrn3d_tl.predict import predict
 
-    correct, wrong = _count(correct, "correct"), _count(wrong, "wrong")
+    correct, wrong = check_int(correct, "correct", 0), check_int(wrong, "wrong", 0)
     predictor = as_predictor(trainer_or_checkpoint)
     k = predictor.config.num_classes
     labels = np.asarray(y).reshape(-1) if np.ndim(y) == 2 and np.shape(y)[1] == 1 else np.asarray(y)

@@ -20,7 +20,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from wrn3d_tl.axes import check_batch_shape
+from wrn3d_tl.validate import check_batch_shape, check_int, check_number
 from wrn3d_tl.config import check_mixed_precision
 from wrn3d_tl.checkpoint import CheckpointError, CheckpointManager, read_checkpoint, write_checkpoint
 from wrn3d_tl.cpu import warn_if_bf16_emulated
@@ -127,18 +127,16 @@ class Trainer:
         if low:
             raise ValueError(f"model: its weights must be float32 to train, it has {', '.join(low)} ones (an "
                              "inference copy, wrn3d_tl.model.inference_copy, cannot be trained)")
-        _check(lr, "lr", "a number > 0", lambda v: v > 0)
-        _check(momentum, "momentum", "a number in [0, 1)", lambda v: 0 <= v < 1)
-        _check(weight_decay, "weight_decay", "a number >= 0", lambda v: v >= 0)
+        check_number(lr, "lr", "a number > 0", lambda v: v > 0)
+        check_number(momentum, "momentum", "a number in [0, 1)", lambda v: 0 <= v < 1)
+        check_number(weight_decay, "weight_decay", "a number >= 0", lambda v: v >= 0)
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-        if schedule != "constant" and (not isinstance(total_steps, int) or total_steps < 1):
-            raise ValueError(f"total_steps must be a positive int for schedule={schedule!r}, got {total_steps!r}")
-        if not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        if schedule != "constant":
+            total_steps = check_int(total_steps, f"total_steps (for schedule={schedule!r})")
+        warmup_steps = check_int(warmup_steps, "warmup_steps", 0)
         mixed_precision = check_mixed_precision(mixed_precision)
-        if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
-            raise ValueError(f"checkpoint_every must be a positive int or None, got {checkpoint_every!r}")
+        checkpoint_every = check_int(checkpoint_every, "checkpoint_every", allow_none=True)
         if checkpoint_every and not checkpoint_dir:
             raise ValueError("checkpoint_every needs checkpoint_dir")
 
@@ -254,7 +252,7 @@ class Trainer:
     @learning_rate.setter
     def learning_rate(self, value):
         if value is not None:
-            _check(value, "learning_rate", "a number >= 0 or None", lambda v: v >= 0)
+            check_number(value, "learning_rate", "a number >= 0 or None", lambda v: v >= 0)
             value = float(value)
         self._lr_override = value
 
@@ -268,8 +266,7 @@ class Trainer:
         if isinstance(data, (tuple, list)):
             if len(data) != 2:
                 raise ValueError(f"train_data must be a tf.data.Dataset or an (x, y) pair, got {len(data)} items")
-            if not isinstance(self.batch_size, int) or self.batch_size < 1:
-                raise ValueError(f"batch_size must be a positive int when train_data is arrays, got {self.batch_size!r}")
+            self.batch_size = check_int(self.batch_size, "batch_size (train_data is arrays)")
             x, y = data
             if len(x) != len(y):
                 raise ValueError(f"train_data: x has {len(x)} samples but y has {len(y)}")
@@ -745,8 +742,3 @@ def under(name, prefixes):
     """Whether the weight ``name`` ("group2/block1/conv1/kernel") lies under one of
     ``prefixes``, matched by whole path components ("group2", "group2/block1", "head")."""
     return any(name == p.rstrip("/") or name.startswith(p.rstrip("/") + "/") for p in prefixes)
-
-
-def _check(value, name, rule, ok):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
-        raise ValueError(f"{name} must be {rule}, got {value!r}")

@@ -13,7 +13,7 @@ import dataclasses
 
 import tensorflow as tf
 
-from wrn3d_tl.axes import is_int
+from wrn3d_tl.validate import is_int
 
 __all__ = ["Augment3D", "SPATIAL_AXES"]
 

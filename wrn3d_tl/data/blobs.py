@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from wrn3d_tl.axes import is_int
+from wrn3d_tl.validate import check_int, is_int
 
-from .transforms import _check_non_negative_int, _check_positive_int
 
 __all__ = ["synthetic_blobs", "orthant_of"]
 
@@ -31,12 +30,12 @@ def synthetic_blobs(n_train: int, n_test: int, *, shape=(8, 8, 8), blob: int = 2
     A WRN-10 learns it within ~100 steps; Grad-CAM maps should then peak inside the blob's
     orthant.
     """
-    n_train = _check_non_negative_int("n_train", n_train)
-    n_test = _check_non_negative_int("n_test", n_test)
+    n_train = check_int(n_train, "n_train", 0)
+    n_test = check_int(n_test, "n_test", 0)
     shape = tuple(shape)
     if len(shape) not in (2, 3) or not all(is_int(s) for s in shape):
         raise ValueError(f"shape must be 2 or 3 ints (H, W) or (D, H, W), got {shape!r}")
-    blob = _check_positive_int("blob", blob)
+    blob = check_int(blob, "blob")
     if any(s // 2 < blob for s in shape):
         raise ValueError(f"blob={blob} must fit in half of every axis of shape {shape}")
     rng = np.random.default_rng(seed)

@@ -14,9 +14,8 @@ import zlib
 
 import numpy as np
 
-from wrn3d_tl.axes import is_int
+from wrn3d_tl.validate import check_int
 
-from .transforms import _check_non_negative_int, _check_positive_int
 
 __all__ = ["load_cifar", "synthetic_cifar", "CIFAR_SPECS", "DATA_DIR_ENV"]
 
@@ -330,13 +329,11 @@ def synthetic_cifar(n_train: int, n_test: int, num_classes: int = 10,
       ``(N, 32, 32, 3)`` NHWC images and int64 ``(N,)`` labels in 0..K-1.
       Train and test come from the same distribution (same templates).
     """
-    n_train = _check_non_negative_int("n_train", n_train)
-    n_test = _check_non_negative_int("n_test", n_test)
-    num_classes = _check_positive_int("num_classes", num_classes)
-    max_shift = _check_non_negative_int("max_shift", max_shift)
-    if not is_int(seed) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    rng = np.random.default_rng(int(seed))
+    n_train = check_int(n_train, "n_train", 0)
+    n_test = check_int(n_test, "n_test", 0)
+    num_classes = check_int(num_classes, "num_classes")
+    max_shift = check_int(max_shift, "max_shift", 0)
+    rng = np.random.default_rng(check_int(seed, "seed", 0))
 
     size = 32 + 2 * max_shift
     up = _upsample_matrix(4, size)

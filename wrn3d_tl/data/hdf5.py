@@ -19,14 +19,14 @@ import h5py
 import numpy as np
 import tensorflow as tf
 
-from wrn3d_tl.axes import is_int
+from wrn3d_tl.validate import check_int, is_int
 from wrn3d_tl.files import written_atomically
 
 from .pipeline import (AUTOTUNE, _augmenter, _batch_transform, _check_pipeline_flags,
                        _check_labels, _element_seed, _finish, _tagged)
 from .shards import EpochCounter, Share, start_of
 from .reading import check_class_names, check_preprocessing
-from .transforms import (Normalization, _check_positive_int, as_normalization,
+from .transforms import (Normalization, as_normalization,
                          compute_normalization)
 
 __all__ = ["HDF5Info", "hdf5_info", "hdf5_dataset", "write_hdf5_volumes"]
@@ -243,7 +243,7 @@ def write_hdf5_volumes(path, volumes, labels, *, x_key: str = "volumes",
         raise ValueError(f"volumes is empty (shape {shape})")
     labels = _check_labels(labels, n, "labels")
     if num_classes is not None:
-        num_classes = _check_positive_int("num_classes", num_classes)
+        num_classes = check_int(num_classes, "num_classes")
         if labels.max() >= num_classes:
             raise ValueError(f"labels must be < num_classes={num_classes}, got "
                              f"max {labels.max()}")
@@ -343,12 +343,12 @@ def hdf5_dataset(path, *, x_key: str = "volumes", y_key: str = "labels",
       ``dataset.wrn3d_preprocessing`` is the file's ``preprocessing`` (a
       ``Trainer`` stores it for ``predict``).
     """
-    batch_size = _check_positive_int("batch_size", batch_size)
+    batch_size = check_int(batch_size, "batch_size")
     augment_given = augment
     training, augment, shuffle, depth_flip, drop_remainder, repeat, seed, crop_padding = _check_pipeline_flags(
         training, augment, shuffle, depth_flip, drop_remainder, repeat, seed, crop_padding)
     if num_classes is not None:
-        num_classes = _check_positive_int("num_classes", num_classes)
+        num_classes = check_int(num_classes, "num_classes")
 
     info, labels = _inspect(path, x_key, y_key, num_classes)
     if augment is True and info.preprocessing is not None and augment_given is None:
@@ -379,10 +379,10 @@ def hdf5_dataset(path, *, x_key: str = "volumes", y_key: str = "labels",
     if block_size is None:
         chunk = info.chunk_len or 1
         block_size = chunk * max(1, -(-_CHUNK_BYTES // (chunk * per_volume)))
-    block_size = min(n, _check_positive_int("block_size", block_size))
+    block_size = min(n, check_int(block_size, "block_size"))
     if shuffle_buffer is None:
         shuffle_buffer = max(block_size, _WINDOW_BYTES // per_volume)
-    shuffle_buffer = _check_positive_int("shuffle_buffer", shuffle_buffer)
+    shuffle_buffer = check_int(shuffle_buffer, "shuffle_buffer")
     window = max(1, -(-shuffle_buffer // block_size))      # blocks per window
     starts = np.arange(0, n, block_size)
     dtype = info.dtype

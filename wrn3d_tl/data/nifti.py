@@ -30,13 +30,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import tensorflow as tf
 
-from wrn3d_tl.axes import is_int
+from wrn3d_tl.validate import check_int, is_int
 from wrn3d_tl.files import written_atomically
 
 from .reading import (INTENSITY_MODES, apply_reading, check_intensity, check_preprocessing, check_target_shape,
                       preprocessing_of)
 from .pipeline import AUTOTUNE, marked_errors, _augmenter, _check_pipeline_flags, _element_seed, _finish, _sample_order, _tagged
-from .transforms import _check_positive_int
 
 __all__ = ["NIFTI_SUFFIXES", "INTENSITY_MODES", "NiftiInfo", "NiftiVolumes", "nifti_info", "read_nifti",
            "check_files", "usable_files", "nifti_dataset", "nifti_to_hdf5", "is_nifti_path", "preprocessing_of",
@@ -325,7 +324,7 @@ def nifti_info(table, *, labels: bool = True, classes=None, num_classes=None, ch
     """
     table = os.fspath(table)
     if num_classes is not None:
-        num_classes = _check_positive_int("num_classes", num_classes)
+        num_classes = check_int(num_classes, "num_classes")
     rows, folders = _table_rows(table, labels)
     classes = folders if classes is None else classes
     paths = tuple(os.path.abspath(p) for p, _, _ in rows)
@@ -477,7 +476,7 @@ def nifti_dataset(table, *, batch_size: int, training: bool = False, target_shap
     surface when the batch is produced; a ``Trainer`` re-raises them as ValueError with the
     reader's one-line message (``wrn3d_tl.data.data_errors`` does it for other loops).
     """
-    batch_size = _check_positive_int("batch_size", batch_size)
+    batch_size = check_int(batch_size, "batch_size")
     training, augment, shuffle, _, drop_remainder, repeat, seed, _ = _check_pipeline_flags(
         training, False if augment is None else augment, shuffle, False, drop_remainder, repeat, seed, 0)
     if augment is True:

@@ -18,11 +18,11 @@ try:  # creating the class directly bypasses tf.distribute variable creators
 except ImportError:  # pragma: no cover - moved in some future TF
     _HostVariable = tf.Variable
 
-from wrn3d_tl.axes import is_int
+from wrn3d_tl.validate import check_int, is_int
 
 from .shards import EpochCounter, Pipeline, epoch_positions, start_of
-from .transforms import (_check_positive_int, _check_tile_mode,
-                         _crop_flip, _check_non_negative_int, as_normalization,
+from .transforms import (_check_tile_mode,
+                         _crop_flip, as_normalization,
                          tile_to_volume)
 
 __all__ = ["make_dataset", "normalization_of", "marked_errors", "data_errors"]
@@ -79,7 +79,7 @@ def _check_pipeline_flags(training, augment, shuffle, depth_flip, drop_remainder
     shuffle = training if shuffle is None else _check_bool("shuffle", shuffle)
     return (training, augment, shuffle, _check_bool("depth_flip", depth_flip),
             _check_bool("drop_remainder", drop_remainder), _check_bool("repeat", repeat), _check_seed(seed),
-            _check_non_negative_int("crop_padding", crop_padding))
+            check_int(crop_padding, "crop_padding", 0))
 
 
 def _check_augment(augment):
@@ -252,7 +252,7 @@ def make_dataset(x, y, *, batch_size: int, volume_depth=8,
     [tile] -> prefetch; maps run with ``num_parallel_calls=AUTOTUNE`` and
     ``deterministic=True``.
     """
-    batch_size = _check_positive_int("batch_size", batch_size)
+    batch_size = check_int(batch_size, "batch_size")
     x = np.asarray(x)
     if x.ndim not in (4, 5):
         raise ValueError(
@@ -267,7 +267,7 @@ def make_dataset(x, y, *, batch_size: int, volume_depth=8,
     y = _check_labels(y, n)
     is_volume = x.ndim == 5
     if volume_depth is not None:
-        volume_depth = _check_positive_int("volume_depth", volume_depth)
+        volume_depth = check_int(volume_depth, "volume_depth")
         if is_volume and volume_depth != x.shape[1]:
             raise ValueError(
                 f"x is already volumetric with depth {x.shape[1]} (shape "

@@ -25,7 +25,7 @@ import numbers
 import numpy as np
 import tensorflow as tf
 
-from wrn3d_tl.axes import is_int
+from wrn3d_tl.validate import is_int
 
 __all__ = ["INTENSITY_MODES", "check_intensity", "check_target_shape", "preprocessing_of", "check_preprocessing",
            "apply_reading", "apply_reading_tf", "describe_reading", "check_class_names"]

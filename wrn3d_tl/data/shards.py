@@ -35,6 +35,8 @@ import threading
 import numpy as np
 import tensorflow as tf
 
+from wrn3d_tl.validate import check_int
+
 __all__ = ["Share", "Pipeline", "starting_at", "input_share", "share_problem"]
 
 
@@ -153,8 +155,7 @@ def starting_at(dataset, batch: int):
     following epochs. Any other dataset gets ``dataset.skip(batch)``, which produces and
     drops every skipped batch.
     """
-    if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 0:
-        raise ValueError(f"starting_at: batch must be an int >= 0, got {batch!r}")
+    batch = check_int(batch, "starting_at: batch", 0)
     pipeline = getattr(dataset, "wrn3d_pipeline", None)
     if pipeline is None:
         return dataset.skip(int(batch))

@@ -16,7 +16,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from wrn3d_tl.axes import is_int
+from wrn3d_tl.validate import check_int
 
 __all__ = [
     "TILE_MODES",
@@ -35,18 +35,6 @@ TILE_MODES = ("repeat", "shift")
 # --------------------------------------------------------------------------
 # small argument checks shared by the package
 # --------------------------------------------------------------------------
-def _check_positive_int(name: str, value) -> int:
-    if not is_int(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return int(value)
-
-
-def _check_non_negative_int(name: str, value) -> int:
-    if not is_int(value) or value < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-    return int(value)
-
-
 def _check_tile_mode(mode) -> str:
     if mode not in TILE_MODES:
         raise ValueError(f"mode must be one of {TILE_MODES}, got {mode!r}")
@@ -85,7 +73,7 @@ def tile_to_volume(images, depth: int, mode: str = "repeat") -> tf.Tensor:
       ValueError: ``depth`` not a positive int, unknown ``mode`` or ``images``
         not of rank 3 or 4.
     """
-    depth = _check_positive_int("depth", depth)
+    depth = check_int(depth, "depth")
     _check_tile_mode(mode)
     images = tf.convert_to_tensor(images)
     rank = images.shape.rank
@@ -259,7 +247,7 @@ def compute_normalization(x, batch: int = 4096, min_std: float = 1e-6
       in the raw units of ``x``; ``std`` is the population std (ddof=0), as
       ``np.std``. Accumulation is float64 (Chan et al. parallel update).
     """
-    batch = _check_positive_int("batch", batch)
+    batch = check_int(batch, "batch")
     shape = tuple(getattr(x, "shape", np.shape(x)))
     if len(shape) < 2 or shape[0] == 0 or shape[-1] == 0:
         raise ValueError(
@@ -292,7 +280,7 @@ def compute_normalization(x, batch: int = 4096, min_std: float = 1e-6
 # --------------------------------------------------------------------------
 def _crop_flip(x, seed, pad: int, depth_flip: bool):
     """Shared body of augment_image (rank 3) / augment_volume (rank 4)."""
-    pad = _check_non_negative_int("pad", pad)
+    pad = check_int(pad, "pad", 0)
     x = tf.convert_to_tensor(x)
     rank = x.shape.rank
     seed = tf.convert_to_tensor(seed)

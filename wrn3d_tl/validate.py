@@ -1,4 +1,5 @@
-"""Integers, per-axis tuples and layout names: the small rules every module shares.
+"""The checks every module shares, written once: integers (numpy's too, never bools),
+numbers, per-axis tuples, batch shapes and layout names. ValueErrors name the argument.
 
 Tensors are channels-last: ``NHWC`` (batch, height, width, channels) for a spatial rank
 of 2 and ``NDHWC`` (batch, depth, height, width, channels) for a spatial rank of 3.
@@ -8,7 +9,8 @@ import numbers
 
 import numpy as np
 
-__all__ = ["is_int", "ensure_tuple_rep", "layout", "LAYOUTS", "check_batch_shape", "same_output_shape"]
+__all__ = ["is_int", "check_int", "check_number", "ensure_tuple_rep", "layout", "LAYOUTS", "check_batch_shape",
+           "same_output_shape"]
 
 LAYOUTS = {2: "NHWC", 3: "NDHWC"}
 
@@ -16,6 +18,27 @@ LAYOUTS = {2: "NHWC", 3: "NDHWC"}
 def is_int(value):
     """True for Python and numpy integers, False for bools (which Python counts as ints)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def check_int(value, name, minimum=1, *, allow_none=False):
+    """``value`` as a Python int when it is an int (Python's or numpy's, not a bool) >=
+    ``minimum``, or None when ``allow_none``; else ValueError "``name`` must be a positive int
+    (minimum 1) / an int >= ``minimum``[ or None], got ..."."""
+    if value is None and allow_none:
+        return None
+    if not is_int(value) or value < minimum:
+        rule = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {rule}{' or None' if allow_none else ''}, got {value!r}")
+    return int(value)
+
+
+def check_number(value, name, rule, ok):
+    """``value`` as a Python float when it is a real number (numpy's too, not a bool) for
+    which ``ok(value)`` holds; else ValueError "``name`` must be ``rule``, got ...". NaN fails
+    every comparison, so it is refused by any ``ok``."""
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, np.bool_)) or not ok(value):
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+    return float(value)
 
 
 def ensure_tuple_rep(value, rank, what):
