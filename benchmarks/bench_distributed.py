@@ -19,7 +19,7 @@ strategies never live in one process):
   ``make_strategy("multiworker")``: ``MultiWorkerMirroredStrategy``, one CPU replica
   each), ``Trainer(shard_input=True)``: ``train_step()`` splits the pipeline with
   ``distribute_datasets_from_function`` (``wrn3d_tl.data.shards.input_share``), each worker
-  reads and augments its half of every global batch (``trainer._distributed is not None``
+  reads and augments its half of every global batch (``trainer.input_is_split``
   is checked);
 * ``2 workers, global batch``: the same with ``shard_input=False``: each worker reads the
   whole global batch and its replica keeps its slice (checked: ``_distributed is None``).
@@ -280,7 +280,7 @@ def _trainer(strategy, data, mode):
 
 
 def _check_split(trainer, mode):
-    split = trainer._distributed is not None
+    split = trainer.input_is_split
     if split != (mode == "sharded"):
         raise RuntimeError(f"mode {mode}: the input was {'split' if split else 'read whole'}, "
                            f"expected {'split' if mode == 'sharded' else 'read whole'}")

@@ -277,7 +277,7 @@ def test_split_train_data_under_mirrored_trains_as_one_process(two_cpu_strategy,
     mirrored = Trainer(model, make(), lr=0.1, strategy=two_cpu_strategy, verbose=False)
     for _ in range(3):
         mirrored.train_step()
-    assert mirrored._distributed is not None  # the input was split, not read whole
+    assert mirrored.input_is_split  # the input was split, not read whole
     single = single_trained_on(first_batches(make(), 3))
     for v1, v2 in zip(single.model.all_weights, mirrored.model.all_weights):
         np.testing.assert_allclose(v1.numpy(), v2.numpy(), atol=1e-5, err_msg=v1.name)
@@ -351,7 +351,7 @@ def test_bad_input_in_one_share_is_refused_and_changes_nothing(two_cpu_strategy,
     before = [v.numpy().copy() for v in list(model.all_weights) + t.optimizer.slots]
     with pytest.raises(ValueError, match=pattern):
         t.train_step()
-    assert t.step == 0 and t._distributed is not None
+    assert t.step == 0 and t.input_is_split
     for v, old in zip(list(model.all_weights) + t.optimizer.slots, before):
         np.testing.assert_array_equal(v.numpy(), old, err_msg=v.name)
 
@@ -370,7 +370,7 @@ def test_epochs_of_a_finite_split_pipeline_follow_each_other(two_cpu_strategy):
     for _ in range(5):  # two epochs and a half: the iterator restarts twice
         single.train_step()
         mirrored.train_step()
-    assert mirrored._distributed is not None
+    assert mirrored.input_is_split
     for v1, v2 in zip(single.model.all_weights, mirrored.model.all_weights):
         np.testing.assert_allclose(v1.numpy(), v2.numpy(), atol=1e-5, err_msg=v1.name)
 
@@ -384,7 +384,7 @@ def test_data_that_cannot_be_split_is_read_whole_with_a_warning(two_cpu_strategy
     with pytest.warns(UserWarning, match="read whole by every worker.*not a wrn3d_tl.data pipeline"):
         t.train_step()
     t.train_step()  # warned once per train_data
-    assert t.step == 2 and t._distributed is None
+    assert t.step == 2 and not t.input_is_split
 
 
 WORKER = r'''
@@ -408,7 +408,7 @@ for kind in ("memory", "hdf5"):
     trainer = Trainer(model, data, lr=0.1, strategy=strategy, verbose=False)
     for _ in range(3):
         trainer.train_step()
-    out[kind] = {"split": trainer._distributed is not None, "seen": counter.seen,
+    out[kind] = {"split": trainer.input_is_split, "seen": counter.seen,
                  "weights": {v.name: v.numpy().tolist() for v in model.all_weights}}
     if kind == "memory":
         x, y = T.split_data(1)

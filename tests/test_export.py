@@ -392,8 +392,8 @@ def test_bf16_inference_in_predictor_export_and_cli(trained, tmp_path, capsys):
     # kernels are stored in bf16 (no cast per call) and every convolution computes in bf16
     kernels = [v for v in bf16.model.trainable_weights if "conv" in v.name or "shortcut" in v.name]
     assert kernels and {v.dtype for v in kernels} == {tf.bfloat16}
-    assert _conv_dtypes(bf16._infer.get_concrete_function()) == {"bfloat16"}
-    assert _conv_dtypes(fp32_predictor._infer.get_concrete_function()) == {"float32"}
+    assert _conv_dtypes(bf16.inference_graph) == {"bfloat16"}
+    assert _conv_dtypes(fp32_predictor.inference_graph) == {"float32"}
 
     # the SavedModel: same logits, bf16 kernels on disk (a smaller file), precision in its metadata
     path = export_saved_model(trained["ckpt"], str(tmp_path / "bf16"), precision="bf16")

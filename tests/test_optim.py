@@ -74,7 +74,6 @@ def test_lr_override_and_settings_survive_save_and_restore(tmp_path):
     assert r.keep_checkpoints == 5 and r.jit_compile is True
     assert r.hyperparameters() == t.hyperparameters()
     r.jit_compile = False  # XLA is slow for convolutions on CPU; the restored flag is what is tested
-    r._train_fn = tf.function(r._distributed_step)
     assert r.train_step(*batch(0))["lr"] == 0.033
 
 

@@ -109,6 +109,13 @@ class Predictor:
 
         self._infer = infer
 
+    @property
+    def inference_graph(self):
+        """The traced inference function (a ``tf.types.experimental.ConcreteFunction``):
+        float32 ``(N,) + input_shape`` raw-normalised volumes -> ``(logits, probabilities)``;
+        its ops show the precision the network computes in."""
+        return self._infer.get_concrete_function()
+
     def normalization_arrays(self):
         """``(mean, std)`` float32 ``(C,)`` arrays of the stored normalisation, or ``(None, None)``."""
         if self.normalization is None:

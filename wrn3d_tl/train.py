@@ -190,8 +190,7 @@ class Trainer:
             self.loss_scale = LossScale(enabled=mixed_precision == "fp16")
         # XLA stays off by default: it ran 3D convolutions 7-14x slower on the CPUs we measured
         # (on GPUs it is unmeasured; benchmarks/gpu_check.py reports it against the default).
-        self.jit_compile = bool(jit_compile)
-        self._train_fn = graph_function(self._distributed_step, jit_compile=self.jit_compile or None)
+        self.jit_compile = jit_compile   # compiles the step (the property's setter)
         self._eval_fn = graph_function(self._distributed_eval)
         self.logger = MetricsLogger(logdir) if logdir and self.is_chief else None
         if verbose and self.is_chief:
@@ -224,6 +223,29 @@ class Trainer:
     def step(self):
         """Number of training steps taken (an int)."""
         return self._step
+
+    @property
+    def jit_compile(self):
+        """Whether the step is compiled with XLA; setting it compiles the step anew."""
+        return self._jit_compile
+
+    @jit_compile.setter
+    def jit_compile(self, value):
+        self._jit_compile = bool(value)
+        self._train_fn = graph_function(self._distributed_step, jit_compile=self._jit_compile or None)
+
+    @property
+    def step_traces(self):
+        """How many times the training step has been traced (1 after the first step while
+        every batch has the same shapes: no retracing)."""
+        return self._train_fn.experimental_get_tracing_count()
+
+    @property
+    def input_is_split(self):
+        """True when each replica reads only its own share of the training data (a
+        wrn3d_tl pipeline under a strategy of several replicas), False when the global
+        batch is read whole and sliced."""
+        return self._distributed is not None
 
     @property
     def momentum(self):
