@@ -38,6 +38,12 @@ from wrn3d_tl.optim import FP16_MAX_FLOOR_SKIPS, SCHEDULES, SGD, LossScale, sche
 __all__ = ["Trainer", "describe_devices", "load_model", "load_for_inference", "under"]   # the loaders: wrn3d_tl.loading
 
 LOG_EVERY_STEPS, LOG_EVERY_S = 50, 30.0   # fit's progress lines where no bar can show
+# What the compiled functions return, packed in one float64 vector so that a step costs one
+# host transfer, and named again on the host: the input checks of the global batch, then the
+# step's metrics and whether it was applied, or the evaluation batch's sums.
+CHECKS = ("nonfinite", "bad_labels", "min_label", "max_label")
+STEP_FIELDS = ("loss", "accuracy", "ok", *CHECKS)
+EVAL_FIELDS = ("ce_sum", "top1", "top5", "samples", *CHECKS)
 
 
 
@@ -394,18 +400,18 @@ class Trainer:
             raise ValueError(f"{what}: the batch is empty (x has shape {tuple(x.shape)})")
         return tf.cast(x, tf.float32), tf.cast(y, tf.int64)  # one compiled step for every input dtype
 
-    def _raise_for_inputs(self, checks, what):
-        """Raise the ValueError of a batch whose values ``_input_checks`` refused."""
-        nonfinite, bad_labels, low, high = checks
-        if bad_labels:
+    def _raise_for_inputs(self, out, what):
+        """Raise the ValueError of a batch whose values ``_input_checks`` refused (``out``:
+        a compiled function's result, named by ``STEP_FIELDS`` or ``EVAL_FIELDS``)."""
+        if out["bad_labels"]:
             raise ValueError(f"{what}: labels must be in [0, {self.config.num_classes}), "
-                             f"got values from {int(low)} to {int(high)}")
-        if nonfinite:
+                             f"got values from {int(out['min_label'])} to {int(out['max_label'])}")
+        if out["nonfinite"]:
             raise ValueError(f"{what}: x contains NaN or Inf")
 
     def _input_checks(self, x, y):
-        """In-graph checks of one replica's batch: float64 ``[non-finite values in x, labels
-        out of range, min label, max label]``."""
+        """In-graph checks of one replica's batch: float64, named by ``CHECKS``: non-finite
+        values in x, labels out of range, min label, max label."""
         y = tf.cast(y, tf.int64)
         bad = tf.logical_or(y < 0, y >= self.config.num_classes)
         nonfinite = tf.logical_not(tf.math.is_finite(tf.cast(x, tf.float32)))
@@ -448,8 +454,9 @@ class Trainer:
         else:
             batch = self.strategy.experimental_local_results(x)[0].shape[0] * replicas
         lr = self.learning_rate
-        loss, accuracy, ok, *checks = self._train_fn(x, y, tf.constant(lr, tf.float32), whole).numpy()
-        self._raise_for_inputs(checks, "train_step")
+        out = dict(zip(STEP_FIELDS, self._train_fn(x, y, tf.constant(lr, tf.float32), whole).numpy()))
+        self._raise_for_inputs(out, "train_step")
+        loss, ok = out["loss"], out["ok"]
         if not ok and self.mixed_precision != "fp16":
             raise FloatingPointError(f"non-finite loss or gradient at step {self._step + 1} (loss={loss}); "
                                      "the weights were not updated and checkpoints on disk are untouched")
@@ -460,7 +467,7 @@ class Trainer:
                 "these steps updated the weights, and checkpoints on disk are untouched")
         self._step += 1
         elapsed = time.perf_counter() - start
-        metrics = {"loss": float(loss), "accuracy": float(accuracy), "lr": float(lr), "step": self._step,
+        metrics = {"loss": float(loss), "accuracy": float(out["accuracy"]), "lr": float(lr), "step": self._step,
                    "samples_per_sec": batch / elapsed}
         if self.logger:
             self.logger.log(self._step, "train", {**metrics, "wall_time": time.time()})
@@ -470,8 +477,8 @@ class Trainer:
 
     def _distributed_step(self, x, y, lr, whole):
         """One step on every replica: ``x``/``y`` the global batch (``whole``, each replica
-        takes its slice) or per-replica shares. Returns float64 ``[loss, accuracy, ok,
-        *input checks]`` of the global batch, the same on every replica."""
+        takes its slice) or per-replica shares. Returns the float64 ``STEP_FIELDS`` of the
+        global batch, the same on every replica."""
         self.optimizer.lr.assign(lr)
         results = self.strategy.run(self._replica_step, args=(x, y, whole))
         return self.strategy.experimental_local_results(results)[0]
@@ -568,9 +575,9 @@ class Trainer:
 
     # --------------------------------------------------------------- evaluate
     def _distributed_eval(self, x, y):
-        """Inference on the global batch ``x``/``y`` spread over the replicas: float64
-        ``[ce sum, top-1 hits, top-5 hits, samples, *input checks]`` summed (checks combined)
-        over replicas, and the class probabilities (B, classes) in batch order."""
+        """Inference on the global batch ``x``/``y`` spread over the replicas: the float64
+        ``EVAL_FIELDS`` summed (checks combined) over replicas, and the class probabilities
+        (B, classes) in batch order."""
         sums, probs = self.strategy.run(self._eval_replica, args=(x, y))
         loss_sum, top1, top5, samples, checks = _combine(self.strategy.gather(sums, axis=0), 4)
         return tf.concat([tf.stack([loss_sum, top1, top5, samples]), checks], 0), self.strategy.gather(probs, axis=0)
@@ -632,9 +639,10 @@ class Trainer:
             for x, y in batches:
                 x, y = self._check_batch(x, y, "evaluate")
                 sums, p = self._eval_fn(x, y)
-                s, c1, c5, samples, *checks = sums.numpy()
-                self._raise_for_inputs(checks, "evaluate")
-                loss, top1, top5, n = loss + s, top1 + c1, top5 + c5, n + int(samples)
+                out = dict(zip(EVAL_FIELDS, sums.numpy()))
+                self._raise_for_inputs(out, "evaluate")
+                loss, top1, top5 = loss + out["ce_sum"], top1 + out["top1"], top5 + out["top5"]
+                n += int(out["samples"])
                 labels.append(y.numpy())
                 scores.append(p.numpy())
         if n == 0:
