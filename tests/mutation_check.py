@@ -34,8 +34,8 @@ MUTATIONS = (
              "self.moving_mean.assign(self.moving_mean * self.decay + mean * (1.0 - self.decay))",
              "self.moving_mean.assign(self.moving_mean * (1.0 - self.decay) + mean * self.decay)",
              ("tests/test_layers.py",)),
-    Mutation("label-range", "wrn3d_tl/train.py",  # the upper bound of the in-graph label check dropped
-             "bad = tf.logical_or(y < 0, y >= self.config.num_classes)", "bad = y < 0",
+    Mutation("label-range", "wrn3d_tl/batches.py",  # the upper bound of the in-graph label check dropped
+             "bad = tf.logical_or(y < 0, y >= self.num_classes)", "bad = y < 0",
              ("tests/test_faults.py",)),
     Mutation("nesterov", "wrn3d_tl/optim.py",  # plain momentum where Nesterov was asked for
              "momentum=tf.constant(self.momentum), use_nesterov=self.nesterov)",
@@ -54,7 +54,7 @@ MUTATIONS = (
     Mutation("auc-definition", "wrn3d_tl/metrics.py",  # each class scored by its neighbour's column
              "out[k] = roc_auc_score(positive, s[:, k])", "out[k] = roc_auc_score(positive, s[:, (k + 1) % s.shape[1]])",
              ("tests/test_medical.py", "tests/test_report.py")),
-    Mutation("in-graph-nan-check", "wrn3d_tl/train.py",  # non-finite inputs never counted
+    Mutation("in-graph-nan-check", "wrn3d_tl/batches.py",  # non-finite inputs never counted
              "nonfinite = tf.logical_not(tf.math.is_finite(tf.cast(x, tf.float32)))",
              "nonfinite = tf.zeros_like(x, tf.bool)",
              ("tests/test_faults.py",)),

@@ -20,8 +20,9 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from wrn3d_tl.validate import check_batch_shape, check_int, check_number
+from wrn3d_tl.validate import check_int, check_number
 from wrn3d_tl.config import check_mixed_precision
+from wrn3d_tl.batches import CHECKS, BatchChecks, combine
 from wrn3d_tl.checkpoint import CheckpointError, CheckpointManager, read_checkpoint, write_checkpoint
 from wrn3d_tl.cpu import warn_if_bf16_emulated
 from wrn3d_tl.data import as_normalization, data_errors, normalization_of, same_normalization
@@ -39,9 +40,8 @@ __all__ = ["Trainer", "describe_devices", "load_model", "load_for_inference", "u
 
 LOG_EVERY_STEPS, LOG_EVERY_S = 50, 30.0   # fit's progress lines where no bar can show
 # What the compiled functions return, packed in one float64 vector so that a step costs one
-# host transfer, and named again on the host: the input checks of the global batch, then the
-# step's metrics and whether it was applied, or the evaluation batch's sums.
-CHECKS = ("nonfinite", "bad_labels", "min_label", "max_label")
+# host transfer, and named again on the host: the step's metrics and whether it was applied,
+# or the evaluation batch's sums, then the input checks of the global batch.
 STEP_FIELDS = ("loss", "accuracy", "ok", *CHECKS)
 EVAL_FIELDS = ("ce_sum", "top1", "top5", "samples", *CHECKS)
 
@@ -156,6 +156,7 @@ class Trainer:
                           UserWarning, stacklevel=2)
         self.model = model
         self.config = config
+        self.checks = BatchChecks(config)
         self.base_lr = float(lr)
         self.schedule = schedule
         self.total_steps = total_steps
@@ -374,55 +375,11 @@ class Trainer:
                               f"slice of the global batch: {problem}", UserWarning, stacklevel=4)
                 return None
             spec = self._train_data.element_spec
-            self._check_batch_spec(spec[0].shape, spec[0].dtype, spec[1].dtype)
+            self.checks.spec(spec[0].shape, spec[0].dtype, spec[1].dtype)
             data = self._train_data
             self._distributed = self.strategy.distribute_datasets_from_function(
                 lambda ctx: input_share(data, Share.of(ctx)))
         return self._distributed
-
-    def _check_batch_spec(self, shape, x_dtype, y_dtype, what="train_step"):
-        if not (x_dtype.is_floating or x_dtype.is_integer):
-            raise ValueError(f"{what}: x must be numeric, got dtype {x_dtype.name}")
-        check_batch_shape(shape, self.config.input_shape, what)
-        if not y_dtype.is_integer:
-            raise ValueError(f"{what}: y must hold integer class labels, got dtype {y_dtype.name}")
-
-    def _check_batch(self, x, y, what="train_step"):
-        """Check what the shapes and dtypes of one batch tell (free: no data is read) and
-        return it as tensors. Checks of values (labels in range, finite x) run in the
-        compiled step, which reports them with its results (``_input_checks``). Returns
-        (float32 x, int64 y)."""
-        x, y = tf.convert_to_tensor(x), tf.convert_to_tensor(y)
-        self._check_batch_spec(x.shape, x.dtype, y.dtype, what)
-        if y.shape.rank != 1 or y.shape[0] != x.shape[0]:
-            raise ValueError(f"{what}: y must have shape ({x.shape[0]},) to match x, got {tuple(y.shape)}")
-        if x.shape[0] == 0:
-            raise ValueError(f"{what}: the batch is empty (x has shape {tuple(x.shape)})")
-        return tf.cast(x, tf.float32), tf.cast(y, tf.int64)  # one compiled step for every input dtype
-
-    def _raise_for_inputs(self, out, what):
-        """Raise the ValueError of a batch whose values ``_input_checks`` refused (``out``:
-        a compiled function's result, named by ``STEP_FIELDS`` or ``EVAL_FIELDS``)."""
-        if out["bad_labels"]:
-            raise ValueError(f"{what}: labels must be in [0, {self.config.num_classes}), "
-                             f"got values from {int(out['min_label'])} to {int(out['max_label'])}")
-        if out["nonfinite"]:
-            raise ValueError(f"{what}: x contains NaN or Inf")
-
-    def _input_checks(self, x, y):
-        """In-graph checks of one replica's batch: float64, named by ``CHECKS``: non-finite
-        values in x, labels out of range, min label, max label."""
-        y = tf.cast(y, tf.int64)
-        bad = tf.logical_or(y < 0, y >= self.config.num_classes)
-        nonfinite = tf.logical_not(tf.math.is_finite(tf.cast(x, tf.float32)))
-        counts = [tf.reduce_sum(tf.cast(nonfinite, tf.int64)), tf.reduce_sum(tf.cast(bad, tf.int64)),
-                  tf.reduce_min(y), tf.reduce_max(y)]
-        return tf.cast(tf.stack(counts), tf.float64)
-
-    def _model_inputs(self, x, y):
-        """(float32 x, int64 labels clipped into range): a bad label cannot fail a kernel; the
-        step it is in is refused by ``_input_checks``."""
-        return tf.cast(x, tf.float32), tf.clip_by_value(tf.cast(y, tf.int64), 0, self.config.num_classes - 1)
 
     # -------------------------------------------------------------------- step
     def train_step(self, x=None, y=None):
@@ -446,7 +403,7 @@ class Trainer:
             whole = True
         replicas = self.strategy.num_replicas_in_sync
         if whole:
-            x, y = self._check_batch(x, y)
+            x, y = self.checks.tensors(x, y)
             batch = x.shape[0]
             if batch % replicas:
                 raise ValueError(f"train_step: the global batch of {batch} does not divide evenly over "
@@ -455,7 +412,7 @@ class Trainer:
             batch = self.strategy.experimental_local_results(x)[0].shape[0] * replicas
         lr = self.learning_rate
         out = dict(zip(STEP_FIELDS, self._train_fn(x, y, tf.constant(lr, tf.float32), whole).numpy()))
-        self._raise_for_inputs(out, "train_step")
+        self.checks.raise_for(out, "train_step")
         loss, ok = out["loss"], out["ok"]
         if not ok and self.mixed_precision != "fp16":
             raise FloatingPointError(f"non-finite loss or gradient at step {self._step + 1} (loss={loss}); "
@@ -489,8 +446,8 @@ class Trainer:
         if whole:
             per = tf.shape(x)[0] // n
             x, y = x[i * per:(i + 1) * per], y[i * per:(i + 1) * per]
-        checks = self._input_checks(x, y)
-        x, y = self._model_inputs(x, y)
+        checks = self.checks.in_graph(x, y)
+        x, y = self.checks.model_inputs(x, y)
         global_batch = tf.cast(tf.shape(x)[0] * n, tf.float32)
         # The forward pass moves the BN statistics; keep their old values so a step that
         # turns out non-finite (or refused) can be undone completely.
@@ -520,7 +477,7 @@ class Trainer:
         input checks, then one SGD-Nesterov update per weight, skipped entirely when the
         loss or a gradient is not finite or the inputs were refused."""
         grads = strategy.extended.batch_reduce_to(tf.distribute.ReduceOp.SUM, list(zip(grads, self.optimizer.weights)))
-        loss_sum, correct, samples, checks = _combine(strategy.gather(sums, axis=0), 3)
+        loss_sum, correct, samples, checks = combine(strategy.gather(sums, axis=0), 3)
         first = [strategy.experimental_local_results(g)[0] for g in grads]
         inputs_ok = tf.logical_and(checks[0] == 0, checks[1] == 0)
         finite = tf.reduce_all([tf.math.is_finite(loss_sum)] + [tf.reduce_all(tf.math.is_finite(g)) for g in first])
@@ -579,7 +536,7 @@ class Trainer:
         ``EVAL_FIELDS`` summed (checks combined) over replicas, and the class probabilities
         (B, classes) in batch order."""
         sums, probs = self.strategy.run(self._eval_replica, args=(x, y))
-        loss_sum, top1, top5, samples, checks = _combine(self.strategy.gather(sums, axis=0), 4)
+        loss_sum, top1, top5, samples, checks = combine(self.strategy.gather(sums, axis=0), 4)
         return tf.concat([tf.stack([loss_sum, top1, top5, samples]), checks], 0), self.strategy.gather(probs, axis=0)
 
     def _eval_replica(self, x, y):
@@ -588,11 +545,11 @@ class Trainer:
         size = tf.shape(x)[0]
         per = -(-size // n)  # a partial last batch leaves the last replicas fewer (or no) samples
         lo, hi = tf.minimum(i * per, size), tf.minimum((i + 1) * per, size)
-        checks = self._input_checks(x[lo:hi], y[lo:hi])
+        checks = self.checks.in_graph(x[lo:hi], y[lo:hi])
         # A replica left without samples runs on the batch's last one and counts nothing:
         # oneDNN's strided convolutions mis-shape an empty batch.
         start = tf.minimum(lo, size - 1)
-        x, y = self._model_inputs(x[start:tf.maximum(hi, start + 1)], y[start:tf.maximum(hi, start + 1)])
+        x, y = self.checks.model_inputs(x[start:tf.maximum(hi, start + 1)], y[start:tf.maximum(hi, start + 1)])
         real = tf.cast(tf.range(tf.shape(y)[0]) < hi - lo, tf.float32)
         logits = tf.cast(self.model(tf.cast(x, self.compute_dtype), is_train=False), tf.float32)
         ce = tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits)
@@ -637,10 +594,10 @@ class Trainer:
         labels, scores = [], []
         with data_errors():
             for x, y in batches:
-                x, y = self._check_batch(x, y, "evaluate")
+                x, y = self.checks.tensors(x, y, "evaluate")
                 sums, p = self._eval_fn(x, y)
                 out = dict(zip(EVAL_FIELDS, sums.numpy()))
-                self._raise_for_inputs(out, "evaluate")
+                self.checks.raise_for(out, "evaluate")
                 loss, top1, top5 = loss + out["ce_sum"], top1 + out["top1"], top5 + out["top5"]
                 n += int(out["samples"])
                 labels.append(y.numpy())
@@ -755,17 +712,6 @@ class Trainer:
         if self.logger:
             self.logger.close()
             self.logger = None
-
-
-def _combine(gathered, k):
-    """Rows of the replicas' float64 ``[k sums, non-finite, bad labels, min label, max label]``
-    (``gathered``, (replicas, k + 4)) -> the ``k`` summed columns, one by one, then the
-    combined checks ``[non-finite, bad labels, min label, max label]`` (a replica without
-    samples reports +/- the largest int64 as its min/max label, which the others' beat)."""
-    sums = tf.reduce_sum(gathered[:, :k], axis=0)
-    checks = tf.stack([tf.reduce_sum(gathered[:, -4]), tf.reduce_sum(gathered[:, -3]),
-                       tf.reduce_min(gathered[:, -2]), tf.reduce_max(gathered[:, -1])])
-    return (*tf.unstack(sums, num=k), checks)
 
 
 def under(name, prefixes):
