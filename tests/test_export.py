@@ -485,3 +485,23 @@ def test_compiled_functions_are_traced_without_autograph(tmp_path, monkeypatch):
     assert converted, "the spy saw no call at all: TensorFlow's AutoGraph entry point moved"
     ours = [m for m in converted if m.split(".")[0] in ("wrn3d_tl", "tensorlayer")]
     assert ours == []
+
+
+def test_one_resolver_for_paths_trainers_predictors_and_models(trained):
+    """Predictor, export_saved_model and inflate take the same things, through
+    wrn3d_tl.loading.resolve: a checkpoint path, a Trainer or Predictor, a build_wrn model."""
+    from wrn3d_tl.loading import resolve
+
+    x = _normalised(_raw(2, seed=9))
+    want = _tl_logits(trained["model"], x)
+    from_path = resolve(trained["ckpt"])
+    assert from_path.source == trained["ckpt"] and from_path.normalization == {"mean": MEAN.tolist(),
+                                                                               "std": STD.tolist()}
+    for source in (trained["trainer"], Predictor(trained["ckpt"]), trained["model"]):
+        loaded = resolve(source)
+        assert loaded.config == from_path.config
+        np.testing.assert_allclose(_tl_logits(loaded.model, x), want, rtol=1e-5, atol=1e-5)
+        assert loaded.normalization == (None if source is trained["model"] else from_path.normalization)
+    assert resolve(trained["model"]).source == "model" and resolve(trained["trainer"]).source == "trainer"
+    with pytest.raises(TypeError, match=r"^checkpoint must be a checkpoint path, a wrn3d_tl Trainer or Predictor"):
+        Predictor(3)

@@ -40,6 +40,7 @@ import numpy as np
 
 from wrn3d_tl.config import GROUP_WIDTHS, HEAD_BN, HEAD_LOGITS, STEM, WRNConfig
 from wrn3d_tl.layers import variable_name
+from wrn3d_tl.loading import resolve
 from wrn3d_tl.model import build_wrn
 
 __all__ = ["from_torch", "inflate", "load_state_dict", "LAYOUTS", "ConversionError"]
@@ -221,14 +222,7 @@ def from_torch(source, *, layout="auto", input_shape=(32, 32, 3)):
 
 # ---------------------------------------------------------------- inflation
 def _source_model(source):
-    if isinstance(source, (str, os.PathLike)):
-        from wrn3d_tl.loading import load_model
-
-        return load_model(source)[0]
-    if not isinstance(getattr(source, "wrn_config", None), WRNConfig):
-        raise TypeError(f"inflate takes a build_wrn model, a from_torch model or a checkpoint path, "
-                        f"got {type(source).__name__}")
-    return source
+    return resolve(source, "inflate's model_2d").model
 
 
 def inflate(model_2d, *, volume_depth, mode="centre", depth_kernel=3, in_channels=None, num_classes=None,

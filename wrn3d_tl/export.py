@@ -51,6 +51,7 @@ import tensorflow as tf
 from wrn3d_tl.data import as_normalization
 from wrn3d_tl.data.reading import apply_reading_tf
 from wrn3d_tl.layers import checked_shape
+from wrn3d_tl.loading import resolve
 from wrn3d_tl.model import graph_function, inference_copy, inference_dtype
 
 __all__ = ["export_saved_model", "SIGNATURES"]
@@ -60,30 +61,15 @@ SIGNATURES = ("serving_default", "serving_uint8", "serving_preprocessed")
 
 def _resolve(trainer_or_model, normalization):
     """``(model, config, normalisation dict or None, reading or None, class names or None)``
-    from a checkpoint path, a Trainer or a build_wrn model."""
-    from wrn3d_tl.config import WRNConfig
-
-    if isinstance(trainer_or_model, (str, os.PathLike)):  # a checkpoint file: weights, normalisation, reading
-        from wrn3d_tl.loading import load_for_inference
-
-        model, config, stored, reading, names = load_for_inference(trainer_or_model)
-        return model, config, _norm_arrays(stored if normalization is None else normalization, config), reading, names
-    model = getattr(trainer_or_model, "model", None)
-    reading = names = None
-    if model is not None and isinstance(getattr(trainer_or_model, "config", None), WRNConfig):
-        reading = getattr(trainer_or_model, "preprocessing", None)
-        names = getattr(trainer_or_model, "class_names", None)
-        if normalization is None:
-            normalization = getattr(trainer_or_model, "normalization", None)
-            if hasattr(trainer_or_model, "warn_if_normalization_unknown"):
-                trainer_or_model.warn_if_normalization_unknown("SavedModel")
-    else:
-        model = trainer_or_model
-    config = getattr(model, "wrn_config", None)
-    if not isinstance(config, WRNConfig):
-        raise TypeError("export_saved_model needs a checkpoint path, a wrn3d_tl Trainer or a model built by "
-                        f"wrn3d_tl.model.build_wrn, got {type(trainer_or_model).__name__}")
-    return model, config, _norm_arrays(normalization, config), reading, names
+    from a checkpoint path, a Trainer or Predictor, or a build_wrn model
+    (``wrn3d_tl.loading.resolve``); ``normalization``, when given, replaces theirs."""
+    loaded = resolve(trainer_or_model, "export_saved_model's trainer_or_model")
+    if normalization is None:
+        normalization = loaded.normalization
+        if hasattr(trainer_or_model, "warn_if_normalization_unknown"):
+            trainer_or_model.warn_if_normalization_unknown("SavedModel")
+    return (loaded.model, loaded.config, _norm_arrays(normalization, loaded.config), loaded.preprocessing,
+            loaded.class_names)
 
 
 def _norm_arrays(normalization, config):

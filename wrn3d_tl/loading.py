@@ -8,6 +8,7 @@ export/predict/explain): the inference side loads models without importing the t
 """
 
 import os
+from typing import NamedTuple
 
 import tensorflow as tf
 
@@ -17,7 +18,7 @@ from wrn3d_tl.data.reading import check_class_names, check_preprocessing
 from wrn3d_tl.layers import variable_name
 from wrn3d_tl.model import WRNConfig, build_wrn
 
-__all__ = ["create_wrn", "load_model", "load_for_inference", "assign_checked", "stored_config_and_normalization"]
+__all__ = ["create_wrn", "resolve", "Loaded", "load_model", "load_for_inference", "assign_checked", "stored_config_and_normalization"]
 
 
 def stored_config_and_normalization(ck, path):
@@ -101,3 +102,32 @@ def create_wrn(name, *, input_shape, num_classes, weights=None, **config):
         ck = read_checkpoint(weights)
         assign_checked([(v, ck["weights"], variable_name(v)) for v in model.all_weights], weights)
     return model
+
+
+class Loaded(NamedTuple):
+    """A network and what travels with it (``resolve``): ``normalization`` a ``{"mean",
+    "std"}`` dict or None, ``preprocessing`` the stored reading or None, ``class_names`` a
+    tuple or None, ``source`` "model", "trainer" or the checkpoint's path."""
+
+    model: object
+    config: WRNConfig
+    normalization: object
+    preprocessing: object
+    class_names: object
+    source: str
+
+
+def resolve(source, what="model"):
+    """The one place that turns what a caller hands in into a network: a ``build_wrn`` model
+    (its inputs already normalised: no stats, no reading), anything holding ``model`` and
+    ``config`` (a ``Trainer`` or a ``Predictor``: theirs), or a checkpoint path (read once:
+    FileNotFoundError or CheckpointError naming the file). TypeError naming ``what`` else."""
+    if isinstance(getattr(source, "wrn_config", None), WRNConfig):
+        return Loaded(source, source.wrn_config, None, None, None, "model")
+    if hasattr(source, "model") and isinstance(getattr(source, "config", None), WRNConfig):
+        return Loaded(source.model, source.config, getattr(source, "normalization", None),
+                      getattr(source, "preprocessing", None), getattr(source, "class_names", None), "trainer")
+    if isinstance(source, (str, os.PathLike)):
+        return Loaded(*load_for_inference(source), os.fspath(source))
+    raise TypeError(f"{what} must be a checkpoint path, a wrn3d_tl Trainer or Predictor, or a model built by "
+                    f"wrn3d_tl.model.build_wrn, got {type(source).__name__}")

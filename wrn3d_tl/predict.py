@@ -70,29 +70,12 @@ class Predictor:
     def __init__(self, checkpoint, precision="fp32"):
         import tensorflow as tf
 
-        from wrn3d_tl.config import WRNConfig
+        from wrn3d_tl.loading import resolve
         from wrn3d_tl.model import graph_function, inference_copy, inference_dtype
-        from wrn3d_tl.loading import load_for_inference
 
         dtype = inference_dtype(precision)
-
-        if isinstance(getattr(checkpoint, "wrn_config", None), WRNConfig):  # a bare build_wrn model
-            self.config, self.model = checkpoint.wrn_config, checkpoint
-            self.normalization = self.preprocessing = None       # its inputs are already normalised
-            self.class_names = None
-            self.source = "model"
-        elif hasattr(checkpoint, "model") and isinstance(getattr(checkpoint, "config", None), WRNConfig):
-            self.config, self.model = checkpoint.config, checkpoint.model
-            self.normalization = checkpoint.normalization
-            self.preprocessing = getattr(checkpoint, "preprocessing", None)
-            self.class_names = getattr(checkpoint, "class_names", None)
-            self.source = "trainer"
-        else:
-            path = os.fspath(checkpoint)
-            # errors name the file
-            (self.model, self.config, self.normalization, self.preprocessing,
-             self.class_names) = load_for_inference(path)
-            self.source = path
+        (self.model, self.config, self.normalization, self.preprocessing, self.class_names,
+         self.source) = resolve(checkpoint, "checkpoint")
         self.precision = precision
         if precision != "fp32":
             self.model = inference_copy(self.model, precision)
