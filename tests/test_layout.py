@@ -21,7 +21,8 @@ FLOORS = (
               "wrn3d_tl.checkpoint", "wrn3d_tl.evaluation")),
     ("data", ("wrn3d_tl.data", "wrn3d_tl.data.*")),
     ("nets", ("wrn3d_tl.layers", "wrn3d_tl.model", "wrn3d_tl.keras_twin", "wrn3d_tl.loading", "wrn3d_tl.convert")),
-    ("training", ("wrn3d_tl.optim", "wrn3d_tl.memory", "wrn3d_tl.batches", "wrn3d_tl.train", "wrn3d_tl.experiment")),
+    ("training", ("wrn3d_tl.optim", "wrn3d_tl.memory", "wrn3d_tl.batches", "wrn3d_tl.feed", "wrn3d_tl.train",
+                  "wrn3d_tl.experiment")),
     ("inference", ("wrn3d_tl.predict", "wrn3d_tl.export", "wrn3d_tl.explain", "wrn3d_tl.report")),
     ("commands", ("wrn3d_tl.commands", "wrn3d_tl.commands.*")),
 )

@@ -27,8 +27,8 @@ from wrn3d_tl.checkpoint import CheckpointError, CheckpointManager, read_checkpo
 from wrn3d_tl.cpu import warn_if_bf16_emulated
 from wrn3d_tl.data import as_normalization, data_errors, normalization_of, same_normalization
 from wrn3d_tl.data.reading import check_class_names, check_preprocessing
-from wrn3d_tl.data.shards import Share, input_share, share_problem
 from wrn3d_tl.evaluation import evaluation_report
+from wrn3d_tl.feed import Feed
 from wrn3d_tl.layers import variable_name
 from wrn3d_tl.loading import assign_checked, stored_config_and_normalization, load_for_inference, load_model  # noqa: F401
 from wrn3d_tl.logs import MetricsLogger, log, plot_metrics
@@ -181,9 +181,7 @@ class Trainer:
         self.verbose = verbose
         self._lr_override = None
         self._step = 0
-        self.shard_input = bool(shard_input)
-        self._iterator = None
-        self._train_data = None
+        self.feed = Feed(self.strategy, self.checks, seed, shard_input)
         self.train_data = train_data
 
         if self.strategy.num_replicas_in_sync > 1 and not self.strategy.extended.variable_created_in_scope(
@@ -252,7 +250,7 @@ class Trainer:
         """True when each replica reads only its own share of the training data (a
         wrn3d_tl pipeline under a strategy of several replicas), False when the global
         batch is read whole and sliced."""
-        return self._distributed is not None
+        return self.feed.split
 
     @property
     def momentum(self):
@@ -288,27 +286,16 @@ class Trainer:
     # -------------------------------------------------------------------- data
     @property
     def train_data(self):
-        return self._train_data
+        """Where ``train_step()`` without arguments reads its batches (``wrn3d_tl.feed.Feed``):
+        a Dataset, an ``(x, y)`` pair of arrays (shuffled into ``batch_size`` batches) or None.
+        A wrn3d_tl pipeline's normalisation, reading and class names become the trainer's."""
+        return self.feed.data
 
     @train_data.setter
     def train_data(self, data):
-        if isinstance(data, (tuple, list)):
-            if len(data) != 2:
-                raise ValueError(f"train_data must be a tf.data.Dataset or an (x, y) pair, got {len(data)} items")
-            self.batch_size = check_int(self.batch_size, "batch_size (train_data is arrays)")
-            x, y = data
-            if len(x) != len(y):
-                raise ValueError(f"train_data: x has {len(x)} samples but y has {len(y)}")
-            data = (tf.data.Dataset.from_tensor_slices((x, y))
-                    .shuffle(len(x), seed=self.seed, reshuffle_each_iteration=True)
-                    .batch(self.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
-        elif data is not None and not isinstance(data, tf.data.Dataset):
-            raise TypeError(f"train_data must be a tf.data.Dataset, an (x, y) pair or None, got {type(data).__name__}")
+        data, self.batch_size = Feed.as_dataset(data, self.batch_size, self.seed)
         self._adopt_normalization(data, "train_data")
-        self._train_data = data
-        self._iterator = None
-        self._distributed = None
-        self._read_whole = False
+        self.feed.use(data)
 
     def _adopt_normalization(self, data, what):
         """A tagged pipeline (``wrn3d_tl.data.normalization_of``) says which stats its batches
@@ -341,46 +328,6 @@ class Trainer:
                              f"trainer's with {self.normalization or 'nothing (raw)'}; use the same stats for "
                              "training, evaluation and inference")
 
-    def _next_batch(self):
-        """``(x, y, whole)``: the next batch of ``train_data``; ``whole`` is False when it comes
-        as per-replica shares of a split pipeline (``shard_input``)."""
-        if self._train_data is None:
-            raise ValueError("train_step() without arguments needs train_data; pass x and y or set train_data")
-        for _ in range(2):
-            if self._iterator is None:
-                self._iterator = iter(self._split_train_data() or self._train_data)
-            try:
-                with data_errors():
-                    batch = next(self._iterator)
-            except StopIteration:  # end of an epoch: start the next one
-                self._iterator = None
-                continue
-            return (*batch, self._distributed is None)
-        raise ValueError("train_data yields no batches")
-
-    def _split_train_data(self):
-        """The distributed dataset of ``train_data``'s per-worker shares, created once per
-        ``train_data`` (its passes continue the epochs); None when it is read whole (decided,
-        and warned about, once per ``train_data``)."""
-        replicas = self.strategy.num_replicas_in_sync
-        if self._distributed is None and not self._read_whole and replicas > 1 and self.shard_input:
-            pipeline = getattr(self._train_data, "wrn3d_pipeline", None)
-            if pipeline is not None and pipeline.batch_size % replicas:  # read whole, it would fail at once
-                raise ValueError(f"train_step: the global batch of {pipeline.batch_size} does not divide evenly "
-                                 f"over {replicas} replicas")
-            problem = share_problem(self._train_data, Share.of_strategy(self.strategy))
-            if problem:
-                self._read_whole = True
-                warnings.warn(f"wrn3d_tl: train_data is read whole by every worker, each replica keeping its "
-                              f"slice of the global batch: {problem}", UserWarning, stacklevel=4)
-                return None
-            spec = self._train_data.element_spec
-            self.checks.spec(spec[0].shape, spec[0].dtype, spec[1].dtype)
-            data = self._train_data
-            self._distributed = self.strategy.distribute_datasets_from_function(
-                lambda ctx: input_share(data, Share.of(ctx)))
-        return self._distributed
-
     # -------------------------------------------------------------------- step
     def train_step(self, x=None, y=None):
         """Run exactly one training iteration; returns Python numbers
@@ -396,7 +343,7 @@ class Trainer:
         """
         start = time.perf_counter()
         if x is None and y is None:
-            x, y, whole = self._next_batch()
+            x, y, whole = self.feed.next_batch()
         elif x is None or y is None:
             raise ValueError("train_step takes both x and y, or neither (then it reads train_data)")
         else:
