@@ -34,5 +34,7 @@ setup(
     entry_points={"console_scripts": ["wrn3d-predict = wrn3d_tl.commands.predict:main",
                                       "wrn3d-export = wrn3d_tl.commands.export:main",
                                       "wrn3d-convert = wrn3d_tl.commands.convert:main",
-                                      "wrn3d-explain = wrn3d_tl.commands.explain:main"]},
+                                      "wrn3d-explain = wrn3d_tl.commands.explain:main",
+                                      "wrn3d-train = wrn3d_tl.commands.train:main",
+                                      "wrn3d-prepare = wrn3d_tl.commands.prepare:main"]},
 )

@@ -3,10 +3,11 @@ writer fills a temporary name in the same folder (same filesystem) and renames i
 file the library writes goes through ``written_atomically``."""
 
 import contextlib
+import hashlib
 import os
 import socket
 
-__all__ = ["temporary_path", "written_atomically", "save_figure"]
+__all__ = ["temporary_path", "written_atomically", "save_figure", "fingerprint"]
 
 
 def temporary_path(path):
@@ -61,3 +62,26 @@ def save_figure(fig, path, **savefig_kwargs):
     with written_atomically(path, makedirs=True) as tmp:
         fig.savefig(tmp, format=os.path.splitext(path)[1][1:].lower() or "png", **savefig_kwargs)
     return path
+
+
+def fingerprint(path):
+    """What a run read from ``path``, to tell later whether the data changed, as a JSON-able
+    dict ``{"path", "files", "bytes", "sha256"}``: for a file, the sha256 of its contents; for
+    a folder (a table of class sub-folders), the sha256 of its listing: every file's relative
+    name and size, in sorted order (the scans are not read)."""
+    path = os.fspath(path)
+    digest = hashlib.sha256()
+    if os.path.isfile(path):
+        files, size = 1, os.path.getsize(path)
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    elif os.path.isdir(path):
+        listing = sorted((os.path.relpath(os.path.join(d, f), path), os.path.getsize(os.path.join(d, f)))
+                         for d, _, names in os.walk(path) for f in names)
+        for name, n in listing:
+            digest.update(f"{name}\0{n}\n".encode())
+        files, size = len(listing), sum(n for _, n in listing)
+    else:
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    return {"path": os.path.abspath(path), "files": files, "bytes": size, "sha256": digest.hexdigest()}

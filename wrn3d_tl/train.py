@@ -118,13 +118,18 @@ class Trainer:
             weight's name (``"group2/block1/conv1/kernel"``). Frozen weights get no gradient,
             no momentum and no weight decay; the batch-norm moving statistics of every layer
             keep updating in training mode. Stored in checkpoints as the chosen names.
+        class_weight: None, or one weight > 0 per class (``num_classes`` numbers, e.g.
+            ``wrn3d_tl.data.balanced_class_weights``): the training loss becomes
+            ``sum_i w[y_i] * CE_i / B`` over the global batch of ``B`` (Keras' ``class_weight``),
+            and so does the reported training ``loss``; evaluation reports the plain
+            cross-entropy. Stored in checkpoints.
     """
 
     def __init__(self, model, train_data=None, *, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
                  schedule="constant", total_steps=None, warmup_steps=0, mixed_precision=None, seed=0,
                  batch_size=None, normalization=None, eval_data=None, strategy=None, logdir=None,
                  checkpoint_dir=None, checkpoint_every=None, keep_checkpoints=3, jit_compile=False, trainable=None,
-                 preprocessing=None, class_names=None, shard_input=True, verbose=True):
+                 preprocessing=None, class_names=None, class_weight=None, shard_input=True, verbose=True):
         config = getattr(model, "wrn_config", None)
         if not isinstance(config, WRNConfig):
             raise TypeError("model must be built by wrn3d_tl.model.build_wrn (it has no wrn_config), "
@@ -171,6 +176,8 @@ class Trainer:
         self.normalization_known = norm is not None
         self.preprocessing = check_preprocessing(preprocessing, "Trainer(preprocessing=...)")
         self.class_names = check_class_names(class_names, config.num_classes, "Trainer(class_names=...)")
+        self.class_weight = check_class_weight(class_weight, config.num_classes)
+        self._class_weight = tf.constant(self.class_weight or [1.0] * config.num_classes, tf.float32)
         self.eval_data = eval_data
         self.strategy = strategy or tf.distribute.get_strategy()
         self.is_chief = _is_chief(self.strategy)
@@ -402,6 +409,8 @@ class Trainer:
         with tf.GradientTape() as tape:
             logits = self.model(tf.cast(x, self.compute_dtype), is_train=True)
             ce = tf.nn.sparse_softmax_cross_entropy_with_logits(y, tf.cast(logits, tf.float32))
+            if self.class_weight is not None:
+                ce = ce * tf.gather(self._class_weight, y)
             loss = tf.reduce_sum(ce) / global_batch
             scaled = self.loss_scale.scale_loss(loss)
         grads = tape.gradient(scaled, self.optimizer.weights)
@@ -443,7 +452,8 @@ class Trainer:
         or ``LOG_EVERY_S`` seconds and at the end; False: nothing. ``on_step(metrics)`` is called
         after every step; with ``eval_every``, ``evaluate(eval_data)`` (default: the
         trainer's ``eval_data``) runs every ``eval_every`` steps before the last and
-        ``on_eval(step, result)`` is called.
+        ``on_eval(step, result)`` is called; when it returns True, training stops there
+        (early stopping).
         """
         import sys
 
@@ -471,8 +481,8 @@ class Trainer:
                     on_step(metrics)
                 if eval_data is not None and eval_every and self._step % eval_every == 0 and self._step < steps:
                     result = self.evaluate(eval_data)
-                    if on_eval:
-                        on_eval(self._step, result)
+                    if on_eval and on_eval(self._step, result) is True:
+                        break
         finally:
             bar.close()
         return metrics
@@ -570,7 +580,8 @@ class Trainer:
                 "batch_size": self.batch_size, "keep_checkpoints": self.keep_checkpoints,
                 "jit_compile": self.jit_compile, "trainable": self.trainable, "lr_override": self._lr_override,
                 "preprocessing": self.preprocessing,
-                "class_names": None if self.class_names is None else list(self.class_names)}
+                "class_names": None if self.class_names is None else list(self.class_names),
+                "class_weight": self.class_weight}
 
     def _state_arrays(self):
         # Every worker reads (cross-replica reads of ON_READ variables are collectives).
@@ -610,15 +621,7 @@ class Trainer:
         """Load a checkpoint of the SAME config into this trainer (weights, momentum,
         step, loss scale, normalisation). Everything is checked before anything is
         assigned: on any error the trainer is unchanged."""
-        ck = read_checkpoint(path)
-        config, norm = stored_config_and_normalization(ck, path)
-        if self.normalization_known and not same_normalization(norm, self.normalization):
-            raise CheckpointError(f"checkpoint {os.fspath(path)!r} was trained on batches normalised with "
-                                  f"{ck['normalization'] or 'nothing (raw)'}, but this trainer's data uses "
-                                  f"{self.normalization or 'nothing (raw)'}")
-        if config != self.config:
-            raise CheckpointError(f"checkpoint {os.fspath(path)!r} holds {config}, but this trainer's model is "
-                                  f"{self.config}")
+        ck, norm = self._matching_checkpoint(path)
         pairs = [(v, ck["weights"], variable_name(v)) for v in self.model.all_weights]
         pairs += [(s, ck["optimizer"], variable_name(w)) for w, s in zip(self.optimizer.weights, self.optimizer.slots)]
         assign_checked(pairs, path)
@@ -631,6 +634,26 @@ class Trainer:
         if self.logger:
             self.logger.truncate(self._step)
         return self
+
+    def load_weights(self, path):
+        """Load only the network of a checkpoint of the SAME config and normalisation (its
+        weights and BN statistics), e.g. the best one of a run, for evaluation or export;
+        the optimizer, step and logs stay as they are. Checked before anything is assigned."""
+        ck, _ = self._matching_checkpoint(path)
+        assign_checked([(v, ck["weights"], variable_name(v)) for v in self.model.all_weights], path)
+        return self
+
+    def _matching_checkpoint(self, path):
+        ck = read_checkpoint(path)
+        config, norm = stored_config_and_normalization(ck, path)
+        if self.normalization_known and not same_normalization(norm, self.normalization):
+            raise CheckpointError(f"checkpoint {os.fspath(path)!r} was trained on batches normalised with "
+                                  f"{ck['normalization'] or 'nothing (raw)'}, but this trainer's data uses "
+                                  f"{self.normalization or 'nothing (raw)'}")
+        if config != self.config:
+            raise CheckpointError(f"checkpoint {os.fspath(path)!r} holds {config}, but this trainer's model is "
+                                  f"{self.config}")
+        return ck, norm
 
     @classmethod
     def restore(cls, path, train_data=None, *, strategy=None, recompute=False, **overrides):
@@ -659,6 +682,20 @@ class Trainer:
         if self.logger:
             self.logger.close()
             self.logger = None
+
+
+def check_class_weight(class_weight, num_classes):
+    """``Trainer(class_weight=...)`` as a list of ``num_classes`` finite floats > 0, or None."""
+    if class_weight is None:
+        return None
+    try:
+        w = np.asarray(class_weight, dtype=np.float64) if np.ndim(class_weight) == 1 else None
+    except (TypeError, ValueError):
+        w = None
+    if w is None or w.shape != (num_classes,) or not np.all(np.isfinite(w)) or np.any(w <= 0):
+        raise ValueError(f"class_weight must be None or {num_classes} finite numbers > 0 (one per class), "
+                         f"got {class_weight!r}")
+    return [float(v) for v in w]
 
 
 def under(name, prefixes):

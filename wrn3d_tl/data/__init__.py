@@ -20,6 +20,7 @@ Public API:
   read_nifti, NiftiVolumes                     -- the same reading, for prediction
   load_medmnist3d, MEDMNIST3D                  -- MedMNIST-3D's official .npz files
   synthetic_blobs, orthant_of                  -- class = where a blob sits (explanations)
+  stratified_split, balanced_class_weights     -- a seeded per-class hold-out; loss weights
 """
 
 from .augment import Augment3D
@@ -30,6 +31,7 @@ from .medmnist import MEDMNIST3D, load_medmnist3d
 from .nifti import NiftiInfo, NiftiVolumes, nifti_dataset, nifti_info, nifti_to_hdf5, read_nifti
 from .pipeline import data_errors, make_dataset, normalization_of
 from .shards import Share, input_share, starting_at
+from .splits import balanced_class_weights, class_counts, stratified_split
 from .transforms import (TILE_MODES, Normalization, as_normalization, augment_image, same_normalization,
                          augment_volume, compute_normalization, tile_to_volume)
 
@@ -65,4 +67,7 @@ __all__ = [
     "MEDMNIST3D",
     "synthetic_blobs",
     "orthant_of",
+    "stratified_split",
+    "class_counts",
+    "balanced_class_weights",
 ]

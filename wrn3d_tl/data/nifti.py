@@ -510,25 +510,53 @@ def nifti_dataset(table, *, batch_size: int, training: bool = False, target_shap
 
 
 def nifti_to_hdf5(table, out_path, *, target_shape=None, intensity="zscore", classes=None, num_classes=None,
-                  compression=None, x_key="volumes", y_key="labels"):
+                  compression=None, x_key="volumes", y_key="labels", progress=False):
     """Read a labelled NIfTI table once (files in parallel threads) and write the
     preprocessed float32 volumes and labels to an HDF5 file that ``hdf5_dataset`` streams
     (with ``normalization=None``: the intensity step is already applied). The class names
     are stored as a JSON attribute of the labels, the reading (:func:`preprocessing_of`,
     which ``hdf5_dataset`` hands on to a ``Trainer``) and the source table as attributes of
-    the volumes. Returns the file's ``HDF5Info``."""
+    the volumes. ``progress``: a tqdm bar of the volumes written, on stderr (None: when it
+    is a terminal). Returns the file's ``HDF5Info``."""
     from .hdf5 import hdf5_info, write_hdf5_volumes
 
     volumes = NiftiVolumes(table, intensity=intensity, target_shape=target_shape, labels=True, classes=classes,
                            num_classes=num_classes)
     info = volumes.info
-    with written_atomically(out_path) as tmp:      # a bad scan part-way leaves no half-written file
-        write_hdf5_volumes(tmp, volumes, info.labels, x_key=x_key, y_key=y_key, compression=compression,
+    with written_atomically(out_path) as tmp, _Counted(volumes, progress) as counted:  # a bad scan: no half file
+        write_hdf5_volumes(tmp, counted, info.labels, x_key=x_key, y_key=y_key, compression=compression,
                            num_classes=info.num_classes,
                            class_names=info.class_names if info.class_names and len(info.class_names) ==
                            info.num_classes else None)
         _describe(tmp, x_key, y_key, info, volumes)
     return hdf5_info(out_path, x_key, y_key)
+
+
+class _Counted:
+    """``volumes`` as an array-like whose slices advance a progress bar."""
+
+    def __init__(self, volumes, progress):
+        import sys
+
+        from tqdm.auto import tqdm
+
+        self.volumes, self.shape, self.dtype = volumes, volumes.shape, volumes.dtype
+        show = sys.stderr.isatty() if progress is None else bool(progress)
+        self.bar = tqdm(total=len(volumes), unit="scan", disable=not show, file=sys.stderr, dynamic_ncols=True)
+
+    def __len__(self):
+        return len(self.volumes)
+
+    def __getitem__(self, item):
+        out = self.volumes[item]
+        self.bar.update(len(out) if isinstance(item, slice) else 1)
+        return out
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
 
 
 def _describe(path, x_key, y_key, info, volumes):

@@ -1,0 +1,666 @@
+"""``wrn3d-train``: one command from labelled volumes to a selected, tested and exported model.
+
+    wrn3d-train --data scans/train.csv --val scans/val.csv --test scans/test.csv --epochs 30 --export runs/model
+    wrn3d-train --data scans/ --val-split 0.2 --test scans_test/      # class folders, a stratified val split
+    wrn3d-train --data volumes.h5 --val val.h5                        # HDF5 (wrn3d-prepare, write_hdf5_volumes)
+    wrn3d-train --data medmnist:organmnist3d@64                       # MedMNIST-3D's official splits
+    wrn3d-train --data cifar10 --dims 3 --volume-depth 8              # CIFAR tiled into volumes; or synthetic
+
+The run folder (``--out``) receives ``run.json`` (the command, versions, CPU/GPU, data
+fingerprints), ``last.h5`` and ``best.h5`` (the checkpoint of the best validation score by
+``--select``), ``logs/`` (the curves), ``val/`` and ``test/`` (confusion and ROC pictures),
+``metrics.json`` (the selected model's val and test metrics with class names), ``cams/``
+and ``index.html`` (the report page). The TEST metrics are those of the selected model,
+as MedMNIST's protocol asks. Every error is one line ``wrn3d-train: error: ...``, exit
+status 2. The library side: ``wrn3d_tl.data``, ``Trainer``, ``wrn3d_tl.report``,
+``wrn3d_tl.export``.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import shlex
+import sys
+import time
+
+from wrn3d_tl.commands import (Parser, add_training_flags, check_training_flags, intensity_arg, non_negative_float,
+                               non_negative_int, positive_float, positive_int, quiet_tensorflow, shape_arg)
+
+__all__ = ["main", "parse_args", "open_data", "augment_arg", "SELECT"]
+
+_CLI = "wrn3d-train"
+# --select: the validation metric, and whether larger is better.
+SELECT = {"accuracy": True, "auc": True, "loss": False}
+ARRAY_SOURCES = ("cifar10", "cifar100", "synthetic")
+
+
+class CommandError(Exception):
+    """A flag, a file or a checkpoint that does not fit: one line, exit status 2."""
+
+
+def augment_arg(text):
+    """An argparse type: ``none`` or comma-separated ``flip=DHW``, ``rotate=HW``, ``crop=N``,
+    ``scale=F``, ``shift=F`` (``wrn3d_tl.data.Augment3D``'s fields), returned as a dict of
+    its keyword arguments (None for ``none``)."""
+    import argparse
+
+    if text in ("none", "default"):
+        return None if text == "none" else text
+    axes = {"D": 0, "H": 1, "W": 2}
+    out = {}
+    try:
+        for part in text.split(","):
+            key, _, value = part.partition("=")
+            if key == "flip" and value and set(value) <= set(axes):
+                out["flip_axes"] = tuple(axes[a] for a in value)
+            elif key == "rotate" and len(value) == 2 and set(value) <= set(axes) and value[0] != value[1]:
+                out["rotate_plane"] = tuple(axes[a] for a in value)
+            elif key == "crop" and int(value) >= 0:
+                out["crop_padding"] = int(value)
+            elif key in ("scale", "shift") and 0 <= float(value) < math.inf:
+                out[key] = float(value)
+            else:
+                raise ValueError(part)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected none or a comma list of flip=DHW, rotate=HW, crop=N, scale=F, "
+                                         f"shift=F, got {text!r}") from None
+    return out
+
+
+def _batch_size(text):
+    return text if text == "auto" else positive_int(text)
+
+
+def _fraction(text):
+    value = positive_float(text)
+    if value >= 1:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}")
+    return value
+
+
+def parse_args(argv=None):
+    """The command line. A bad flag, or a data path that does not exist, exits with status 2
+    and one line naming it, before TensorFlow starts."""
+    p = Parser(prog=_CLI, description="Train a Wide ResNet on labelled volumes, select the best checkpoint on "
+               "validation data, test it, and write a report, metrics.json, run.json and (--export) a SavedModel.")
+    a = p.add_argument
+    a("--data", help="training data: a NIfTI table (CSV with path,label) or a folder of class sub-folders; an HDF5 "
+      "file (.h5/.hdf5); medmnist:FLAG[@SIZE]; cifar10, cifar100 or synthetic")
+    a("--val", help="validation data of the same kind (not for medmnist, cifar or synthetic, whose splits are fixed)")
+    a("--test", help="test data of the same kind (cifar, synthetic and medmnist bring theirs)")
+    a("--val-split", type=_fraction, help="hold out this fraction of --data for validation, per class, by --seed "
+      "(NIfTI tables, cifar, synthetic)")
+    a("--out", help="the run folder (default: runs/<data name>-<date>-<time>)")
+    a("--rerun", metavar="RUN_JSON", help="run the command a run.json recorded again (with --out: into that folder)")
+    a("--dims", type=int, choices=[2, 3], help="cifar/synthetic: 3 tiles images into volumes, 2 trains on images")
+    a("--volume-depth", type=positive_int, help="cifar/synthetic: slices per volume")
+    a("--tile-mode", choices=["repeat", "shift"], help="cifar/synthetic: how images become volumes")
+    a("--data-dir", help="cifar/medmnist: the folder holding the files (else $WRN3D_DATA_DIR and the usual places)")
+    a("--download", action="store_true", help="cifar/medmnist: allow fetching the files")
+    a("--x-key", help="HDF5: the dataset holding the volumes")
+    a("--y-key", help="HDF5: the dataset holding the labels")
+    a("--normalize", action="store_true", help="HDF5 without stored stats: compute per-channel stats (streamed)")
+    a("--target-shape", type=shape_arg, help="NIfTI: centre crop / zero pad every scan to D,H,W")
+    a("--intensity", type=intensity_arg, help="NIfTI: zscore, zscore_nonzero, none or window:LO:HI")
+    a("--augment", type=augment_arg, help="none, or a comma list of flip=DHW, rotate=HW, crop=N, scale=F, shift=F "
+      "(default: none for scans, HDF5 and MedMNIST, whose flips may change an anatomical label; the paper's crop "
+      "and flip for cifar)")
+    a("--keep-depth", action="store_true", help="stride 1 along depth (anisotropic volumes)")
+    a("--batch-size", type=_batch_size, help="global batch size, or 'auto': the largest that fits --memory-budget")
+    a("--memory-budget", type=positive_float, help="GiB for --batch-size auto")
+    a("--warmup-steps", type=non_negative_int, help="linear learning-rate warm-up")
+    a("--weight-decay", type=non_negative_float, help="L2 on convolution and dense kernels")
+    a("--select", choices=sorted(SELECT), help="the validation metric that picks best.h5")
+    a("--patience", type=non_negative_int, help="stop after this many evaluations without a better --select "
+      "(0: never stop early)")
+    a("--class-weight", choices=["none", "balanced"], help="balanced: weigh each class's loss by N / (classes * "
+      "count) of the training labels (stored with the run)")
+    a("--export", metavar="DIR", help="also write the selected model as a SavedModel that serves raw volumes")
+    a("--no-report", action="store_true", help="skip index.html and the Grad-CAM montages")
+    a("--distribute", choices=["none", "mirrored", "multiworker"], help="as the main job's --distribute")
+    a("--cpu-replicas", type=positive_int, help="with --distribute mirrored: N logical CPU devices")
+    add_training_flags(p, iters_help="training iterations (default: --epochs)")
+    p.set_defaults(depth=16, width=4, dropout=0.0, dims=3, volume_depth=8, tile_mode="repeat", x_key="volumes",
+                   y_key="labels", intensity="zscore", batch_size=16, lr=0.05, schedule="cosine", warmup_steps=0,
+                   weight_decay=5e-4, select="accuracy", patience=0, class_weight="none", eval_every=None,
+                   checkpoint_every=0, mixed_precision="none", seed=0, distribute="none")
+    p.set_defaults(augment="default")
+    args = p.parse_args(argv)
+    if args.rerun:
+        args = _rerun(p, args)
+    if not args.data:
+        p.error("--data is required (a NIfTI table or folder, an HDF5 file, medmnist:FLAG[@SIZE], cifar10, "
+                "cifar100 or synthetic)")
+    if args.checkpoint:
+        p.error("--checkpoint: wrn3d-train writes last.h5 and best.h5 into --out")
+    if args.resume and not args.out:
+        p.error("--resume needs --out (the run folder to continue)")
+    args.kind = _kind(p, args.data)
+    for flag in ("val", "test"):
+        value = getattr(args, flag)
+        if value and (args.kind in ARRAY_SOURCES or args.kind == "medmnist"):
+            p.error(f"--{flag} {value}: {args.data} brings its own splits")
+        if value and not os.path.exists(value):
+            p.error(f"--{flag} {value}: no such file or folder")
+    if args.val_split and (args.val or args.kind in ("hdf5", "medmnist")):
+        p.error(f"--val-split {args.val_split:g}: " + ("give --val or --val-split, not both" if args.val else
+                f"{args.data} cannot be split here (use --val)"))
+    if args.cpu_replicas is not None and args.distribute != "mirrored":
+        p.error("--cpu-replicas needs --distribute mirrored")
+    for flag in ("out", "export"):
+        value = getattr(args, flag)
+        if value and os.path.isfile(value):
+            p.error(f"--{flag} {value}: is a file; give a folder")
+    args.checkpoint = None
+    check_training_flags(p, args)
+    args.out = args.out or os.path.join("runs", f"{_data_name(args)}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return args
+
+
+def _rerun(p, args):
+    try:
+        with open(args.rerun, encoding="utf-8") as fh:
+            argv = json.load(fh)["argv"]
+        if not (isinstance(argv, list) and all(isinstance(v, str) for v in argv)):
+            raise ValueError("its argv is not a list of strings")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        p.error(f"--rerun {args.rerun}: not a run.json written by {_CLI} ({e})")
+    again = p.parse_args(argv)
+    if args.out:
+        again.out = args.out
+    return again
+
+
+def _kind(p, data):
+    if data in ARRAY_SOURCES:
+        return data
+    if data.startswith("medmnist:"):
+        return "medmnist"
+    if not os.path.exists(data):
+        p.error(f"--data {data}: no such file or folder (or give medmnist:FLAG[@SIZE], cifar10, cifar100, synthetic)")
+    if os.path.isdir(data):
+        return "nifti"
+    ext = os.path.splitext(data)[1].lower()
+    if ext in (".h5", ".hdf5"):
+        return "hdf5"
+    if ext in (".csv", ".tsv", ".txt"):
+        return "nifti"
+    p.error(f"--data {data}: not a NIfTI table (.csv or a folder) or an HDF5 file (.h5, .hdf5)")
+
+
+def _data_name(args):
+    if args.kind == "medmnist" or args.kind in ARRAY_SOURCES:
+        return args.data.replace(":", "-").replace("@", "-")
+    return os.path.splitext(os.path.basename(os.path.normpath(args.data)))[0]
+
+
+# --------------------------------------------------------------------- data
+@dataclasses.dataclass
+class Data:
+    """What ``open_data`` found: per split a function ``(batch_size, training) -> Dataset``
+    (``training`` adds shuffling, augmentation, repetition and full batches), and what the
+    network and the run record need."""
+
+    train: object
+    val: object
+    test: object
+    n_train: int
+    train_labels: object
+    num_classes: int
+    input_shape: tuple
+    class_names: tuple = None
+    normalization: object = None
+    fingerprints: dict = dataclasses.field(default_factory=dict)
+    description: str = ""
+
+
+def open_data(args, run_dir):
+    """The data ``args`` name, checked (every file's header or labels) before any training:
+    a ``Data``. Raises ValueError/OSError naming the flag and the file."""
+    return {"nifti": _nifti, "hdf5": _hdf5, "medmnist": _medmnist}.get(args.kind, _arrays)(args, run_dir)
+
+
+def _augment(args, default):
+    from wrn3d_tl.data import Augment3D
+
+    spec = default if args.augment == "default" else args.augment
+    return Augment3D(**spec) if isinstance(spec, dict) else spec
+
+
+def _nifti(args, run_dir):
+    from wrn3d_tl.data import nifti_dataset, nifti_info, stratified_split
+    from wrn3d_tl.files import fingerprint
+
+    def info_of(flag, table, classes=None):
+        try:
+            return nifti_info(table, classes=classes)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--{flag} {table}: {e}") from None
+
+    info = info_of("data", args.data)
+    classes = info.class_names
+    tables = {"train": args.data, "val": args.val, "test": args.test}
+    labels = info.labels
+    if args.val_split:
+        keep, held = stratified_split(info.labels, args.val_split, seed=args.seed)
+        folder = os.path.join(run_dir, "splits")
+        os.makedirs(folder, exist_ok=True)
+        for name, rows in (("train", keep), ("val", held)):
+            tables[name] = _write_table(os.path.join(folder, f"{name}.csv"), info, rows)
+        labels = info.labels[keep]
+    infos = {"train": info if not args.val_split else info_of("data", tables["train"], classes)}
+    for name in ("val", "test"):
+        if tables[name]:
+            infos[name] = info_of(name if not args.val_split or name == "test" else "val-split", tables[name], classes)
+    augment = _augment(args, None)
+    read = dict(target_shape=args.target_shape, intensity=args.intensity, classes=classes,
+                num_classes=info.num_classes)
+
+    def split(name):
+        if not tables[name]:
+            return None
+        return lambda batch_size, training=False: nifti_dataset(
+            tables[name], batch_size=batch_size, training=training, repeat=training, drop_remainder=training,
+            seed=args.seed, augment=augment if training else None, check=False, **read)
+
+    shape = info.volume_shape if args.target_shape is None else tuple(args.target_shape) + (info.channels,)
+    if shape is None:
+        raise ValueError(f"--data {args.data}: the scans differ in shape; pass --target-shape D,H,W")
+    for name, i in infos.items():   # every file's voxels once, all bad ones in one error
+        try:
+            nifti_info(tables[name], classes=classes, check=True)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--{name if name != 'train' else 'data'} {tables[name]}: {e}") from None
+    given = {"data": (args.data, info), "val": (args.val, infos.get("val")), "test": (args.test, infos.get("test"))}
+    prints = {f"--{flag}": {**fingerprint(path), "scans": i.n} for flag, (path, i) in given.items() if path}
+    return Data(train=split("train"), val=split("val"), test=split("test"), n_train=infos["train"].n,
+                train_labels=labels, num_classes=info.num_classes, input_shape=shape, class_names=classes,
+                fingerprints=prints, description=f"{info.n} scans in {args.data}")
+
+
+def _write_table(path, info, rows):
+    from wrn3d_tl.files import written_atomically
+
+    names = info.class_names
+    with written_atomically(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
+        import csv
+
+        w = csv.writer(fh)
+        w.writerow(["path", "label"])
+        for i in rows:
+            w.writerow([info.paths[i], names[info.labels[i]] if names else int(info.labels[i])])
+    return path
+
+
+def _hdf5(args, run_dir):
+    import h5py
+    import numpy as np
+
+    from wrn3d_tl.data import compute_normalization, hdf5_dataset, hdf5_info
+    from wrn3d_tl.files import fingerprint
+
+    infos = {}
+    for flag, path in (("data", args.data), ("val", args.val), ("test", args.test)):
+        if path:
+            try:
+                infos[flag] = hdf5_info(path, args.x_key, args.y_key)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"--{flag} {path}: {e}") from None
+            if infos[flag].volume_shape != infos["data"].volume_shape:
+                raise ValueError(f"--{flag} {path}: its volumes have shape {infos[flag].volume_shape}, the "
+                                 f"training volumes {infos['data'].volume_shape}")
+    info = infos["data"]
+    with h5py.File(args.data, "r") as f:
+        labels = np.asarray(f[args.y_key][()]).astype(np.int64).reshape(-1)
+        norm = info.normalization
+        if norm is None and args.normalize:
+            norm = compute_normalization(f[args.x_key])
+    augment = _augment(args, None)
+
+    def split(flag):
+        if flag not in infos:
+            return None
+        return lambda batch_size, training=False: hdf5_dataset(
+            infos[flag].path, x_key=args.x_key, y_key=args.y_key, batch_size=batch_size, training=training,
+            repeat=training, drop_remainder=training, seed=args.seed, num_classes=info.num_classes,
+            normalization=norm, augment=augment if training else False)
+
+    return Data(train=split("data"), val=split("val"), test=split("test"), n_train=info.n, train_labels=labels,
+                num_classes=info.num_classes, input_shape=tuple(info.volume_shape), class_names=info.class_names,
+                normalization=norm, fingerprints={f"--{k}": fingerprint(v.path) for k, v in infos.items()},
+                description=f"{info.n} volumes in {args.data}")
+
+
+def _medmnist(args, run_dir):
+    from wrn3d_tl.data import MEDMNIST3D, load_medmnist3d
+
+    flag, _, size = args.data[len("medmnist:"):].partition("@")
+    try:
+        size = int(size or 28)
+        splits = load_medmnist3d(flag, data_dir=args.data_dir, size=size, download=args.download)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--data {args.data}: {e}") from None
+    return _from_arrays(args, splits, MEDMNIST3D[flag]["labels"], None,
+                        {"--data": {"flag": flag, "size": size, **{k: len(v[1]) for k, v in splits.items()}}},
+                        f"MedMNIST {flag} {size}^3", default_augment={"crop_padding": 2})
+
+
+def _arrays(args, run_dir):
+    from wrn3d_tl.experiment import DEFAULTS, load_data
+
+    opts = {**DEFAULTS, "dataset": args.data, "data_dir": args.data_dir, "download": args.download,
+            "seed": args.seed}
+    train, test, num_classes, source = load_data(opts)
+    splits = {"train": train, "test": test}
+    if args.val_split:
+        from wrn3d_tl.data import stratified_split
+
+        keep, held = stratified_split(train[1], args.val_split, seed=args.seed)
+        splits = {"train": (train[0][keep], train[1][keep]), "val": (train[0][held], train[1][held]), "test": test}
+    depth = args.volume_depth if args.dims == 3 else None
+    return _from_arrays(args, splits, None, depth, {"--data": {"source": source, "train": len(train[1]),
+                                                               "test": len(test[1])}},
+                        source, default_augment=True, num_classes=num_classes)
+
+
+def _from_arrays(args, splits, class_names, depth, prints, description, *, default_augment, num_classes=None):
+    from wrn3d_tl.data import compute_normalization, make_dataset
+
+    x, y = splits["train"]
+    norm = compute_normalization(x)
+    augment = _augment(args, default_augment)
+
+    def split(name):
+        if name not in splits:
+            return None
+        return lambda batch_size, training=False: make_dataset(
+            *splits[name], batch_size=batch_size, volume_depth=depth, tile_mode=args.tile_mode, training=training,
+            seed=args.seed, normalization=norm, augment=augment if training else False, repeat=training,
+            drop_remainder=training)
+
+    shape = ((depth,) if depth else ()) + tuple(x.shape[1:])
+    return Data(train=split("train"), val=split("val"), test=split("test"), n_train=len(y), train_labels=y,
+                num_classes=num_classes or len(class_names), input_shape=shape,
+                class_names=tuple(class_names) if class_names else None, normalization=norm, fingerprints=prints,
+                description=description)
+
+
+# --------------------------------------------------------------------- run
+def run_record(argv, args, data):
+    """``run.json``'s contents: the exact command, versions, devices and data fingerprints."""
+    import platform
+
+    import numpy as np
+    import tensorflow as tf
+
+    import wrn3d_tl
+    from wrn3d_tl import cpu
+
+    return {"argv": list(argv), "command": shlex.join([_CLI, *argv]), "cwd": os.getcwd(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "versions": {"wrn3d_tl": wrn3d_tl.__version__, "tensorflow": tf.__version__, "numpy": np.__version__,
+                         "python": platform.python_version()},
+            "cpu": {"model": cpu.cpu_model(), "flags": cpu.cpu_flags(relevant_only=True),
+                    "onednn": cpu.onednn_status()},
+            "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
+            "data": data.fingerprints}
+
+
+def _write_json(path, value):
+    from wrn3d_tl.evaluation import json_safe
+    from wrn3d_tl.files import written_atomically
+
+    with written_atomically(path, makedirs=True) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(json_safe(value), fh, indent=1, allow_nan=False)
+    return path
+
+
+class Selection:
+    """The best validation score so far by ``metric`` and how many evaluations since it; kept
+    in ``selection.json`` beside ``best.h5`` so that ``--resume`` goes on where it was."""
+
+    def __init__(self, run_dir, metric, patience):
+        self.path, self.metric, self.patience = os.path.join(run_dir, "selection.json"), metric, patience
+        self.best_step = self.best = None
+        self.since = 0
+        self.history = []
+
+    def load(self):
+        with open(self.path, encoding="utf-8") as fh:
+            state = json.load(fh)
+        self.best_step, self.best, self.since, self.history = (state["best_step"], state["best"], state["since"],
+                                                               state["history"])
+        return self
+
+    def better(self, value):
+        if value is None or not math.isfinite(value):
+            return False
+        if self.best is None:
+            return True
+        return value > self.best if SELECT[self.metric] else value < self.best
+
+    def record(self, step, result):
+        """Note one evaluation; True when it is the best so far."""
+        value = float(result[self.metric])
+        self.history.append({"step": step, **{k: result[k] for k in ("loss", "accuracy", "auc")}})
+        if self.better(value):
+            self.best_step, self.best, self.since = step, value, 0
+            return True
+        self.since += 1
+        return False
+
+    @property
+    def stop(self):
+        return bool(self.patience) and self.since >= self.patience
+
+    def save(self):
+        _write_json(self.path, {"metric": self.metric, "best_step": self.best_step, "best": self.best,
+                                "since": self.since, "history": self.history})
+
+
+def _build_trainer(args, data, run_dir, strategy):
+    """``(trainer, steps, selection)``: a new run, or the run folder's newest verified
+    checkpoint with ``--resume``."""
+    import contextlib
+
+    import tensorflow as tf
+
+    from wrn3d_tl.config import WRNConfig
+    from wrn3d_tl.data import balanced_class_weights
+    from wrn3d_tl.experiment import (auto_batch_size, find_resume_point, initial_model, plan_steps, precision,
+                                     resume, trainable_of)
+    from wrn3d_tl.model import build_wrn
+    from wrn3d_tl.train import Trainer
+
+    strides = (1, (1, 2, 2), (1, 2, 2)) if args.keep_depth and len(data.input_shape) == 4 else (1, 2, 2)
+    config = WRNConfig(depth=args.depth, widen_factor=args.width, num_classes=data.num_classes,
+                       input_shape=data.input_shape, dropout=args.dropout, group_strides=strides)
+    point = find_resume_point(os.path.join(run_dir, "last.h5")) if args.resume else (None, None)
+    if args.resume and not point[0]:
+        raise ValueError(f"--resume: no verified checkpoint in {run_dir} (last.h5 or checkpoints/ckpt-*.h5)")
+    stored = point[1]["trainer"] if point[0] else {}
+    mp = precision(args.mixed_precision)
+    replicas = strategy.num_replicas_in_sync if strategy else 1
+    batch_size = args.batch_size
+    if batch_size == "auto":
+        batch_size = stored.get("batch_size") or auto_batch_size(config, mixed_precision=mp, replicas=replicas,
+                                                                 memory_budget=args.memory_budget)
+        print(f"--batch-size auto: {batch_size}", flush=True)
+    batch_size = min(batch_size, data.n_train // replicas * replicas or replicas)
+    epochs = args.epochs if args.iters is None and args.epochs is not None else (None if args.iters else 30)
+    steps = plan_steps(data.n_train, batch_size, iters=args.iters, epochs=epochs)
+    weights = None
+    if args.class_weight == "balanced":
+        weights = [float(w) for w in balanced_class_weights(data.train_labels, data.num_classes)]
+    train = data.train(batch_size, True)
+    run = dict(logdir=os.path.join(run_dir, "logs"), checkpoint_every=args.checkpoint_every or None,
+               checkpoint_dir=os.path.join(run_dir, "checkpoints") if args.checkpoint_every else None)
+    settings = dict(lr=args.lr, schedule=args.schedule, total_steps=steps, warmup_steps=args.warmup_steps,
+                    weight_decay=args.weight_decay, mixed_precision=mp, seed=args.seed, batch_size=batch_size)
+    selection = Selection(run_dir, args.select, args.patience)
+    tf.random.set_seed(args.seed)
+    if point[0]:
+        if (stored.get("class_weight") is None) != (weights is None):
+            raise ValueError(f"--resume: {point[0]} was trained with --class-weight "
+                             f"{'balanced' if stored.get('class_weight') else 'none'}; resume with it")
+        trainer = resume(point, config, train, settings={**settings, "freeze": args.freeze}, strategy=strategy, **run)
+        if os.path.exists(selection.path):
+            selection.load()
+        print(f"resumed from {point[0]} at step {trainer.step}", flush=True)
+        return trainer, steps, selection
+    if args.init_from:
+        model, init_norm = initial_model(args.init_from, input_shape=data.input_shape, num_classes=data.num_classes,
+                                         strategy=strategy)
+        if data.normalization is None and init_norm is not None:
+            data.normalization = init_norm
+    else:
+        with strategy.scope() if strategy else contextlib.nullcontext():
+            model = build_wrn(config)
+    trainer = Trainer(model, train, strategy=strategy, normalization=data.normalization,
+                      trainable=trainable_of(args.freeze), class_weight=weights, class_names=data.class_names,
+                      **settings, **run)
+    return trainer, steps, selection
+
+
+def train_and_select(trainer, steps, val, selection, run_dir, eval_every):
+    """Train to ``steps``, evaluating ``val`` every ``eval_every`` steps and at the end; the
+    best evaluation by the selection's metric writes ``best.h5``, every one ``last.h5`` and
+    ``selection.json``. Stops early after ``patience`` evaluations without a better score."""
+    last, best = os.path.join(run_dir, "last.h5"), os.path.join(run_dir, "best.h5")
+
+    def on_eval(step, result):
+        improved = selection.record(step, result)
+        print(f"val   step {step}  loss {result['loss']:.4f}  acc {result['accuracy']:.4f}  auc {result['auc']:.4f}"
+              + ("  (best)" if improved else f"  (best: step {selection.best_step})"), flush=True)
+        if improved:
+            trainer.save(best)
+        trainer.save(last)
+        selection.save()
+        return selection.stop
+
+    stopped = selection.stop
+    if not stopped:
+        trainer.fit(steps, eval_data=val, eval_every=eval_every if val else 0, on_eval=on_eval if val else None)
+        stopped = trainer.step < steps
+    if not stopped:
+        if val is not None and not (selection.history and selection.history[-1]["step"] == trainer.step):
+            on_eval(trainer.step, trainer.evaluate(val))
+        elif val is None:
+            trainer.save(last)
+    if val is None:
+        trainer.save(best)
+        selection.best_step = trainer.step
+    return stopped
+
+
+def _summary(result, class_names):
+    names = list(class_names) if class_names else [str(i) for i in range(len(result["per_class_accuracy"]))]
+    return {"loss": result["loss"], "accuracy": result["accuracy"], "auc": result["auc"],
+            "samples": result["samples"], "class_names": names, "confusion_matrix": result["confusion_matrix"],
+            "per_class": {n: {"accuracy": a, "auc": u} for n, a, u in zip(names, result["per_class_accuracy"],
+                                                                          result["auc_per_class"])}}
+
+
+def main(argv=None):
+    """The ``wrn3d-train`` command; returns the exit status (0 ok, 2 bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:
+        return e.code
+    if args.rerun:
+        with open(args.rerun, encoding="utf-8") as fh:
+            argv = [*json.load(fh)["argv"]]
+        argv = _with_out(argv, args.out)
+    try:
+        return _main(argv, args)
+    except CommandError as e:
+        print(f"{_CLI}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        return 2
+    finally:   # the run's pipelines end here, not in TensorFlow's teardown after Python's
+        import gc
+
+        gc.collect()
+
+
+def _with_out(argv, out):
+    """``argv`` with its ``--out`` set to ``out``."""
+    clean, skip = [], False
+    for v in argv:
+        if skip:
+            skip = False
+        elif v == "--out":
+            skip = True
+        elif not v.startswith("--out="):
+            clean.append(v)
+    return [*clean, "--out", out]
+
+
+def _main(argv, args):
+    if args.distribute == "none":   # a strategy must set up its devices before TensorFlow starts
+        quiet_tensorflow()
+    from wrn3d_tl.distribute import make_strategy
+
+    strategy = make_strategy(args.distribute, args.cpu_replicas, None)
+    t0 = time.perf_counter()
+    run_dir = args.out
+    os.makedirs(run_dir, exist_ok=True)
+    try:
+        data = open_data(args, run_dir)
+        record = run_record(_with_out(argv, run_dir), args, data)
+        trainer, steps, selection = _build_trainer(args, data, run_dir, strategy)
+    except (OSError, ValueError) as e:
+        raise CommandError(e) from None
+    cfg = trainer.config
+    batch = trainer.batch_size
+    eval_every = max(1, data.n_train // batch) if args.eval_every is None else args.eval_every
+    val = data.val(batch) if data.val else None
+    print(f"{cfg.name} {cfg.spatial_rank}D, input {cfg.input_shape}, {data.description}, batch {batch}, "
+          f"{steps} iterations, {args.schedule} schedule"
+          + (f", val every {eval_every} selecting by {args.select}" if val is not None else ", no validation data: "
+             "the last step is the selected model") + f" -> {run_dir}", flush=True)
+    record["trainer"] = trainer.hyperparameters()
+    _write_json(os.path.join(run_dir, "run.json"), record)
+    stopped = train_and_select(trainer, steps, val, selection, run_dir, eval_every)
+    train_seconds = time.perf_counter() - t0
+    trainer.load_weights(os.path.join(run_dir, "best.h5"))
+    metrics = {"selected": {"by": args.select if val is not None else "last step", "step": selection.best_step,
+                            "value": selection.best, "steps_trained": trainer.step, "planned_steps": steps,
+                            "stopped_early": stopped, "history": selection.history}}
+    results = {}
+    for name, split in (("val", val), ("test", data.test(batch) if data.test else None)):
+        if split is not None:
+            results[name] = trainer.evaluate(split, report_dir=os.path.join(run_dir, name), log=False)
+            metrics[name] = _summary(results[name], trainer.class_names)
+            r = results[name]
+            print(f"{name:5} (step {selection.best_step})  loss {r['loss']:.4f}  acc {r['accuracy']:.4f}  "
+                  f"auc {r['auc']:.4f}  ({r['samples']} samples)", flush=True)
+    _write_json(os.path.join(run_dir, "metrics.json"), metrics)
+    shown = "test" if "test" in results else "val" if "val" in results else None
+    if not args.no_report and trainer.is_chief:
+        from wrn3d_tl.report import run_report
+
+        trainer.eval_data = data.test(batch) if shown == "test" else val
+        extra = {"data": args.data, "selected step": selection.best_step, "selected by": metrics["selected"]["by"],
+                 "iterations": trainer.step, "batch size": batch, "schedule": trainer.schedule}
+        if shown:
+            extra[f"{shown} accuracy"] = results[shown]["accuracy"]
+        print(f"report: {run_report(trainer, run_dir, evaluation=results.get(shown), extra=extra)}", flush=True)
+    if args.export and trainer.is_chief:
+        from wrn3d_tl.export import export_saved_model
+
+        print(f"export: {export_saved_model(trainer, args.export)}", flush=True)
+    trainer.close()
+    record.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), seconds=round(time.perf_counter() - t0, 1),
+                  train_seconds=round(train_seconds, 1), selected_step=selection.best_step)
+    _write_json(os.path.join(run_dir, "run.json"), record)
+    print(f"done: {trainer.step} iterations, selected step {selection.best_step}, "
+          f"{time.perf_counter() - t0:.1f} s -> {run_dir}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
