@@ -98,6 +98,8 @@ def parse_args(argv=None):
     a("--dims", type=int, choices=[2, 3], help="cifar/synthetic: 3 tiles images into volumes, 2 trains on images")
     a("--volume-depth", type=positive_int, help="cifar/synthetic: slices per volume")
     a("--tile-mode", choices=["repeat", "shift"], help="cifar/synthetic: how images become volumes")
+    a("--synthetic-train", type=positive_int, help="synthetic: training images")
+    a("--synthetic-test", type=positive_int, help="synthetic: test images")
     a("--data-dir", help="cifar/medmnist: the folder holding the files (else $WRN3D_DATA_DIR and the usual places)")
     a("--download", action="store_true", help="cifar/medmnist: allow fetching the files")
     a("--x-key", help="HDF5: the dataset holding the volumes")
@@ -126,7 +128,8 @@ def parse_args(argv=None):
     p.set_defaults(depth=16, width=4, dropout=0.0, dims=3, volume_depth=8, tile_mode="repeat", x_key="volumes",
                    y_key="labels", intensity="zscore", batch_size=16, lr=0.05, schedule="cosine", warmup_steps=0,
                    weight_decay=5e-4, select="accuracy", patience=0, class_weight="none", eval_every=None,
-                   checkpoint_every=0, mixed_precision="none", seed=0, distribute="none")
+                   checkpoint_every=0, mixed_precision="none", seed=0, distribute="none",
+                   synthetic_train=10000, synthetic_test=2000)
     p.set_defaults(augment="default")
     args = p.parse_args(argv)
     if args.rerun:
@@ -154,9 +157,9 @@ def parse_args(argv=None):
         value = getattr(args, flag)
         if value and os.path.isfile(value):
             p.error(f"--{flag} {value}: is a file; give a folder")
-    args.checkpoint = None
-    check_training_flags(p, args)
     args.out = args.out or os.path.join("runs", f"{_data_name(args)}-{time.strftime('%Y%m%d-%H%M%S')}")
+    args.checkpoint = os.path.join(args.out, "last.h5")   # what --resume and --checkpoint-every read
+    check_training_flags(p, args)
     return args
 
 
@@ -349,11 +352,17 @@ def _medmnist(args, run_dir):
 
 
 def _arrays(args, run_dir):
-    from wrn3d_tl.experiment import DEFAULTS, load_data
+    from wrn3d_tl.data import load_cifar, synthetic_cifar
 
-    opts = {**DEFAULTS, "dataset": args.data, "data_dir": args.data_dir, "download": args.download,
-            "seed": args.seed}
-    train, test, num_classes, source = load_data(opts)
+    if args.data == "synthetic":
+        train, test = synthetic_cifar(args.synthetic_train, args.synthetic_test, num_classes=10, seed=args.seed)
+        source = {"source": "synthetic", "seed": args.seed}
+    else:   # asked for by name: missing files are an error, not a synthetic stand-in
+        try:
+            train, test = load_cifar(args.data, data_dir=args.data_dir, download=args.download)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--data {args.data}: {e}") from None
+        source = {"source": args.data}
     splits = {"train": train, "test": test}
     if args.val_split:
         from wrn3d_tl.data import stratified_split
@@ -361,9 +370,9 @@ def _arrays(args, run_dir):
         keep, held = stratified_split(train[1], args.val_split, seed=args.seed)
         splits = {"train": (train[0][keep], train[1][keep]), "val": (train[0][held], train[1][held]), "test": test}
     depth = args.volume_depth if args.dims == 3 else None
-    return _from_arrays(args, splits, None, depth, {"--data": {"source": source, "train": len(train[1]),
-                                                               "test": len(test[1])}},
-                        source, default_augment=True, num_classes=num_classes)
+    prints = {"--data": {**source, **{k: len(v[1]) for k, v in splits.items()}}}
+    return _from_arrays(args, splits, None, depth, prints, args.data, default_augment=True,
+                        num_classes=100 if args.data == "cifar100" else 10)
 
 
 def _from_arrays(args, splits, class_names, depth, prints, description, *, default_augment, num_classes=None):

@@ -34,7 +34,7 @@ def stratified_split(labels, fraction, *, seed=0):
     held = []
     for c in np.unique(y):
         members = np.flatnonzero(y == c)
-        k = min(len(members) - 1, max(1 if len(members) > 1 else 0, int(round(fraction * len(members)))))
+        k = min(len(members) - 1, max(1 if len(members) > 1 else 0, int(fraction * len(members) + 0.5)))
         held.append(rng.permutation(members)[:k])
     held = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
     if held.size == 0:
