@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import wrn3d_tl  # noqa: E402,F401  (before TensorFlow: oneDNN on every CPU)
 
 CLASSES = ("ball", "bar", "shell")
+NOISE = 0.35   # noise std against a structure of 1 (before the gain)
 
 
 def make_scan(rng, c, size=32):
@@ -48,7 +49,7 @@ def make_scan(rng, c, size=32):
         shape = (d < r + 0.5) & (d > r - 2.0)
     noise = rng.normal(size=(size,) * 3)
     noise = (noise + np.roll(noise, 1, axis=0) + np.roll(noise, 2, axis=0)) / np.sqrt(3)  # correlated along D
-    v = shape * 1.0 + 0.6 * noise
+    v = shape * 1.0 + NOISE * noise
     gain, offset = rng.uniform(0.5, 2.0), rng.uniform(-200, 200)
     return (v * 100 * gain + offset + 1000).astype(np.float32)
 

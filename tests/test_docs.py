@@ -23,6 +23,8 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -167,7 +169,7 @@ def _write_nifti_scans(root, shape=(6, 8, 8)):
     import nibabel as nib
 
     rng = np.random.default_rng(0)
-    for split, n in (("train", 24), ("test", 8), ("new", 4)):
+    for split, n in (("train", 24), ("val", 8), ("test", 8), ("new", 4)):
         folder = root / ("new_scans" if split == "new" else f"scans/{split}")
         folder.mkdir(parents=True)
         rows = ["path,label"]
@@ -230,7 +232,7 @@ def prepare(needs, store, workdir, monkeypatch):
             for name in ("my_volumes.h5", "my_val.h5"):
                 write_hdf5_volumes(workdir / name, rng.uniform(0, 255, (8, 2, 32, 32, 3)).astype(np.float32),
                                    np.arange(8) % 5, num_classes=5)
-        elif need == "nifti_scans":  # scans/train.csv, scans/test.csv (class-name labels) and new_scans/
+        elif need == "nifti_scans":  # scans/{train,val,test}.csv (class-name labels) and new_scans/
             _write_nifti_scans(workdir)
         elif need == "medmnist":  # an official-layout organmnist3d.npz (release split sizes) in $WRN3D_DATA_DIR
             _write_medmnist(workdir / "medmnist-data", "organmnist3d")
@@ -388,7 +390,7 @@ PYTHON_BLOCKS = {
         needs=("my_volumes",),
         subs=(("depth=16, widen_factor=4", "depth=10, widen_factor=1"), ("range(100)", "range(2)")),
         check=_check_hdf5_training),
-    ("README.md", "from wrn3d_tl.data import nifti_dataset, nifti_info"): Py(
+    ("docs/data.md", "from wrn3d_tl.data import nifti_dataset, nifti_info"): Py(
         needs=("nifti_scans",),
         subs=(("depth=16, widen_factor=4", "depth=10, widen_factor=1"), ("total_steps=2000", "total_steps=30"),
               ("trainer.fit(2000)", "trainer.fit(30)")),
@@ -462,6 +464,22 @@ def _check_explain_cli(workdir):
     assert sorted(os.listdir(workdir / "cams_all")) == sorted(f"{i}_{c}.png" for i, c in enumerate(classes))
 
 
+def _check_scans_to_served_model(workdir):
+    import csv
+
+    from wrn3d_tl.checkpoint import read_checkpoint
+
+    run = workdir / "runs" / "scans"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test"]["samples"] == 8 and metrics["test"]["class_names"] == ["left", "right"]
+    assert metrics["test"]["accuracy"] >= 0.75
+    assert read_checkpoint(str(run / "best.h5"))["step"] == metrics["selected"]["step"]
+    assert (run / "index.html").is_file() and (workdir / "runs" / "model" / "saved_model.pb").is_file()
+    with open(run / "new_scans.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 4 and {r["class_name"] for r in rows} <= {"left", "right"}
+
+
 def _check_export_cli(workdir):
     import tensorflow as tf
 
@@ -527,6 +545,10 @@ BASH_RUN = {
         needs=("predict_files", "few_volumes"), check=_check_explain_cli),
     "wrn3d-predict --checkpoint c.h5 --npy data.npy --out preds_bf16.csv --precision bf16": Bash(
         needs=("predict_files",), check=_check_bf16_cli),
+    "wrn3d-train --data scans/train.csv --val scans/val.csv --test scans/test.csv --depth 16 --width 4 --epochs 30 --export runs/model --out runs/scans": Bash(
+        needs=("nifti_scans",),
+        subs=(("--depth 16 --width 4 --epochs 30", "--depth 10 --width 1 --iters 12 --batch-size 4"),),
+        check=_check_scans_to_served_model),
     "wrn3d-export --checkpoint runs/last.h5 --out exported/wrn-cli": Bash(
         needs=("checkpoints",), check=_check_export_cli),
 }
@@ -568,6 +590,14 @@ def _run_in_process(argv, load_example):
         from wrn3d_tl.commands import predict
 
         main, args = predict.main, argv[1:] if argv[0] == "wrn3d-predict" else argv[3:]
+    elif argv[0] in ("wrn3d-train", "wrn3d-prepare"):
+        from wrn3d_tl.commands import prepare, train
+
+        main, args = (train.main if argv[0] == "wrn3d-train" else prepare.main), argv[1:]
+    elif argv[0] == "saved_model_cli":   # TensorFlow's own tool, in its own process
+        done = subprocess.run([sys.executable, "-m", "tensorflow.python.tools.saved_model_cli", *argv[1:]],
+                              capture_output=True, timeout=300)
+        return done.returncode or int(b"inputs['volumes']" not in done.stdout)   # raw volumes in
     elif argv[0] == "wrn3d-export":
         from wrn3d_tl.commands import export
 
