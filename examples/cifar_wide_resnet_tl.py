@@ -34,8 +34,8 @@ def parse_args(argv=None):
     """The command line; every flag's default is in ``wrn3d_tl.experiment.DEFAULTS``. A bad
     flag exits with status 2 and one line naming it, before any data is read."""
     p = Parser(description=__doc__.split("\n\n")[0],
-               epilog="--schedule defaults to step, the paper's CIFAR recipe; examples/train_hdf5_volumes.py "
-                      "defaults to cosine, which needs no milestones for short runs of unknown length.")
+               epilog="--schedule defaults to step, the paper's CIFAR recipe; wrn3d-train defaults to cosine, "
+                      "which needs no milestones for short runs of unknown length.")
     a = p.add_argument
     a("--dataset", choices=["cifar10", "cifar100", "synthetic"], help="cifar10 falls back to synthetic if absent")
     a("--data-dir", help="folder holding CIFAR (folder or .tar.gz); else $WRN3D_DATA_DIR, ~/.keras/datasets")

@@ -142,12 +142,6 @@ def cifar_script(load_example):
     return load_example("cifar_wide_resnet_tl")
 
 
-@pytest.fixture(scope="module")
-def hdf5_script(load_example):
-    """examples/train_hdf5_volumes.py as a module (main, parse_args)."""
-    return load_example("train_hdf5_volumes")
-
-
 # WRN3D_TEST_GC_LOG=PREFIX: each test process writes PREFIX.<pid> at exit: the time Python's full
 # garbage collections took and every one over 1 s with the test it interrupted (tests/_gc_log.py).
 _GC_LOG = None

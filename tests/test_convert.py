@@ -260,8 +260,9 @@ def test_convert_cli_writes_an_ordinary_checkpoint(tmp_path, capsys):
         assert len(err) == 1 and err[0].startswith("wrn3d-convert: error: ") and message in err[0], err
 
 
-def test_hdf5_script_fine_tunes_an_inflated_checkpoint_with_frozen_groups(hdf5_script, tmp_path, capsys):
+def test_wrn3d_train_fine_tunes_an_inflated_checkpoint_with_frozen_groups(tmp_path, capsys):
     from wrn3d_tl.checkpoint import read_checkpoint
+    from wrn3d_tl.commands import train
     from wrn3d_tl.data import write_hdf5_volumes
 
     assert main(["--torch", fixture("wrn10-1-robustbench")[0], "--out", str(tmp_path / "init.h5"),
@@ -271,13 +272,13 @@ def test_hdf5_script_fine_tunes_an_inflated_checkpoint_with_frozen_groups(hdf5_s
     volumes = rng.uniform(0, 255, (8, 2, 32, 32, 3)).astype("float32")
     write_hdf5_volumes(tmp_path / "mine.h5", volumes, labels, num_classes=2)
     capsys.readouterr()
-    hdf5_script.main(["--train", str(tmp_path / "mine.h5"), "--init-from", str(tmp_path / "init.h5"), "--freeze",
-                      "stem", "group1", "group2", "--batch-size", "4", "--iters", "3", "--checkpoint",
-                      str(tmp_path / "ft.h5")])
+    assert train.main(["--data", str(tmp_path / "mine.h5"), "--init-from", str(tmp_path / "init.h5"), "--freeze",
+                       "stem", "group1", "group2", "--batch-size", "4", "--iters", "3", "--no-report",
+                       "--out", str(tmp_path / "ft")]) == 0
     out = capsys.readouterr().out
     assert f"--init-from {tmp_path / 'init.h5'}: WRN-10-1, padding symmetric" in out
-    assert "2 classes, normalisation from --init-from" in out  # the file has none: the pretrained units
-    init, ft = read_checkpoint(tmp_path / "init.h5"), read_checkpoint(tmp_path / "ft.h5")
+    assert "normalisation: --init-from's" in out  # the file has none: the pretrained units
+    init, ft = read_checkpoint(tmp_path / "init.h5"), read_checkpoint(tmp_path / "ft" / "last.h5")
     assert ft["config"] == init["config"] and ft["step"] == 3 and ft["normalization"] == init["normalization"]
     trainable = [n for n in init["weights"] if not n.endswith(("moving_mean", "moving_var"))]
     frozen = [n for n in trainable if n.split("/")[0] in ("stem", "group1", "group2")]
@@ -285,12 +286,11 @@ def test_hdf5_script_fine_tunes_an_inflated_checkpoint_with_frozen_groups(hdf5_s
     assert not np.array_equal(init["weights"]["head/logits/weights"], ft["weights"]["head/logits/weights"])
     assert sorted(ft["optimizer"]) == sorted(set(trainable) - set(frozen))
     # a network whose shape is not the data's is named, in one line
-    with pytest.raises(SystemExit):
-        hdf5_script.main(["--train", str(tmp_path / "mine.h5"), "--init-from", fixture_checkpoint(tmp_path)])
+    assert train.main(["--data", str(tmp_path / "mine.h5"), "--init-from", fixture_checkpoint(tmp_path),
+                       "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip()
     assert "--init-from" in err and "but the data has (2, 32, 32, 3) and 2 classes" in err
-    with pytest.raises(SystemExit):
-        hdf5_script.main(["--train", str(tmp_path / "mine.h5"), "--freeze", "layer9"])
+    assert train.main(["--data", str(tmp_path / "mine.h5"), "--freeze", "layer9"]) == 2
     assert "'layer9' is not a layer prefix" in capsys.readouterr().err
 
 

@@ -360,7 +360,7 @@ def _check_pretrained_python(ns, workdir, store):
 def _check_pretrained_cli(workdir):
     from wrn3d_tl.checkpoint import read_checkpoint
 
-    init, tuned = read_checkpoint(workdir / "runs" / "wrn28-10-3d.h5"), read_checkpoint(workdir / "runs" / "fine-tuned.h5")
+    init, tuned = read_checkpoint(workdir / "runs" / "wrn28-10-3d.h5"), read_checkpoint(workdir / "runs" / "fine-tuned" / "last.h5")
     assert init["config"]["input_shape"] == [2, 32, 32, 3] and init["config"]["num_classes"] == 5
     assert tuned["config"] == init["config"] and tuned["normalization"] == {"mean": [0.0] * 3, "std": [255.0] * 3}
     for name in ("stem/conv/kernel", "group1/block1/conv1/kernel"):
@@ -446,14 +446,16 @@ class Bash:
 def _check_hdf5_cli(workdir):
     from wrn3d_tl.checkpoint import read_checkpoint
 
-    assert read_checkpoint(str(workdir / "runs" / "wrn.h5"))["step"] == 2
+    assert read_checkpoint(str(workdir / "runs" / "wrn" / "last.h5"))["step"] == 2
 
 
 def _check_medmnist_cli(workdir):
-    result = json.loads((workdir / "runs" / "medmnist3d_organmnist3d_28_limit16.json").read_text())
-    assert result["flag"] == "organmnist3d" and result["model"] == "WRN-10-1" and result["steps"] == 2
-    assert result["limit"] == 16 and result["samples"] == {"train": 16, "val": 16, "test": 16}
-    assert 0 <= result["test"]["acc"] <= 1 and sum(map(sum, result["test"]["confusion_matrix"])) == 16
+    metrics = json.loads((workdir / "runs" / "organmnist3d" / "metrics.json").read_text())
+    assert metrics["test"]["samples"] == 16 and metrics["val"]["samples"] == 16
+    assert metrics["test"]["class_names"][:2] == ["liver", "kidney-right"]
+    assert 0 <= metrics["test"]["accuracy"] <= 1 and sum(map(sum, metrics["test"]["confusion_matrix"])) == 16
+    run = json.loads((workdir / "runs" / "organmnist3d" / "run.json").read_text())
+    assert run["data"]["--data"]["flag"] == "organmnist3d" and run["trainer"]["total_steps"] == 2
 
 
 def _check_explain_cli(workdir):
@@ -515,7 +517,7 @@ def _check_predict_csv(workdir):
 
 # Executed: keyed by the block's first line.
 BASH_RUN = {
-    "python examples/train_hdf5_volumes.py --train my_volumes.h5 --val my_val.h5 \\": Bash(
+    "wrn3d-train --data my_volumes.h5 --val my_val.h5 --depth 16 --width 4 --batch-size 16 --epochs 30 --out runs/wrn": Bash(
         needs=("my_volumes",),
         subs=(("--depth 16 --width 4 --batch-size 16 --epochs 30", "--depth 10 --width 1 --batch-size 4 --iters 2"),),
         check=_check_hdf5_cli),
@@ -528,13 +530,13 @@ BASH_RUN = {
         check=_check_predict_csv),
     "wrn3d-convert --torch Standard.pt --out runs/wrn28-10-3d.h5 --volume-depth 8 --num-classes 5 --mean 0,0,0 --std 255,255,255": Bash(
         needs=("pretrained",), subs=(("Standard.pt", "Standard.npz"), ("--volume-depth 8", "--volume-depth 2"))),
-    "python examples/train_hdf5_volumes.py --train my_volumes.h5 --val my_val.h5 --init-from runs/wrn28-10-3d.h5 \\": Bash(
+    "wrn3d-train --data my_volumes.h5 --val my_val.h5 --init-from runs/wrn28-10-3d.h5 \\": Bash(
         needs=("pretrained",),
-        subs=(("python examples/train_hdf5_volumes.py", "wrn3d-convert --torch Standard.npz --out runs/wrn28-10-3d.h5 "
-               "--volume-depth 2 --num-classes 5 --mean 0,0,0 --std 255,255,255\npython examples/train_hdf5_volumes.py"),
+        subs=(("wrn3d-train --data", "wrn3d-convert --torch Standard.npz --out runs/wrn28-10-3d.h5 "
+               "--volume-depth 2 --num-classes 5 --mean 0,0,0 --std 255,255,255\nwrn3d-train --data"),
               ("--batch-size 8 --epochs 10", "--batch-size 4 --iters 2")),
         check=_check_pretrained_cli),
-    "python examples/medmnist3d.py --flag organmnist3d --size 28 --depth 16 --width 4 --epochs 30": Bash(
+    "wrn3d-train --data medmnist:organmnist3d --depth 16 --width 4 --epochs 30 --out runs/organmnist3d": Bash(
         needs=("medmnist",),
         subs=(("--depth 16 --width 4 --epochs 30", "--depth 10 --width 1 --epochs 1 --limit 16 --batch-size 8"),),
         check=_check_medmnist_cli),
@@ -789,7 +791,7 @@ def _help_entries(script, capsys, load_example):
     return {e.split()[0].rstrip(","): " ".join(e.split()) for e in entries}
 
 
-@pytest.mark.parametrize("module", ["predict", "explain", "export", "convert"])
+@pytest.mark.parametrize("module", ["predict", "explain", "export", "convert", "prepare", "train"])
 def test_command_help_says_each_default_once_and_none_for_required_flags(module, capsys):
     """``--help`` of the console scripts: one default per flag; a required flag (``--checkpoint``,
     ``--out``) shows none, and help that says its default in words gets no second one."""
@@ -800,15 +802,22 @@ def test_command_help_says_each_default_once_and_none_for_required_flags(module,
     text = " ".join(capsys.readouterr().out.split())
     entries = re.split(r" (?=--[a-z])", text[text.index("options:"):])
     assert not [e for e in entries if e.count("(default") > 1], entries
+    if module == "train":   # no required flag: every one says its default
+        from wrn3d_tl.commands.train import build_parser
+
+        p = build_parser()
+        shown = p._get_formatter()
+        assert not [a.option_strings for a in p._actions if a.option_strings[0] not in ("-h", "--version")
+                    and "(default" not in shown._get_help_string(a)]
+        return
     required = [e for e in entries if e.startswith(("--checkpoint CHECKPOINT", "--out OUT"))]
     assert required and not [e for e in required if "(default" in e]
 
 
-_REQUIRED = {"train_hdf5_volumes": ("--train",), "medmnist3d": ("--flag",)}   # required: no default to show
+_REQUIRED = {}   # script -> its required flags: no default to show
 
 
-@pytest.mark.parametrize("script", ["cifar_wide_resnet_tl", "train_hdf5_volumes", "cifar_wide_resnet_keras",
-                                    "medmnist3d"])
+@pytest.mark.parametrize("script", ["cifar_wide_resnet_tl", "cifar_wide_resnet_keras"])
 def test_example_help_shows_every_default(script, capsys, load_example):
     """README: "`--help` lists them all, with their defaults" (and the other examples' too),
     but for required flags, which have none."""

@@ -1,6 +1,7 @@
 """The main job (examples/cifar_wide_resnet_tl.py): iteration lines, evaluation, the
 synthetic fallback line, checkpoints and --resume, the outside-controller pattern."""
 
+import json
 import os
 
 import pytest
@@ -99,10 +100,11 @@ def test_batch_size_auto_fits_the_budget(cifar_script, capsys):
     assert trainer.train_step()["step"] == 1
 
 
-def test_train_hdf5_volumes_cli(hdf5_script, tmp_path, capsys):
+def test_wrn3d_train_on_hdf5_volumes(tmp_path, capsys):
     import numpy as np
 
     from wrn3d_tl.checkpoint import read_checkpoint
+    from wrn3d_tl.commands import train
     from wrn3d_tl.data import write_hdf5_volumes
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, 24)
@@ -110,14 +112,15 @@ def test_train_hdf5_volumes_cli(hdf5_script, tmp_path, capsys):
     write_hdf5_volumes(tmp_path / "train.h5", volumes.astype("float32"), labels, normalization="compute",
                        num_classes=3)
     write_hdf5_volumes(tmp_path / "val.h5", volumes[:8].astype("float32"), labels[:8], num_classes=3)
-    result = hdf5_script.main(["--train", str(tmp_path / "train.h5"), "--val", str(tmp_path / "val.h5"),
-                               "--depth", "10", "--width", "1", "--batch-size", "8", "--iters", "4", "--keep-depth",
-                               "--checkpoint", str(tmp_path / "wrn.h5")])
+    run = tmp_path / "run"
+    assert train.main(["--data", str(tmp_path / "train.h5"), "--val", str(tmp_path / "val.h5"), "--depth", "10",
+                       "--width", "1", "--batch-size", "8", "--iters", "4", "--eval-every", "0", "--keep-depth",
+                       "--no-report", "--out", str(run)]) == 0
     out = capsys.readouterr().out
-    assert "24 volumes of (4, 12, 12, 2)" in out and "3 classes" in out and "from the file" in out
-    assert len(iteration_lines(out)) == 4 and "val   step 4" in out
-    assert result["samples"] == 8
-    ck = read_checkpoint(tmp_path / "wrn.h5")
+    assert "24 volumes of (4, 12, 12, 2) float32" in out and "3 classes, normalisation from the file" in out
+    assert "val   step 4" in out
+    assert json.loads((run / "metrics.json").read_text())["val"]["samples"] == 8
+    ck = read_checkpoint(run / "last.h5")
     assert ck["step"] == 4 and ck["config"]["input_shape"] == [4, 12, 12, 2]
     assert ck["config"]["group_strides"] == [[1, 1, 1], [1, 2, 2], [1, 2, 2]]
     np.testing.assert_allclose(ck["normalization"]["mean"], volumes.reshape(-1, 2).mean(0), rtol=1e-4)
@@ -131,39 +134,38 @@ def _damage(path):
         f.write(bytes([byte[0] ^ 0xFF]))
 
 
-def test_train_hdf5_volumes_resumes_from_the_newest_verified_checkpoint(hdf5_script, tmp_path, capsys):
+def test_wrn3d_train_resumes_from_the_newest_verified_checkpoint(tmp_path, capsys):
     import numpy as np
 
     from wrn3d_tl.checkpoint import read_checkpoint
+    from wrn3d_tl.commands import train
     from wrn3d_tl.data import write_hdf5_volumes
     rng = np.random.default_rng(1)
     write_hdf5_volumes(tmp_path / "train.h5", rng.normal(size=(16, 4, 8, 8, 1)).astype("float32"),
                        rng.integers(0, 2, 16), num_classes=2)
     run = tmp_path / "run"
-    common = ["--train", str(tmp_path / "train.h5"), "--depth", "10", "--width", "1", "--batch-size", "4",
-              "--schedule", "constant", "--no-augment", "--checkpoint", str(run / "last.h5")]
-    hdf5_script.main([*common, "--iters", "3", "--checkpoint-every", "1"])
-    assert sorted(os.listdir(run)) == ["ckpt-00000001.h5", "ckpt-00000002.h5", "ckpt-00000003.h5", "last.h5"]
+    common = ["--data", str(tmp_path / "train.h5"), "--depth", "10", "--width", "1", "--batch-size", "4",
+              "--schedule", "constant", "--no-report", "--out", str(run)]
+    assert train.main([*common, "--iters", "3", "--checkpoint-every", "1"]) == 0
+    assert sorted(f for f in os.listdir(run) if f.startswith("ckpt-")) == [
+        "ckpt-00000001.h5", "ckpt-00000002.h5", "ckpt-00000003.h5"]
     _damage(run / "last.h5")
     _damage(run / "ckpt-00000003.h5")
     capsys.readouterr()
-    hdf5_script.main([*common, "--iters", "4", "--resume"])
+    assert train.main([*common, "--iters", "4", "--resume"]) == 0
     captured = capsys.readouterr()
     assert f"resumed from {run / 'ckpt-00000002.h5'} at step 2" in captured.out
-    assert [line.split()[1] for line in iteration_lines(captured.out)] == ["3/4", "4/4"]
     assert captured.err.count("skipping damaged checkpoint") == 2
     assert read_checkpoint(run / "last.h5")["step"] == 4
     # the same run uninterrupted reaches the same weights (the stream skips the used batches)
-    hdf5_script.main([*common[:-1], str(tmp_path / "straight.h5"), "--iters", "4"])
-    a, b = read_checkpoint(run / "last.h5"), read_checkpoint(tmp_path / "straight.h5")
+    assert train.main([*common[:-1], str(tmp_path / "straight"), "--iters", "4"]) == 0
+    a, b = read_checkpoint(run / "last.h5"), read_checkpoint(tmp_path / "straight" / "last.h5")
     for k in a["weights"]:
         np.testing.assert_allclose(a["weights"][k], b["weights"][k], atol=1e-5, err_msg=k)
     # a checkpoint of another network: one clear line, no training
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        hdf5_script.main([*common[:3], "16", *common[4:], "--iters", "5", "--resume"])
-    captured = capsys.readouterr()
-    message = captured.err.strip()
-    assert exit_info.value.code == 2 and message.count("\n") == 0 and ": error: --resume: " in message
+    assert train.main([*common[:3], "16", *common[4:], "--iters", "5", "--resume"]) == 2
+    message = capsys.readouterr().err.strip()
+    assert message.count("\n") == 0 and message.startswith("wrn3d-train: error: --resume: ")
     assert str(run / "last.h5") in message and "--depth: depth=16 (stored 10)" in message
-    assert iteration_lines(captured.out) == []
+    assert read_checkpoint(run / "last.h5")["step"] == 4

@@ -836,12 +836,14 @@ def test_official_sizes_of_both_releases_load(med_env, tmp_path, flag):
     assert MEDMNIST3D[flag]["releases"][MEDMNIST_RELEASES[0]] != MEDMNIST3D[flag]["releases"][MEDMNIST_RELEASES[1]]
 
 
-def test_medmnist_example_names_its_flag_in_the_size_refusal(med_env, tmp_path, capsys, load_example):
+def test_wrn3d_train_names_its_flag_in_the_medmnist_size_refusal(med_env, tmp_path, capsys):
+    from wrn3d_tl.commands import train
+
     write_medmnist(tmp_path, "organmnist3d")   # a small file: no release's sizes
-    with pytest.raises(SystemExit) as e:
-        load_example("medmnist3d").main(["--flag", "organmnist3d", "--data-dir", str(tmp_path), "--epochs", "1"])
+    assert train.main(["--data", "medmnist:organmnist3d", "--data-dir", str(tmp_path), "--iters", "1",
+                       "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "--no-check-sizes" in err and "check_sizes=False" not in err
+    assert "--no-check-sizes" in err and "check_sizes=False" not in err and err.count("\n") == 1
     assert MEDMNIST3D["organmnist3d"]["labels"][0] == "liver"
     assert MEDMNIST3D["nodulemnist3d"]["labels"] == ("benign", "malignant")
 

@@ -66,44 +66,41 @@ def test_cifar_script_flags_fail_in_one_line(cifar_script, capsys, argv, flag):
     assert ": error: " in line and flag in line.split(": error: ", 1)[1]
 
 
-def test_hdf5_script_files_and_flags_fail_in_one_line_before_training(hdf5_script, tmp_path, capsys, monkeypatch):
+def test_wrn3d_train_files_and_flags_fail_in_one_line_before_training(tmp_path, capsys, monkeypatch):
     import h5py
 
+    from wrn3d_tl.commands import train
     from wrn3d_tl.data import write_hdf5_volumes
 
     write_hdf5_volumes(tmp_path / "ok.h5", np.zeros((4, 2, 8, 8, 1), "float32"), [0, 1, 1, 0], num_classes=2)
     write_hdf5_volumes(tmp_path / "other_shape.h5", np.zeros((4, 2, 12, 12, 1), "float32"), [0, 1, 1, 0])
     write_hdf5_volumes(tmp_path / "one_class.h5", np.zeros((4, 2, 8, 8, 1), "float32"), [0, 0, 0, 0])
-    with h5py.File(tmp_path / "big_label.h5", "w") as f:
-        f["volumes"] = np.zeros((4, 2, 8, 8, 1), "float32")
-        f["labels"] = np.array([0, 1, 5, 1])
     with h5py.File(tmp_path / "float_label.h5", "w") as f:
         f["volumes"] = np.zeros((4, 2, 8, 8, 1), "float32")
         f["labels"] = np.array([0.0, 1.0, 1.0, 0.0])
-    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "notes.h5").write_text("hello")
+    (tmp_path / "a_file").write_text("")
     monkeypatch.setattr(Trainer, "__init__", lambda *a, **k: pytest.fail("training started"))
     ok = str(tmp_path / "ok.h5")
     cases = [
-        (["--train", str(tmp_path / "missing.h5")],
-         "argument --train: " + str(tmp_path / "missing.h5") + ": no such file"),
-        (["--train", str(tmp_path / "big_label.h5"), "--num-classes", "3"],
-         "key 'labels': label 5 at index 2 is >= num_classes = 3"),
-        (["--train", ok, "--val", str(tmp_path / "other_shape.h5")],
+        (["--data", str(tmp_path / "missing.h5")], "--data " + str(tmp_path / "missing.h5") + ": no such file"),
+        (["--data", ok, "--val", str(tmp_path / "other_shape.h5")],
          "its volumes have shape (2, 12, 12, 1), the training volumes (2, 8, 8, 1)"),
-        (["--train", str(tmp_path / "one_class.h5")], "num_classes must be an int >= 2"),
-        (["--train", ok, "--checkpoint", str(tmp_path)], "is a folder; give the checkpoint file's name"),
-        (["--train", ok, "--resume"], "--resume needs --checkpoint"),
-        (["--train", str(tmp_path / "float_label.h5")], "labels must be integers, got dtype float64"),
-        (["--train", str(tmp_path / "notes.txt")], "is not an HDF5 file"),
-        (["--train", ok, "--batch-size", "0"], "argument --batch-size: expected a positive int, got '0'"),
-        (["--train", ok, "--iters", "0"], "argument --iters: expected a positive int, got '0'"),
-        (["--train", ok, "--epochs", "0"], "argument --epochs: expected a number > 0, got '0'"),
-        (["--train", ok, "--depth", "11"], "--depth 11: must be an int of the form 6n + 4"),
-        (["--train", ok, "--width", "0"], "--width 0: must be an int >= 1"),
+        (["--data", str(tmp_path / "one_class.h5")], "num_classes must be an int >= 2"),
+        (["--data", ok, "--out", str(tmp_path / "a_file")], "is a file; give a folder"),
+        (["--data", ok, "--resume"], "--resume: no verified checkpoint in"),
+        (["--data", str(tmp_path / "float_label.h5")], "labels must be integers, got dtype float64"),
+        (["--data", str(tmp_path / "notes.h5")], "is not an HDF5 file"),
+        (["--data", ok, "--batch-size", "0"], "argument --batch-size: expected a positive int, got '0'"),
+        (["--data", ok, "--iters", "0"], "argument --iters: expected a positive int, got '0'"),
+        (["--data", ok, "--epochs", "0"], "argument --epochs: expected a number > 0, got '0'"),
+        (["--data", ok, "--depth", "11"], "--depth 11: must be an int of the form 6n + 4"),
+        (["--data", ok, "--width", "0"], "--width 0: must be an int >= 1"),
     ]
     for argv, expected in cases:
-        line = _one_line_exit(capsys, lambda: hdf5_script.main(argv))
-        assert ": error: " in line and expected in line, (argv, line)
+        assert train.main([*argv, *([] if "--out" in argv else ["--out", str(tmp_path / "run")])]) == 2, argv
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("wrn3d-train: error: ") and expected in lines[0], (argv, lines)
 
 
 def test_help_is_fast_and_shows_every_default():
@@ -112,16 +109,16 @@ def test_help_is_fast_and_shows_every_default():
             "try:\n    runpy.run_path({!r}, run_name='__main__')\n"
             "except SystemExit:\n    pass\n"
             "print('TF-IMPORTED' if 'tensorflow' in sys.modules else 'TF-NOT-IMPORTED')\n")
-    for script in ("cifar_wide_resnet_tl.py", "train_hdf5_volumes.py"):
-        path = os.path.join(ROOT, "examples", script)
+    for path, lr in ((os.path.join(ROOT, "examples", "cifar_wide_resnet_tl.py"), "0.1"),
+                     (os.path.join(ROOT, "wrn3d_tl", "commands", "train.py"), "0.05")):
         out = subprocess.run([sys.executable, "-c", code.format(path)], capture_output=True, text=True,
                              timeout=60, cwd=ROOT).stdout
         assert out.rstrip().endswith("TF-NOT-IMPORTED"), out[-300:]
-        assert "(default: 16)" in " ".join(out.split()) and "(default: 0.1)" in " ".join(out.split())
+        assert "(default: 16)" in " ".join(out.split()) and f"(default: {lr})" in " ".join(out.split())
     cifar = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "cifar_wide_resnet_tl.py"), "--help"],
                            capture_output=True, text=True, timeout=60).stdout
     cifar = " ".join(cifar.split())
-    assert "(default: step)" in cifar and "train_hdf5_volumes.py defaults to cosine" in cifar
+    assert "(default: step)" in cifar and "wrn3d-train defaults to cosine" in cifar
     assert "Not the whole process" in cifar
 
 

@@ -284,7 +284,8 @@ def test_report_renders_in_a_headless_browser(request, tmp_path):
     assert image.std() > 0.05
 
 
-def test_hdf5_example_writes_a_report(hdf5_script, tmp_path, capsys):
+def test_wrn3d_train_writes_a_report(tmp_path, capsys):
+    from wrn3d_tl.commands import train
     from wrn3d_tl.data import write_hdf5_volumes
 
     rng = np.random.default_rng(3)
@@ -293,11 +294,10 @@ def test_hdf5_example_writes_a_report(hdf5_script, tmp_path, capsys):
         volumes = rng.normal(size=(n, 4, 8, 8, 1)) + 2.0 * labels[:, None, None, None, None]
         write_hdf5_volumes(tmp_path / f"{name}.h5", volumes.astype("float32"), labels, num_classes=2)
     out = tmp_path / "report"
-    result = hdf5_script.main(["--train", str(tmp_path / "train.h5"), "--val", str(tmp_path / "val.h5"), "--depth",
-                               "10", "--width", "1", "--batch-size", "8", "--iters", "2", "--report", str(out)])
+    assert train.main(["--data", str(tmp_path / "train.h5"), "--val", str(tmp_path / "val.h5"), "--depth", "10",
+                       "--width", "1", "--batch-size", "8", "--iters", "2", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert f"report: {out / 'index.html'}" in text.splitlines()
-    assert result["report"]["roc"] == str(out / "eval" / "roc.png") and result["samples"] == 8
-    assert (out / "logs" / "metrics.csv").exists() and os.listdir(out / "cams")
+    assert (out / "val" / "roc.png").exists() and (out / "logs" / "metrics.csv").exists() and os.listdir(out / "cams")
     body = (out / "index.html").read_text()
-    assert "val.h5" in body and body.count('src="data:image/png;base64,') == 3 + len(os.listdir(out / "cams"))
+    assert "train.h5" in body and body.count('src="data:image/png;base64,') == 3 + len(os.listdir(out / "cams"))

@@ -27,7 +27,7 @@ import time
 from wrn3d_tl.commands import (Parser, add_training_flags, check_training_flags, intensity_arg, non_negative_float,
                                non_negative_int, positive_float, positive_int, quiet_tensorflow, shape_arg)
 
-__all__ = ["main", "parse_args", "open_data", "augment_arg", "SELECT"]
+__all__ = ["main", "build_parser", "parse_args", "open_data", "augment_arg", "SELECT"]
 
 _CLI = "wrn3d-train"
 # --select: the validation metric, and whether larger is better.
@@ -81,9 +81,8 @@ def _fraction(text):
     return value
 
 
-def parse_args(argv=None):
-    """The command line. A bad flag, or a data path that does not exist, exits with status 2
-    and one line naming it, before TensorFlow starts."""
+def build_parser():
+    """The command line's ``Parser`` (every default in ``--help``)."""
     p = Parser(prog=_CLI, description="Train a Wide ResNet on labelled volumes, select the best checkpoint on "
                "validation data, test it, and write a report, metrics.json, run.json and (--export) a SavedModel.")
     a = p.add_argument
@@ -102,6 +101,10 @@ def parse_args(argv=None):
     a("--synthetic-test", type=positive_int, help="synthetic: test images")
     a("--data-dir", help="cifar/medmnist: the folder holding the files (else $WRN3D_DATA_DIR and the usual places)")
     a("--download", action="store_true", help="cifar/medmnist: allow fetching the files")
+    a("--no-check-sizes", action="store_true", help="medmnist: accept a file whose split sizes are no official "
+      "release's (a subset you made yourself)")
+    a("--limit", type=positive_int, help="medmnist, cifar, synthetic: only the first N samples of each split (a "
+      "quick look)")
     a("--x-key", help="HDF5: the dataset holding the volumes")
     a("--y-key", help="HDF5: the dataset holding the labels")
     a("--normalize", action="store_true", help="HDF5 without stored stats: compute per-channel stats (streamed)")
@@ -131,6 +134,13 @@ def parse_args(argv=None):
                    checkpoint_every=0, mixed_precision="none", seed=0, distribute="none",
                    synthetic_train=10000, synthetic_test=2000)
     p.set_defaults(augment="default")
+    return p
+
+
+def parse_args(argv=None):
+    """The command line. A bad flag, or a data path that does not exist, exits with status 2
+    and one line naming it, before TensorFlow starts."""
+    p = build_parser()
     args = p.parse_args(argv)
     if args.rerun:
         args = _rerun(p, args)
@@ -153,6 +163,10 @@ def parse_args(argv=None):
                 f"{args.data} cannot be split here (use --val)"))
     if args.cpu_replicas is not None and args.distribute != "mirrored":
         p.error("--cpu-replicas needs --distribute mirrored")
+    if args.limit and args.kind in ("nifti", "hdf5"):
+        p.error(f"--limit {args.limit}: for medmnist, cifar and synthetic data (make a smaller table or file)")
+    if args.no_check_sizes and args.kind != "medmnist":
+        p.error("--no-check-sizes is for medmnist data")
     for flag in ("out", "export"):
         value = getattr(args, flag)
         if value and os.path.isfile(value):
@@ -329,12 +343,15 @@ def _hdf5(args, run_dir):
         return lambda batch_size, training=False: hdf5_dataset(
             infos[flag].path, x_key=args.x_key, y_key=args.y_key, batch_size=batch_size, training=training,
             repeat=training, drop_remainder=training, seed=args.seed, num_classes=info.num_classes,
-            normalization=norm, augment=augment if training else False)
+            normalization=data.normalization, augment=augment if training else False)   # the stats as last set
 
-    return Data(train=split("data"), val=split("val"), test=split("test"), n_train=info.n, train_labels=labels,
+    source = "from the file" if info.normalization is not None else "computed" if norm is not None else "none"
+    data = Data(train=split("data"), val=split("val"), test=split("test"), n_train=info.n, train_labels=labels,
                 num_classes=info.num_classes, input_shape=tuple(info.volume_shape), class_names=info.class_names,
                 normalization=norm, fingerprints={f"--{k}": fingerprint(v.path) for k, v in infos.items()},
-                description=f"{info.n} volumes in {args.data}")
+                description=f"{info.n} volumes of {info.volume_shape} {info.dtype} in {args.data}, "
+                            f"{info.num_classes} classes, normalisation {source}")
+    return data
 
 
 def _medmnist(args, run_dir):
@@ -343,9 +360,11 @@ def _medmnist(args, run_dir):
     flag, _, size = args.data[len("medmnist:"):].partition("@")
     try:
         size = int(size or 28)
-        splits = load_medmnist3d(flag, data_dir=args.data_dir, size=size, download=args.download)
+        splits = load_medmnist3d(flag, data_dir=args.data_dir, size=size, download=args.download,
+                                 check_sizes=not args.no_check_sizes)
     except (OSError, ValueError) as e:
-        raise ValueError(f"--data {args.data}: {e}") from None
+        raise ValueError(f"--data {args.data}: " + str(e).replace("pass check_sizes=False", "pass --no-check-sizes"))
+    splits = _limited(splits, args.limit)
     return _from_arrays(args, splits, MEDMNIST3D[flag]["labels"], None,
                         {"--data": {"flag": flag, "size": size, **{k: len(v[1]) for k, v in splits.items()}}},
                         f"MedMNIST {flag} {size}^3", default_augment={"crop_padding": 2})
@@ -363,7 +382,8 @@ def _arrays(args, run_dir):
         except (OSError, ValueError) as e:
             raise ValueError(f"--data {args.data}: {e}") from None
         source = {"source": args.data}
-    splits = {"train": train, "test": test}
+    splits = _limited({"train": train, "test": test}, args.limit)
+    train = splits["train"]
     if args.val_split:
         from wrn3d_tl.data import stratified_split
 
@@ -373,6 +393,10 @@ def _arrays(args, run_dir):
     prints = {"--data": {**source, **{k: len(v[1]) for k, v in splits.items()}}}
     return _from_arrays(args, splits, None, depth, prints, args.data, default_augment=True,
                         num_classes=100 if args.data == "cifar100" else 10)
+
+
+def _limited(splits, limit):
+    return {k: (x[:limit], y[:limit]) for k, (x, y) in splits.items()} if limit else splits
 
 
 def _from_arrays(args, splits, class_names, depth, prints, description, *, default_augment, num_classes=None):
@@ -489,7 +513,7 @@ def _build_trainer(args, data, run_dir, strategy):
                        input_shape=data.input_shape, dropout=args.dropout, group_strides=strides)
     point = find_resume_point(os.path.join(run_dir, "last.h5")) if args.resume else (None, None)
     if args.resume and not point[0]:
-        raise ValueError(f"--resume: no verified checkpoint in {run_dir} (last.h5 or checkpoints/ckpt-*.h5)")
+        raise ValueError(f"--resume: no verified checkpoint in {run_dir} (last.h5 or ckpt-*.h5)")
     stored = point[1]["trainer"] if point[0] else {}
     mp = precision(args.mixed_precision)
     replicas = strategy.num_replicas_in_sync if strategy else 1
@@ -504,13 +528,21 @@ def _build_trainer(args, data, run_dir, strategy):
     weights = None
     if args.class_weight == "balanced":
         weights = [float(w) for w in balanced_class_weights(data.train_labels, data.num_classes)]
+    tf.random.set_seed(args.seed)   # the initial weights (a fresh head's, with --init-from)
+    model = None
+    if args.init_from and not point[0]:
+        model, init_norm = initial_model(args.init_from, input_shape=data.input_shape, num_classes=data.num_classes,
+                                         strategy=strategy)
+        print(f"--init-from {args.init_from}: {model.wrn_config.name}, padding {model.wrn_config.padding}", flush=True)
+        if data.normalization is None and init_norm is not None:   # the units the pretrained network expects
+            data.normalization = init_norm
+            print("normalisation: --init-from's (the data has no stats of its own)", flush=True)
     train = data.train(batch_size, True)
     run = dict(logdir=os.path.join(run_dir, "logs"), checkpoint_every=args.checkpoint_every or None,
-               checkpoint_dir=os.path.join(run_dir, "checkpoints") if args.checkpoint_every else None)
+               checkpoint_dir=run_dir if args.checkpoint_every else None)   # ckpt-*.h5 beside last.h5
     settings = dict(lr=args.lr, schedule=args.schedule, total_steps=steps, warmup_steps=args.warmup_steps,
                     weight_decay=args.weight_decay, mixed_precision=mp, seed=args.seed, batch_size=batch_size)
     selection = Selection(run_dir, args.select, args.patience)
-    tf.random.set_seed(args.seed)
     if point[0]:
         if (stored.get("class_weight") is None) != (weights is None):
             raise ValueError(f"--resume: {point[0]} was trained with --class-weight "
@@ -520,12 +552,7 @@ def _build_trainer(args, data, run_dir, strategy):
             selection.load()
         print(f"resumed from {point[0]} at step {trainer.step}", flush=True)
         return trainer, steps, selection
-    if args.init_from:
-        model, init_norm = initial_model(args.init_from, input_shape=data.input_shape, num_classes=data.num_classes,
-                                         strategy=strategy)
-        if data.normalization is None and init_norm is not None:
-            data.normalization = init_norm
-    else:
+    if model is None:
         with strategy.scope() if strategy else contextlib.nullcontext():
             model = build_wrn(config)
     trainer = Trainer(model, train, strategy=strategy, normalization=data.normalization,
