@@ -71,7 +71,7 @@ def write_set(root, counts, seed=0):
             fh.write("\n".join(rows) + "\n")
 
 
-def python_path(root, epochs, out):
+def python_path(root, epochs, out, depth=16, width=4):
     """docs/data.md's Python snippet with this run's epochs: test metrics of the last step."""
 
     import tensorflow as tf
@@ -86,7 +86,7 @@ def python_path(root, epochs, out):
     info = nifti_info(table)
     train = nifti_dataset(table, batch_size=16, training=True, repeat=True, drop_remainder=True)
     test = nifti_dataset(os.path.join(root, "test.csv"), batch_size=16, classes=info.class_names)
-    cfg = WRNConfig(depth=16, widen_factor=4, num_classes=info.num_classes, input_shape=info.volume_shape)
+    cfg = WRNConfig(depth=depth, widen_factor=width, num_classes=info.num_classes, input_shape=info.volume_shape)
     steps = plan_steps(info.n, 16, epochs=epochs)  # as wrn3d-train plans them
     trainer = Trainer(build_wrn(cfg), train, eval_data=test, lr=0.05, schedule="cosine", total_steps=steps,
                       logdir=os.path.join(out, "python-logs"))
@@ -98,6 +98,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/bench_train_command")
     p.add_argument("--epochs", type=float, default=15)
+    p.add_argument("--depth", type=int, default=16, help="both paths' network (16: wrn3d-train's default)")
+    p.add_argument("--width", type=int, default=4, help="both paths' network (4: wrn3d-train's default)")
     p.add_argument("--per-class", type=int, nargs=3, default=(40, 10, 20), metavar=("TRAIN", "VAL", "TEST"))
     args = p.parse_args()
     root = os.path.join(args.out, "scans")
@@ -109,15 +111,17 @@ def main():
     t0 = time.perf_counter()
     status = command.main(["--data", os.path.join(root, "train.csv"), "--val", os.path.join(root, "val.csv"),
                            "--test", os.path.join(root, "test.csv"), "--epochs", str(args.epochs),
+                           "--depth", str(args.depth), "--width", str(args.width),
                            "--out", os.path.join(args.out, "command")])
     t_command = time.perf_counter() - t0
     assert status == 0, status
     with open(os.path.join(args.out, "command", "metrics.json")) as fh:
         metrics = json.load(fh)
     t0 = time.perf_counter()
-    py, steps = python_path(root, args.epochs, args.out)
+    py, steps = python_path(root, args.epochs, args.out, args.depth, args.width)
     t_python = time.perf_counter() - t0
     result = {"cpu": cpu.cpu_model(), "flags": cpu.cpu_flags(relevant_only=True), "epochs": args.epochs,
+              "network": f"WRN-{args.depth}-{args.width}",
               "per_class": dict(zip(("train", "val", "test"), args.per_class)), "steps": steps,
               "command": {"test_accuracy": metrics["test"]["accuracy"], "test_auc": metrics["test"]["auc"],
                           "selected_step": metrics["selected"]["step"], "seconds": round(t_command, 1)},
