@@ -162,6 +162,12 @@ def test_val_split_of_a_table_is_stratified_disjoint_and_seeded(scans, tmp_path)
     assert sorted(train + val) == sorted(table) and not set(train) & set(val)
     assert sorted(label for _, label in val) == ["left"] * 3 + ["right"] * 3     # 25% of 12 per class
     assert json.loads((out / "metrics.json").read_text())["val"]["samples"] == 6
+    # seeded: the same seed splits the same way, another seed another way
+    for seed, same in ((0, True), (1, False)):
+        folder = tmp_path / f"seed{seed}"
+        command.open_data(command.parse_args(["--data", str(scans["train"]), "--val-split", "0.25", "--seed",
+                                              str(seed)]), str(folder))
+        assert ((folder / "splits" / "val.csv").read_text() == (out / "splits" / "val.csv").read_text()) == same
 
 
 def test_stratified_split_and_balanced_weights_follow_their_definitions():

@@ -251,51 +251,41 @@ def _nifti(args, run_dir):
     from wrn3d_tl.data import nifti_dataset, nifti_info, stratified_split
     from wrn3d_tl.files import fingerprint
 
-    def info_of(flag, table, classes=None):
-        try:
-            return nifti_info(table, classes=classes)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"--{flag} {table}: {e}") from None
-
-    info = info_of("data", args.data)
-    classes = info.class_names
-    tables = {"train": args.data, "val": args.val, "test": args.test}
-    labels = info.labels
+    given = {"data": args.data, "val": args.val, "test": args.test}
+    infos, classes = {}, None
+    for flag, table in given.items():   # every file's voxels once: all bad ones in one error, before any step
+        if table:
+            try:
+                infos[flag] = nifti_info(table, classes=classes, check=True)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"--{flag} {table}: {e}") from None
+            classes = infos["data"].class_names     # val and test are numbered as the training table
+    info, tables, labels = infos["data"], dict(given), infos["data"].labels
     if args.val_split:
         keep, held = stratified_split(info.labels, args.val_split, seed=args.seed)
         folder = os.path.join(run_dir, "splits")
         os.makedirs(folder, exist_ok=True)
-        for name, rows in (("train", keep), ("val", held)):
-            tables[name] = _write_table(os.path.join(folder, f"{name}.csv"), info, rows)
+        tables["data"] = _write_table(os.path.join(folder, "train.csv"), info, keep)
+        tables["val"] = _write_table(os.path.join(folder, "val.csv"), info, held)
         labels = info.labels[keep]
-    infos = {"train": info if not args.val_split else info_of("data", tables["train"], classes)}
-    for name in ("val", "test"):
-        if tables[name]:
-            infos[name] = info_of(name if not args.val_split or name == "test" else "val-split", tables[name], classes)
+    shape = info.volume_shape if args.target_shape is None else tuple(args.target_shape) + (info.channels,)
+    if shape is None:
+        raise ValueError(f"--data {args.data}: the scans differ in shape; pass --target-shape D,H,W")
     augment = _augment(args, None)
     read = dict(target_shape=args.target_shape, intensity=args.intensity, classes=classes,
                 num_classes=info.num_classes)
 
-    def split(name):
-        if not tables[name]:
+    def split(flag):
+        if not tables[flag]:
             return None
         return lambda batch_size, training=False: nifti_dataset(
-            tables[name], batch_size=batch_size, training=training, repeat=training, drop_remainder=training,
+            tables[flag], batch_size=batch_size, training=training, repeat=training, drop_remainder=training,
             seed=args.seed, augment=augment if training else None, check=False, **read)
 
-    shape = info.volume_shape if args.target_shape is None else tuple(args.target_shape) + (info.channels,)
-    if shape is None:
-        raise ValueError(f"--data {args.data}: the scans differ in shape; pass --target-shape D,H,W")
-    for name, i in infos.items():   # every file's voxels once, all bad ones in one error
-        try:
-            nifti_info(tables[name], classes=classes, check=True)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"--{name if name != 'train' else 'data'} {tables[name]}: {e}") from None
-    given = {"data": (args.data, info), "val": (args.val, infos.get("val")), "test": (args.test, infos.get("test"))}
-    prints = {f"--{flag}": {**fingerprint(path), "scans": i.n} for flag, (path, i) in given.items() if path}
-    return Data(train=split("train"), val=split("val"), test=split("test"), n_train=infos["train"].n,
-                train_labels=labels, num_classes=info.num_classes, input_shape=shape, class_names=classes,
-                fingerprints=prints, description=f"{info.n} scans in {args.data}")
+    prints = {f"--{flag}": {**fingerprint(given[flag]), "scans": i.n} for flag, i in infos.items()}
+    return Data(train=split("data"), val=split("val"), test=split("test"), n_train=len(labels), train_labels=labels,
+                num_classes=info.num_classes, input_shape=shape, class_names=classes, fingerprints=prints,
+                description=f"{info.n} scans in {args.data}")
 
 
 def _write_table(path, info, rows):
