@@ -21,13 +21,9 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from wrn3d_tl.commands import (Parser, add_training_flags, check_training_flags, die, non_negative_float,  # noqa: E402
-                          non_negative_int, positive_float, positive_int, quiet_tensorflow)
+from wrn3d_tl.commands import (Parser, add_scale_flags, add_tiling_flags, add_training_flags,  # noqa: E402
+                               check_training_flags, die, non_negative_int, quiet_tensorflow)
 from wrn3d_tl.experiment import DEFAULT_ITERS, DEFAULTS, build_experiment, make_trainer  # noqa: E402,F401
-
-
-def _batch_size(text):
-    return text if text == "auto" else positive_int(text)
 
 
 def parse_args(argv=None):
@@ -40,29 +36,14 @@ def parse_args(argv=None):
     a("--dataset", choices=["cifar10", "cifar100", "synthetic"], help="cifar10 falls back to synthetic if absent")
     a("--data-dir", help="folder holding CIFAR (folder or .tar.gz); else $WRN3D_DATA_DIR, ~/.keras/datasets")
     a("--download", action="store_true", help="allow fetching CIFAR through keras.datasets")
-    a("--dims", type=int, choices=[2, 3], help="3: tile images into volumes; 2: plain images")
-    a("--volume-depth", type=positive_int, help="slices per volume (3D)")
-    a("--tile-mode", choices=["repeat", "shift"], help="how images become volumes (docs/data.md)")
-    a("--batch-size", type=_batch_size, help="global batch size, or 'auto': the largest that fits --memory-budget")
-    a("--memory-budget", type=positive_float,
-      help="GiB for --batch-size auto: the training state and one step (weights, momentum, gradients, "
-           "activations, TensorFlow's working memory: estimate_memory's total). Not the whole process: the data and "
-           "TensorFlow itself come on top. None: half of this machine's RAM, or on GPUs 80%% of each GPU's memory "
-           "(per GPU: each holds its replica's share of the batch)")
+    add_tiling_flags(p)
+    add_scale_flags(p)
     a("--recompute", action="store_true", help="recompute block activations in the backward pass (less memory)")
-    a("--warmup-steps", type=non_negative_int, help="linear learning-rate warm-up")
-    a("--weight-decay", type=non_negative_float, help="L2 on convolution and dense kernels")
     a("--eval-samples", type=non_negative_int, help="test samples per evaluation (0: the whole test split)")
     a("--plot", help="PNG of loss/accuracy curves written at the end (needs --logdir)")
     a("--report", metavar="DIR", help="at the end, DIR/index.html: one self-contained page with the config, the "
       "curves, the evaluation's pictures (DIR/eval) and Grad-CAM montages of test volumes (logs in DIR/logs "
       "without --logdir)")
-    a("--distribute", choices=["none", "mirrored", "multiworker"],
-      help="mirrored: every local GPU (or --cpu-replicas N CPUs); multiworker: the cluster in TF_CONFIG")
-    a("--cpu-replicas", type=positive_int, help="with --distribute mirrored: N logical CPU devices (testing)")
-    a("--collective-timeout", type=positive_float, help="multiworker: seconds before a stalled all-reduce aborts")
-    a("--synthetic-train", type=positive_int, help="training samples of the synthetic set")
-    a("--synthetic-test", type=positive_int, help="test samples of the synthetic set")
     add_training_flags(p, iters_help=f"training iterations (None: {DEFAULT_ITERS}, or --epochs)")
     p.set_defaults(**DEFAULTS)
     args = p.parse_args(argv)
@@ -75,8 +56,6 @@ def parse_args(argv=None):
     if args.plot and os.path.isdir(args.plot):
         p.error(f"--plot {args.plot}: is a folder; give the PNG file's name")
     check_training_flags(p, args)
-    if args.cpu_replicas is not None and args.distribute != "mirrored":
-        p.error("--cpu-replicas needs --distribute mirrored")
     if args.data_dir is not None and not os.path.exists(args.data_dir):
         p.error(f"--data-dir {args.data_dir}: no such file or folder")
     return args

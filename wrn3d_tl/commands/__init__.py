@@ -15,7 +15,8 @@ import sys
 from wrn3d_tl.config import PRECISIONS, TOP_LAYERS
 
 __all__ = ["Parser", "positive_int", "non_negative_int", "positive_float", "non_negative_float", "existing_file",
-           "intensity_arg", "shape_arg", "fail", "die", "quiet_tensorflow", "versions_line", "add_training_flags", "check_training_flags"]
+           "intensity_arg", "shape_arg", "batch_size_arg", "fail", "die", "quiet_tensorflow", "versions_line",
+           "add_training_flags", "add_scale_flags", "add_tiling_flags", "check_training_flags"]
 
 
 class _Version(argparse.Action):
@@ -163,6 +164,41 @@ def add_training_flags(parser, *, iters_help):
       "(e.g. --freeze stem group1 group2)")
 
 
+def batch_size_arg(text):
+    """An argparse type: a positive int, or ``auto`` (the largest batch that fits the memory budget)."""
+    return text if text == "auto" else positive_int(text)
+
+
+def add_scale_flags(parser):
+    """The flags of a run's size and spread, shared by the main job and ``wrn3d-train``: the
+    batch (``N`` or ``auto`` within ``--memory-budget``), warm-up and weight decay, and where
+    it runs (``--distribute``, ``--cpu-replicas``, ``--collective-timeout``)."""
+    a = parser.add_argument
+    a("--batch-size", type=batch_size_arg, help="global batch size, or 'auto': the largest that fits --memory-budget")
+    a("--memory-budget", type=positive_float,
+      help="GiB for --batch-size auto: the training state and one step (weights, momentum, gradients, "
+           "activations, TensorFlow's working memory: estimate_memory's total). Not the whole process: the data and "
+           "TensorFlow itself come on top. None: half of this machine's RAM, or on GPUs 80%% of each GPU's memory "
+           "(per GPU: each holds its replica's share of the batch)")
+    a("--warmup-steps", type=non_negative_int, help="linear learning-rate warm-up")
+    a("--weight-decay", type=non_negative_float, help="L2 on convolution and dense kernels")
+    a("--distribute", choices=["none", "mirrored", "multiworker"],
+      help="mirrored: every local GPU (or --cpu-replicas N CPUs); multiworker: the cluster in TF_CONFIG")
+    a("--cpu-replicas", type=positive_int, help="with --distribute mirrored: N logical CPU devices (testing)")
+    a("--collective-timeout", type=positive_float, help="multiworker: seconds before a stalled all-reduce aborts")
+
+
+def add_tiling_flags(parser):
+    """How 2D images (CIFAR, the synthetic set) become volumes: ``--dims``, ``--volume-depth``,
+    ``--tile-mode``, ``--synthetic-train``, ``--synthetic-test``."""
+    a = parser.add_argument
+    a("--dims", type=int, choices=[2, 3], help="3: tile images into volumes; 2: plain images")
+    a("--volume-depth", type=positive_int, help="slices per volume (3D)")
+    a("--tile-mode", choices=["repeat", "shift"], help="how images become volumes (docs/data.md)")
+    a("--synthetic-train", type=positive_int, help="training samples of the synthetic set")
+    a("--synthetic-test", type=positive_int, help="test samples of the synthetic set")
+
+
 def check_training_flags(parser, args):
     """The shared flags' rules, checked after parsing and before any data is read; a
     broken one ends the program through ``parser.error`` (one line naming the flag).
@@ -177,6 +213,8 @@ def check_training_flags(parser, args):
                      "or below them, e.g. group2/block1)")
     if args.checkpoint_every and not args.checkpoint:
         parser.error("--checkpoint-every needs --checkpoint (its folder holds the periodic checkpoints)")
+    if getattr(args, "cpu_replicas", None) is not None and args.distribute != "mirrored":
+        parser.error("--cpu-replicas needs --distribute mirrored")
     if args.checkpoint and os.path.isdir(args.checkpoint):
         parser.error(f"--checkpoint {args.checkpoint}: is a folder; give the checkpoint file's name (e.g. run/last.h5)")
     if args.logdir and os.path.exists(args.logdir) and not os.path.isdir(args.logdir):

@@ -24,8 +24,9 @@ import shlex
 import sys
 import time
 
-from wrn3d_tl.commands import (Parser, add_training_flags, check_training_flags, intensity_arg, non_negative_float,
-                               non_negative_int, positive_float, positive_int, quiet_tensorflow, shape_arg)
+from wrn3d_tl.commands import (Parser, add_scale_flags, add_tiling_flags, add_training_flags, check_training_flags,
+                               intensity_arg, non_negative_int, positive_float, positive_int, quiet_tensorflow,
+                               shape_arg)
 
 __all__ = ["main", "build_parser", "parse_args", "open_data", "augment_arg", "SELECT"]
 
@@ -68,10 +69,6 @@ def augment_arg(text):
     return out
 
 
-def _batch_size(text):
-    return text if text == "auto" else positive_int(text)
-
-
 def _fraction(text):
     value = positive_float(text)
     if value >= 1:
@@ -94,11 +91,6 @@ def build_parser():
       "(NIfTI tables, cifar, synthetic)")
     a("--out", help="the run folder (default: runs/<data name>-<date>-<time>)")
     a("--rerun", metavar="RUN_JSON", help="run the command a run.json recorded again (with --out: into that folder)")
-    a("--dims", type=int, choices=[2, 3], help="cifar/synthetic: 3 tiles images into volumes, 2 trains on images")
-    a("--volume-depth", type=positive_int, help="cifar/synthetic: slices per volume")
-    a("--tile-mode", choices=["repeat", "shift"], help="cifar/synthetic: how images become volumes")
-    a("--synthetic-train", type=positive_int, help="synthetic: training images")
-    a("--synthetic-test", type=positive_int, help="synthetic: test images")
     a("--data-dir", help="cifar/medmnist: the folder holding the files (else $WRN3D_DATA_DIR and the usual places)")
     a("--download", action="store_true", help="cifar/medmnist: allow fetching the files")
     a("--no-check-sizes", action="store_true", help="medmnist: accept a file whose split sizes are no official "
@@ -114,10 +106,6 @@ def build_parser():
       "(default: none for scans, HDF5 and MedMNIST, whose flips may change an anatomical label; the paper's crop "
       "and flip for cifar)")
     a("--keep-depth", action="store_true", help="stride 1 along depth (anisotropic volumes)")
-    a("--batch-size", type=_batch_size, help="global batch size, or 'auto': the largest that fits --memory-budget")
-    a("--memory-budget", type=positive_float, help="GiB for --batch-size auto")
-    a("--warmup-steps", type=non_negative_int, help="linear learning-rate warm-up")
-    a("--weight-decay", type=non_negative_float, help="L2 on convolution and dense kernels")
     a("--select", choices=sorted(SELECT), help="the validation metric that picks best.h5")
     a("--patience", type=non_negative_int, help="stop after this many evaluations without a better --select "
       "(0: never stop early)")
@@ -125,8 +113,8 @@ def build_parser():
       "count) of the training labels (stored with the run)")
     a("--export", metavar="DIR", help="also write the selected model as a SavedModel that serves raw volumes")
     a("--no-report", action="store_true", help="skip index.html and the Grad-CAM montages")
-    a("--distribute", choices=["none", "mirrored", "multiworker"], help="as the main job's --distribute")
-    a("--cpu-replicas", type=positive_int, help="with --distribute mirrored: N logical CPU devices")
+    add_tiling_flags(p)
+    add_scale_flags(p)
     add_training_flags(p, iters_help="training iterations (default: --epochs)")
     p.set_defaults(depth=16, width=4, dropout=0.0, dims=3, volume_depth=8, tile_mode="repeat", x_key="volumes",
                    y_key="labels", intensity="zscore", batch_size=16, lr=0.05, schedule="cosine", warmup_steps=0,
@@ -161,8 +149,6 @@ def parse_args(argv=None):
     if args.val_split and (args.val or args.kind in ("hdf5", "medmnist")):
         p.error(f"--val-split {args.val_split:g}: " + ("give --val or --val-split, not both" if args.val else
                 f"{args.data} cannot be split here (use --val)"))
-    if args.cpu_replicas is not None and args.distribute != "mirrored":
-        p.error("--cpu-replicas needs --distribute mirrored")
     if args.limit and args.kind in ("nifti", "hdf5"):
         p.error(f"--limit {args.limit}: for medmnist, cifar and synthetic data (make a smaller table or file)")
     if args.no_check_sizes and args.kind != "medmnist":
@@ -630,7 +616,7 @@ def _main(argv, args):
         quiet_tensorflow()
     from wrn3d_tl.distribute import make_strategy
 
-    strategy = make_strategy(args.distribute, args.cpu_replicas, None)
+    strategy = make_strategy(args.distribute, args.cpu_replicas, args.collective_timeout)
     t0 = time.perf_counter()
     run_dir = args.out
     os.makedirs(run_dir, exist_ok=True)
