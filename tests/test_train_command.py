@@ -319,3 +319,52 @@ def test_resume_continues_the_run_and_its_selection(scans, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert [h["step"] for h in metrics["selected"]["history"]] == [2, 4]
     assert _weights(out / "last.h5")["step"] == 4
+
+
+def test_a_run_folder_is_never_overwritten_without_resume(scans, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _run(["--data", scans["train"], *TINY, "--iters", "1", "--no-report", "--out", out]) == 0
+    before = (out / "last.h5").read_bytes()
+    assert _run(["--data", scans["train"], *TINY, "--iters", "2", "--no-report", "--out", out]) == 2
+    assert "holds a run already (run.json); pass --resume" in capsys.readouterr().err
+    assert (out / "last.h5").read_bytes() == before
+
+
+def test_a_validation_score_that_is_never_finite_selects_the_last_step_loudly(tmp_path, capsys):
+    tables = _write_scans(tmp_path / "s", {"train": 8, "val": 1})     # one val scan: one class, AUC undefined
+    out = tmp_path / "run"
+    assert _run(["--data", tables["train"], "--val", tables["val"], *TINY, "--iters", "2", "--select", "auc",
+                 "--no-report", "--out", out]) == 0
+    assert "!!! no validation auc was finite" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["selected"]["step"] == 2 and _weights(out / "best.h5")["step"] == 2
+
+
+def test_batch_size_auto_and_bf16_go_through_to_the_trainer(scans, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _run(["--data", scans["train"], "--depth", "10", "--width", "1", "--batch-size", "auto",
+                 "--memory-budget", "0.13", "--mixed-precision", "bf16", "--iters", "1", "--no-report",
+                 "--out", out]) == 0
+    from wrn3d_tl.memory import largest_batch
+    from wrn3d_tl.model import WRNConfig
+
+    ck = _weights(out / "last.h5")
+    cfg = WRNConfig.from_dict(ck["config"])
+    expected = largest_batch(cfg, 0.13 * 2 ** 30, mixed_precision="bf16")
+    assert expected < 24 and f"--batch-size auto: {expected}" in capsys.readouterr().out
+    assert ck["trainer"]["batch_size"] == expected and ck["trainer"]["mixed_precision"] == "bf16"
+
+
+@pytest.mark.slow
+def test_distribute_mirrored_over_two_cpus_in_its_own_process(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "wrn3d_tl.commands.train", "--data", "synthetic", "--synthetic-train",
+                           "32", "--synthetic-test", "8", "--volume-depth", "2", *TINY, "--iters", "2", "--no-report",
+                           "--distribute", "mirrored", "--cpu-replicas", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "2 replica(s)" in done.stdout
+    assert _weights(out / "last.h5")["step"] == 2

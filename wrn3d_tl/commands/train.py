@@ -158,6 +158,8 @@ def parse_args(argv=None):
         if value and os.path.isfile(value):
             p.error(f"--{flag} {value}: is a file; give a folder")
     args.out = args.out or os.path.join("runs", f"{_data_name(args)}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if not args.resume and os.path.exists(os.path.join(args.out, "run.json")):
+        p.error(f"--out {args.out}: holds a run already (run.json); pass --resume to continue it, or another --out")
     args.checkpoint = os.path.join(args.out, "last.h5")   # what --resume and --checkpoint-every read
     check_training_flags(p, args)
     return args
@@ -562,7 +564,10 @@ def train_and_select(trainer, steps, val, selection, run_dir, eval_every):
             on_eval(trainer.step, trainer.evaluate(val))
         elif val is None:
             trainer.save(last)
-    if val is None:
+    if val is not None and selection.best_step is None:
+        print(f"!!! no validation {selection.metric} was finite (e.g. an AUC of a validation set holding one "
+              "class): the last step is the selected model !!!", flush=True)
+    if val is None or selection.best_step is None:
         trainer.save(best)
         selection.best_step = trainer.step
     return stopped
