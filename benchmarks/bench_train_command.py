@@ -108,6 +108,12 @@ def main():
     from wrn3d_tl import cpu
     from wrn3d_tl.commands import train as command
 
+    import shutil
+
+    from wrn3d_tl.files import written_atomically
+
+    shutil.rmtree(os.path.join(args.out, "command"), ignore_errors=True)   # this benchmark's own run folder
+    shutil.rmtree(os.path.join(args.out, "python-logs"), ignore_errors=True)
     t0 = time.perf_counter()
     status = command.main(["--data", os.path.join(root, "train.csv"), "--val", os.path.join(root, "val.csv"),
                            "--test", os.path.join(root, "test.csv"), "--epochs", str(args.epochs),
@@ -126,7 +132,7 @@ def main():
               "command": {"test_accuracy": metrics["test"]["accuracy"], "test_auc": metrics["test"]["auc"],
                           "selected_step": metrics["selected"]["step"], "seconds": round(t_command, 1)},
               "python": {"test_accuracy": py["accuracy"], "test_auc": py["auc"], "seconds": round(t_python, 1)}}
-    with open(os.path.join(args.out, "result.json"), "w") as fh:
+    with written_atomically(os.path.join(args.out, "result.json")) as tmp, open(tmp, "w") as fh:
         json.dump(result, fh, indent=1)
     print(json.dumps(result, indent=1))
 

@@ -1,5 +1,5 @@
 """wrn3d_tl.report: evaluation pictures and metrics.json, Trainer.evaluate(report_dir=),
-Grad-CAM galleries, the self-contained HTML run report, the examples' --report, and the
+Grad-CAM galleries, the self-contained HTML run report, the main job's --report and wrn3d-train's, and the
 page in a real headless browser."""
 
 import base64

@@ -135,16 +135,20 @@ def test_the_selected_checkpoint_is_the_validation_best_and_patience_stops(tmp_p
 
 def test_run_json_reruns_to_the_same_weights(scans, tmp_path):
     first, again = tmp_path / "first", tmp_path / "again"
-    assert _run(["--data", scans["train"], "--val-split", "0.25", *TINY, "--iters", "3", "--no-report",
-                 "--augment", "flip=HW,crop=1", "--out", first]) == 0
+    argv = ["--data", str(scans["train"]), "--val-split", "0.25", *TINY, "--iters", "3", "--no-report",
+            "--augment", "flip=HW,crop=1"]
+    assert _run([*argv, "--out", first, "--export", tmp_path / "model"]) == 0
     assert _run(["--rerun", first / "run.json", "--out", again]) == 0
+    # the re-run's record is the command itself (never --rerun), its --export dropped: nothing of the first is touched
+    assert json.loads((again / "run.json").read_text())["argv"] == [*argv, "--out", str(again)]
+    assert json.loads((first / "run.json").read_text())["argv"] == [*argv, "--out", str(first), "--export",
+                                                                     str(tmp_path / "model")]
     for name in ("best.h5", "last.h5"):
         a, b = _weights(first / name), _weights(again / name)
         assert a["step"] == b["step"] == 3
         assert a["weights"].keys() == b["weights"].keys()
         for key in a["weights"]:
             np.testing.assert_array_equal(a["weights"][key], b["weights"][key], err_msg=f"{name}: {key}")
-    assert json.loads((again / "run.json").read_text())["argv"][-2:] == ["--out", str(again)]
 
 
 def test_val_split_of_a_table_is_stratified_disjoint_and_seeded(scans, tmp_path):
@@ -368,3 +372,53 @@ def test_distribute_mirrored_over_two_cpus_in_its_own_process(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "2 replica(s)" in done.stdout
     assert _weights(out / "last.h5")["step"] == 2
+
+
+def test_resume_refuses_other_data_or_selection_and_forgets_evaluations_after_its_step(scans, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--data", scans["train"], "--val", scans["val"], *TINY, "--schedule", "constant", "--eval-every", "1",
+              "--no-report", "--out", out]
+    assert _run([*common, "--iters", "3", "--checkpoint-every", "1"]) == 0
+    capsys.readouterr()
+    assert _run([*common, "--iters", "3", "--resume", "--select", "loss"]) == 2
+    assert "--select loss (the run's: accuracy)" in capsys.readouterr().err
+    no_val = [a for a in common if a not in (scans["val"], "--val")]
+    assert _run([*no_val, "--iters", "3", "--resume"]) == 2
+    assert "--val: not given" in capsys.readouterr().err
+    # last.h5 damaged: the run resumes at step 2, evaluates step 3 again, and keeps one entry per step
+    with open(out / "last.h5", "r+b") as fh:
+        fh.seek(1000)
+        byte = fh.read(1)
+        fh.seek(1000)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    assert _run([*common, "--iters", "3", "--resume"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [h["step"] for h in metrics["selected"]["history"]] == [1, 2, 3]
+    record = json.loads((out / "run.json").read_text())
+    assert "--resume" not in record["argv"] and len(record["resumed"]) == 1   # the run's own command is kept
+
+
+def test_hdf5_val_of_other_classes_is_one_line(tmp_path, capsys):
+    from wrn3d_tl.data import write_hdf5_volumes
+
+    x = np.zeros((4, 2, 8, 8, 1), "float32")
+    write_hdf5_volumes(tmp_path / "train.h5", x, [0, 1, 0, 1], class_names=["a", "b"])
+    write_hdf5_volumes(tmp_path / "val3.h5", x, [0, 1, 2, 1])
+    write_hdf5_volumes(tmp_path / "val_named.h5", x, [0, 1, 0, 1], class_names=["b", "a"])
+    for val, message in (("val3.h5", "it has 3 classes, the training data 2"),
+                         ("val_named.h5", "its classes are ['b', 'a'], the training data's ['a', 'b']")):
+        assert _run(["--data", tmp_path / "train.h5", "--val", tmp_path / val, *TINY, "--iters", "1",
+                     "--out", tmp_path / f"run-{val}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"wrn3d-train: error: --val {tmp_path / val}: ") and message in err and "\n" not in err
+
+
+def test_without_validation_last_h5_is_written_every_epoch(scans, tmp_path, monkeypatch):
+    from wrn3d_tl.train import Trainer
+
+    saved, save = [], Trainer.save
+    monkeypatch.setattr(Trainer, "save", lambda self, path: saved.append((self.step, os.path.basename(path)))
+                        or save(self, path))
+    assert _run(["--data", scans["train"], *TINY, "--iters", "12", "--no-report", "--out", tmp_path / "run"]) == 0
+    # 24 scans in batches of 4: an epoch is 6 steps
+    assert [s for s in saved if s[1] == "last.h5"][:2] == [(6, "last.h5"), (12, "last.h5")]

@@ -11,7 +11,7 @@ trainer one iteration at a time, needs no script on ``sys.path``::
     print(trainer.evaluate())            # the test split, trainer.eval_data
 
 ``examples/cifar_wide_resnet_tl.py`` (the main job) is this module plus a command line.
-``resume`` is what both example scripts' ``--resume`` does.
+``resume`` is what the main job's and ``wrn3d-train``'s ``--resume`` do.
 """
 
 import contextlib

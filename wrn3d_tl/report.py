@@ -266,7 +266,7 @@ def write_run_report(out_dir, *, config, metrics_csv=None, evaluation=None, mont
     return path
 
 
-# ------------------------------------------------------------ the examples' end
+# ------------------------------------------------- the end of a run (main job, wrn3d-train)
 def first_samples(data, n):
     """The first ``n`` ``(x, y)`` of an ``(x, y)`` pair or a dataset of such batches, as numpy."""
     if isinstance(data, (tuple, list)):
@@ -286,7 +286,7 @@ def first_samples(data, n):
 
 def run_report(trainer, out_dir, *, evaluation=None, cam_samples=32, correct=3, wrong=3, class_names=None,
                title=None, extra=None):
-    """What the examples' ``--report DIR`` writes at the end of a run: Grad-CAM montages
+    """What the main job's ``--report DIR`` and ``wrn3d-train`` write at the end of a run: Grad-CAM montages
     of ``correct`` right and ``wrong`` wrong volumes among the first ``cam_samples`` of the
     trainer's ``eval_data`` (batches already normalised: the bare ``trainer.model`` is
     explained) into ``DIR/cams``, and ``DIR/index.html`` with the trainer's config, the

@@ -1,6 +1,6 @@
-"""The top floor: the console scripts, one module each (``predict``, ``explain``, ``export``,
-``convert``: argument parsing, one-line errors), and what they and the example scripts
-share, here: one-line errors with exit status 2, every default in ``--help``, argument
+"""The top floor: the console scripts, one module each (``train``, ``prepare``, ``predict``,
+``explain``, ``export``, ``convert``: argument parsing, one-line errors), and what they and
+the main job share, here: one-line errors with exit status 2, every default in ``--help``, argument
 types that name the flag, and a quiet TensorFlow start.
 
 Imports nothing heavy: ``--help`` and argument errors come back at once. The library below
@@ -135,7 +135,7 @@ def existing_file(text):
 
 
 def add_training_flags(parser, *, iters_help):
-    """The flags both training scripts share: the network, the optimisation, the run's
+    """The flags the main job and ``wrn3d-train`` share: the network, the optimisation, the run's
     length, checkpoints, precision and logs. Each script sets their defaults with
     ``parser.set_defaults`` (``--help`` shows them)."""
     a = parser.add_argument

@@ -130,13 +130,15 @@ def parse_args(argv=None):
     and one line naming it, before TensorFlow starts."""
     p = build_parser()
     args = p.parse_args(argv)
+    args.argv = list(argv or [])
     if args.rerun:
         args = _rerun(p, args)
     if not args.data:
         p.error("--data is required (a NIfTI table or folder, an HDF5 file, medmnist:FLAG[@SIZE], cifar10, "
                 "cifar100 or synthetic)")
-    if args.checkpoint:
-        p.error("--checkpoint: wrn3d-train writes last.h5 and best.h5 into --out")
+    if args.checkpoint or args.logdir:
+        p.error(f"--{'checkpoint' if args.checkpoint else 'logdir'}: wrn3d-train writes last.h5, best.h5 and logs/ "
+                "into --out")
     if args.resume and not args.out:
         p.error("--resume needs --out (the run folder to continue)")
     args.kind = _kind(p, args.data)
@@ -157,7 +159,9 @@ def parse_args(argv=None):
         value = getattr(args, flag)
         if value and os.path.isfile(value):
             p.error(f"--{flag} {value}: is a file; give a folder")
-    args.out = args.out or os.path.join("runs", f"{_data_name(args)}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if not args.out:
+        args.out = os.path.join("runs", f"{_data_name(args)}-{time.strftime('%Y%m%d-%H%M%S')}")
+        args.argv += ["--out", args.out]
     if not args.resume and os.path.exists(os.path.join(args.out, "run.json")):
         p.error(f"--out {args.out}: holds a run already (run.json); pass --resume to continue it, or another --out")
     args.checkpoint = os.path.join(args.out, "last.h5")   # what --resume and --checkpoint-every read
@@ -173,9 +177,10 @@ def _rerun(p, args):
             raise ValueError("its argv is not a list of strings")
     except (OSError, ValueError, KeyError, TypeError) as e:
         p.error(f"--rerun {args.rerun}: not a run.json written by {_CLI} ({e})")
+    argv = _without(argv, "--out", "--export")   # a re-run never writes over the first run's files
+    argv += ["--out", args.out] if args.out else []
     again = p.parse_args(argv)
-    if args.out:
-        again.out = args.out
+    again.argv = argv
     return again
 
 
@@ -236,7 +241,7 @@ def _augment(args, default):
 
 
 def _nifti(args, run_dir):
-    from wrn3d_tl.data import nifti_dataset, nifti_info, stratified_split
+    from wrn3d_tl.data import nifti_dataset, nifti_info
     from wrn3d_tl.files import fingerprint
 
     given = {"data": args.data, "val": args.val, "test": args.test}
@@ -250,7 +255,7 @@ def _nifti(args, run_dir):
             classes = infos["data"].class_names     # val and test are numbered as the training table
     info, tables, labels = infos["data"], dict(given), infos["data"].labels
     if args.val_split:
-        keep, held = stratified_split(info.labels, args.val_split, seed=args.seed)
+        keep, held = _split(info.labels, args)
         folder = os.path.join(run_dir, "splits")
         os.makedirs(folder, exist_ok=True)
         tables["data"] = _write_table(os.path.join(folder, "train.csv"), info, keep)
@@ -274,6 +279,15 @@ def _nifti(args, run_dir):
     return Data(train=split("data"), val=split("val"), test=split("test"), n_train=len(labels), train_labels=labels,
                 num_classes=info.num_classes, input_shape=shape, class_names=classes, fingerprints=prints,
                 description=f"{info.n} scans in {args.data}")
+
+
+def _split(labels, args):
+    from wrn3d_tl.data import stratified_split
+
+    try:
+        return stratified_split(labels, args.val_split, seed=args.seed)
+    except ValueError as e:
+        raise ValueError(f"--val-split {args.val_split:g}: {e}") from None
 
 
 def _write_table(path, info, rows):
@@ -304,9 +318,16 @@ def _hdf5(args, run_dir):
                 infos[flag] = hdf5_info(path, args.x_key, args.y_key)
             except (OSError, ValueError) as e:
                 raise ValueError(f"--{flag} {path}: {e}") from None
-            if infos[flag].volume_shape != infos["data"].volume_shape:
-                raise ValueError(f"--{flag} {path}: its volumes have shape {infos[flag].volume_shape}, the "
-                                 f"training volumes {infos['data'].volume_shape}")
+            first, this = infos["data"], infos[flag]
+            if this.volume_shape != first.volume_shape:
+                raise ValueError(f"--{flag} {path}: its volumes have shape {this.volume_shape}, the "
+                                 f"training volumes {first.volume_shape}")
+            if this.num_classes > first.num_classes:
+                raise ValueError(f"--{flag} {path}: it has {this.num_classes} classes, the training data "
+                                 f"{first.num_classes}")
+            if this.class_names and first.class_names and this.class_names != first.class_names[:this.num_classes]:
+                raise ValueError(f"--{flag} {path}: its classes are {list(this.class_names)}, the training data's "
+                                 f"{list(first.class_names)} (wrn3d-prepare --classes numbers a table as another)")
     info = infos["data"]
     with h5py.File(args.data, "r") as f:
         labels = np.asarray(f[args.y_key][()]).astype(np.int64).reshape(-1)
@@ -363,9 +384,7 @@ def _arrays(args, run_dir):
     splits = _limited({"train": train, "test": test}, args.limit)
     train = splits["train"]
     if args.val_split:
-        from wrn3d_tl.data import stratified_split
-
-        keep, held = stratified_split(train[1], args.val_split, seed=args.seed)
+        keep, held = _split(train[1], args)
         splits = {"train": (train[0][keep], train[1][keep]), "val": (train[0][held], train[1][held]), "test": test}
     depth = args.volume_depth if args.dims == 3 else None
     prints = {"--data": {**source, **{k: len(v[1]) for k, v in splits.items()}}}
@@ -439,11 +458,24 @@ class Selection:
         self.since = 0
         self.history = []
 
-    def load(self):
+    def load(self, step, best_checkpoint):
+        """Go on from the state saved with the run, resumed at ``step``: evaluations after it
+        (a resume from an older checkpoint) are dropped and the best is found again among the
+        rest; when ``best_checkpoint`` no longer holds that best, the next evaluation writes it."""
+        from wrn3d_tl.checkpoint import read_checkpoint
+
         with open(self.path, encoding="utf-8") as fh:
             state = json.load(fh)
-        self.best_step, self.best, self.since, self.history = (state["best_step"], state["best"], state["since"],
-                                                               state["history"])
+        if state["metric"] != self.metric:
+            raise ValueError(f"--select {self.metric}: the run selects by {state['metric']}; resume with it")
+        for entry in state["history"]:
+            if entry["step"] <= step:
+                self.record(entry["step"], entry)
+        if self.best_step is not None and (not os.path.exists(best_checkpoint)
+                                           or read_checkpoint(best_checkpoint)["step"] != self.best_step):
+            print(f"best.h5 does not hold step {self.best_step}, the best evaluation up to step {step}: the next "
+                  "evaluation writes it", flush=True)
+            self.best_step = self.best = None
         return self
 
     def better(self, value):
@@ -455,7 +487,8 @@ class Selection:
 
     def record(self, step, result):
         """Note one evaluation; True when it is the best so far."""
-        value = float(result[self.metric])
+        value = result[self.metric]
+        value = float("nan") if value is None else float(value)
         self.history.append({"step": step, **{k: result[k] for k in ("loss", "accuracy", "auc")}})
         if self.better(value):
             self.best_step, self.best, self.since = step, value, 0
@@ -501,11 +534,19 @@ def _build_trainer(args, data, run_dir, strategy):
                                                                  memory_budget=args.memory_budget)
         print(f"--batch-size auto: {batch_size}", flush=True)
     batch_size = min(batch_size, data.n_train // replicas * replicas or replicas)
-    epochs = args.epochs if args.iters is None and args.epochs is not None else (None if args.iters else 30)
-    steps = plan_steps(data.n_train, batch_size, iters=args.iters, epochs=epochs)
+    if args.iters is None and args.epochs is None and stored.get("total_steps"):
+        steps = stored["total_steps"]   # a resumed run keeps its plan unless told otherwise
+    else:
+        epochs = args.epochs if args.iters is None and args.epochs is not None else (None if args.iters else 30)
+        steps = plan_steps(data.n_train, batch_size, iters=args.iters, epochs=epochs)
+    if point[0] and data.normalization is None and point[1]["normalization"] is not None:
+        data.normalization = point[1]["normalization"]   # e.g. --init-from's stats, stored with the run
     weights = None
     if args.class_weight == "balanced":
-        weights = [float(w) for w in balanced_class_weights(data.train_labels, data.num_classes)]
+        try:
+            weights = [float(w) for w in balanced_class_weights(data.train_labels, data.num_classes)]
+        except ValueError as e:
+            raise ValueError(f"--class-weight balanced: {e}") from None
     tf.random.set_seed(args.seed)   # the initial weights (a fresh head's, with --init-from)
     model = None
     if args.init_from and not point[0]:
@@ -527,7 +568,7 @@ def _build_trainer(args, data, run_dir, strategy):
                              f"{'balanced' if stored.get('class_weight') else 'none'}; resume with it")
         trainer = resume(point, config, train, settings={**settings, "freeze": args.freeze}, strategy=strategy, **run)
         if os.path.exists(selection.path):
-            selection.load()
+            selection.load(trainer.step, os.path.join(run_dir, "best.h5"))
         print(f"resumed from {point[0]} at step {trainer.step}", flush=True)
         return trainer, steps, selection
     if model is None:
@@ -542,8 +583,13 @@ def _build_trainer(args, data, run_dir, strategy):
 def train_and_select(trainer, steps, val, selection, run_dir, eval_every):
     """Train to ``steps``, evaluating ``val`` every ``eval_every`` steps and at the end; the
     best evaluation by the selection's metric writes ``best.h5``, every one ``last.h5`` and
-    ``selection.json``. Stops early after ``patience`` evaluations without a better score."""
+    ``selection.json`` (without ``val``, ``last.h5`` is still written every ``eval_every``
+    steps). Stops early after ``patience`` evaluations without a better score."""
     last, best = os.path.join(run_dir, "last.h5"), os.path.join(run_dir, "best.h5")
+
+    def on_step(metrics):
+        if eval_every and metrics["step"] % eval_every == 0:
+            trainer.save(last)
 
     def on_eval(step, result):
         improved = selection.record(step, result)
@@ -557,7 +603,10 @@ def train_and_select(trainer, steps, val, selection, run_dir, eval_every):
 
     stopped = selection.stop
     if not stopped:
-        trainer.fit(steps, eval_data=val, eval_every=eval_every if val else 0, on_eval=on_eval if val else None)
+        if val is None:
+            trainer.fit(steps, on_step=on_step)
+        else:
+            trainer.fit(steps, eval_data=val, eval_every=eval_every, on_eval=on_eval)
         stopped = trainer.step < steps
     if not stopped:
         if val is not None and not (selection.history and selection.history[-1]["step"] == trainer.step):
@@ -588,12 +637,8 @@ def main(argv=None):
         args = parse_args(argv)
     except SystemExit as e:
         return e.code
-    if args.rerun:
-        with open(args.rerun, encoding="utf-8") as fh:
-            argv = [*json.load(fh)["argv"]]
-        argv = _with_out(argv, args.out)
     try:
-        return _main(argv, args)
+        return _main(args)
     except CommandError as e:
         print(f"{_CLI}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         return 2
@@ -603,38 +648,39 @@ def main(argv=None):
         gc.collect()
 
 
-def _with_out(argv, out):
-    """``argv`` with its ``--out`` set to ``out``."""
-    clean, skip = [], False
+def _without(argv, *flags):
+    """``argv`` without the given flags and their values (``--flag value`` or ``--flag=value``)."""
+    out, skip = [], False
     for v in argv:
         if skip:
             skip = False
-        elif v == "--out":
+        elif v in flags:
             skip = True
-        elif not v.startswith("--out="):
-            clean.append(v)
-    return [*clean, "--out", out]
+        elif not v.startswith(tuple(f"{f}=" for f in flags)):
+            out.append(v)
+    return out
 
 
-def _main(argv, args):
+def _main(args):
     if args.distribute == "none":   # a strategy must set up its devices before TensorFlow starts
         quiet_tensorflow()
     from wrn3d_tl.distribute import make_strategy
 
-    strategy = make_strategy(args.distribute, args.cpu_replicas, args.collective_timeout)
     t0 = time.perf_counter()
     run_dir = args.out
-    os.makedirs(run_dir, exist_ok=True)
     try:
+        strategy = make_strategy(args.distribute, args.cpu_replicas, args.collective_timeout)
+        os.makedirs(run_dir, exist_ok=True)
         data = open_data(args, run_dir)
-        record = run_record(_with_out(argv, run_dir), args, data)
+        record = _record(args, data, run_dir)
         trainer, steps, selection = _build_trainer(args, data, run_dir, strategy)
+        batch = trainer.batch_size
+        val = data.val(batch) if data.val else None
+        test = data.test(batch) if data.test else None
     except (OSError, ValueError) as e:
         raise CommandError(e) from None
     cfg = trainer.config
-    batch = trainer.batch_size
     eval_every = max(1, data.n_train // batch) if args.eval_every is None else args.eval_every
-    val = data.val(batch) if data.val else None
     print(f"{cfg.name} {cfg.spatial_rank}D, input {cfg.input_shape}, {data.description}, batch {batch}, "
           f"{steps} iterations, {args.schedule} schedule"
           + (f", val every {eval_every} selecting by {args.select}" if val is not None else ", no validation data: "
@@ -648,9 +694,12 @@ def _main(argv, args):
                             "value": selection.best, "steps_trained": trainer.step, "planned_steps": steps,
                             "stopped_early": stopped, "history": selection.history}}
     results = {}
-    for name, split in (("val", val), ("test", data.test(batch) if data.test else None)):
+    for name, split in (("val", val), ("test", test)):
         if split is not None:
-            results[name] = trainer.evaluate(split, report_dir=os.path.join(run_dir, name), log=False)
+            try:   # a split whose labels or classes do not fit the training data's
+                results[name] = trainer.evaluate(split, report_dir=os.path.join(run_dir, name), log=False)
+            except ValueError as e:
+                raise CommandError(f"--{name} {getattr(args, name) or '(--val-split)'}: {e}") from None
             metrics[name] = _summary(results[name], trainer.class_names)
             r = results[name]
             print(f"{name:5} (step {selection.best_step})  loss {r['loss']:.4f}  acc {r['accuracy']:.4f}  "
@@ -660,7 +709,7 @@ def _main(argv, args):
     if not args.no_report and trainer.is_chief:
         from wrn3d_tl.report import run_report
 
-        trainer.eval_data = data.test(batch) if shown == "test" else val
+        trainer.eval_data = test if shown == "test" else val
         extra = {"data": args.data, "selected step": selection.best_step, "selected by": metrics["selected"]["by"],
                  "iterations": trainer.step, "batch size": batch, "schedule": trainer.schedule}
         if shown:
@@ -677,6 +726,30 @@ def _main(argv, args):
     print(f"done: {trainer.step} iterations, selected step {selection.best_step}, "
           f"{time.perf_counter() - t0:.1f} s -> {run_dir}", flush=True)
     return 0
+
+
+def _record(args, data, run_dir):
+    """``run.json``'s contents: a new run's, or, with ``--resume``, the run's own record with
+    this resumption added, after checking that the data and the selection are the run's."""
+    path = os.path.join(run_dir, "run.json")
+    if not (args.resume and os.path.exists(path)):
+        return {**run_record(args.argv, args, data), "select": args.select if data.val else None}
+    with open(path, encoding="utf-8") as fh:
+        record = json.load(fh)
+    conflicts = []
+    for flag in sorted(set(record.get("data", {})) | set(data.fingerprints)):
+        was, now = record.get("data", {}).get(flag), data.fingerprints.get(flag)
+        if was != now and not (was and now and {**was, "path": None} == {**now, "path": None}):
+            conflicts.append(f"{flag}: " + ("not given" if now is None else "absent" if was is None else
+                                            "other data") + f" (the run's: {was['path'] if was else 'none'})")
+    select = args.select if data.val else None
+    if record.get("select") != select:
+        conflicts.append(f"--select {select} (the run's: {record.get('select')})")
+    if conflicts:
+        raise ValueError(f"--resume: {run_dir} was trained on other data or selected otherwise: "
+                         + "; ".join(conflicts) + ". Resume with the run's own command (run.json) or start a new run")
+    record.setdefault("resumed", []).append({"argv": args.argv, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return record
 
 
 if __name__ == "__main__":
