@@ -16,7 +16,6 @@ status 2. The library side: ``wrn3d_tl.data``, ``Trainer``, ``wrn3d_tl.report``,
 ``wrn3d_tl.export``.
 """
 
-import dataclasses
 import json
 import math
 import os
@@ -27,13 +26,12 @@ import time
 from wrn3d_tl.commands import (Parser, add_scale_flags, add_tiling_flags, add_training_flags, check_training_flags,
                                intensity_arg, non_negative_int, positive_float, positive_int, quiet_tensorflow,
                                shape_arg)
+from wrn3d_tl.commands.selection import SELECT, Selection, train_and_select, write_json
+from wrn3d_tl.commands.sources import ARRAY_SOURCES, open_data
 
 __all__ = ["main", "build_parser", "parse_args", "open_data", "augment_arg", "SELECT"]
 
 _CLI = "wrn3d-train"
-# --select: the validation metric, and whether larger is better.
-SELECT = {"accuracy": True, "auc": True, "loss": False}
-ARRAY_SOURCES = ("cifar10", "cifar100", "synthetic")
 
 
 class CommandError(Exception):
@@ -208,217 +206,6 @@ def _data_name(args):
 
 
 # --------------------------------------------------------------------- data
-@dataclasses.dataclass
-class Data:
-    """What ``open_data`` found: per split a function ``(batch_size, training) -> Dataset``
-    (``training`` adds shuffling, augmentation, repetition and full batches), and what the
-    network and the run record need."""
-
-    train: object
-    val: object
-    test: object
-    n_train: int
-    train_labels: object
-    num_classes: int
-    input_shape: tuple
-    class_names: tuple = None
-    normalization: object = None
-    fingerprints: dict = dataclasses.field(default_factory=dict)
-    description: str = ""
-
-
-def open_data(args, run_dir):
-    """The data ``args`` name, checked (every file's header or labels) before any training:
-    a ``Data``. Raises ValueError/OSError naming the flag and the file."""
-    return {"nifti": _nifti, "hdf5": _hdf5, "medmnist": _medmnist}.get(args.kind, _arrays)(args, run_dir)
-
-
-def _augment(args, default):
-    from wrn3d_tl.data import Augment3D
-
-    spec = default if args.augment == "default" else args.augment
-    return Augment3D(**spec) if isinstance(spec, dict) else spec
-
-
-def _nifti(args, run_dir):
-    from wrn3d_tl.data import nifti_dataset, nifti_info
-    from wrn3d_tl.files import fingerprint
-
-    given = {"data": args.data, "val": args.val, "test": args.test}
-    infos, classes = {}, None
-    for flag, table in given.items():   # every file's voxels once: all bad ones in one error, before any step
-        if table:
-            try:
-                infos[flag] = nifti_info(table, classes=classes, check=True)
-            except (OSError, ValueError) as e:
-                raise ValueError(f"--{flag} {table}: {e}") from None
-            classes = infos["data"].class_names     # val and test are numbered as the training table
-    info, tables, labels = infos["data"], dict(given), infos["data"].labels
-    if args.val_split:
-        keep, held = _split(info.labels, args)
-        folder = os.path.join(run_dir, "splits")
-        os.makedirs(folder, exist_ok=True)
-        tables["data"] = _write_table(os.path.join(folder, "train.csv"), info, keep)
-        tables["val"] = _write_table(os.path.join(folder, "val.csv"), info, held)
-        labels = info.labels[keep]
-    shape = info.volume_shape if args.target_shape is None else tuple(args.target_shape) + (info.channels,)
-    if shape is None:
-        raise ValueError(f"--data {args.data}: the scans differ in shape; pass --target-shape D,H,W")
-    augment = _augment(args, None)
-    read = dict(target_shape=args.target_shape, intensity=args.intensity, classes=classes,
-                num_classes=info.num_classes)
-
-    def split(flag):
-        if not tables[flag]:
-            return None
-        return lambda batch_size, training=False: nifti_dataset(
-            tables[flag], batch_size=batch_size, training=training, repeat=training, drop_remainder=training,
-            seed=args.seed, augment=augment if training else None, check=False, **read)
-
-    prints = {f"--{flag}": {**fingerprint(given[flag]), "scans": i.n} for flag, i in infos.items()}
-    return Data(train=split("data"), val=split("val"), test=split("test"), n_train=len(labels), train_labels=labels,
-                num_classes=info.num_classes, input_shape=shape, class_names=classes, fingerprints=prints,
-                description=f"{info.n} scans in {args.data}")
-
-
-def _split(labels, args):
-    from wrn3d_tl.data import stratified_split
-
-    try:
-        return stratified_split(labels, args.val_split, seed=args.seed)
-    except ValueError as e:
-        raise ValueError(f"--val-split {args.val_split:g}: {e}") from None
-
-
-def _write_table(path, info, rows):
-    from wrn3d_tl.files import written_atomically
-
-    names = info.class_names
-    with written_atomically(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
-        import csv
-
-        w = csv.writer(fh)
-        w.writerow(["path", "label"])
-        for i in rows:
-            w.writerow([info.paths[i], names[info.labels[i]] if names else int(info.labels[i])])
-    return path
-
-
-def _hdf5(args, run_dir):
-    import h5py
-    import numpy as np
-
-    from wrn3d_tl.data import compute_normalization, hdf5_dataset, hdf5_info
-    from wrn3d_tl.files import fingerprint
-
-    infos = {}
-    for flag, path in (("data", args.data), ("val", args.val), ("test", args.test)):
-        if path:
-            try:
-                infos[flag] = hdf5_info(path, args.x_key, args.y_key)
-            except (OSError, ValueError) as e:
-                raise ValueError(f"--{flag} {path}: {e}") from None
-            first, this = infos["data"], infos[flag]
-            if this.volume_shape != first.volume_shape:
-                raise ValueError(f"--{flag} {path}: its volumes have shape {this.volume_shape}, the "
-                                 f"training volumes {first.volume_shape}")
-            if this.num_classes > first.num_classes:
-                raise ValueError(f"--{flag} {path}: it has {this.num_classes} classes, the training data "
-                                 f"{first.num_classes}")
-            if this.class_names and first.class_names and this.class_names != first.class_names[:this.num_classes]:
-                raise ValueError(f"--{flag} {path}: its classes are {list(this.class_names)}, the training data's "
-                                 f"{list(first.class_names)} (wrn3d-prepare --classes numbers a table as another)")
-    info = infos["data"]
-    with h5py.File(args.data, "r") as f:
-        labels = np.asarray(f[args.y_key][()]).astype(np.int64).reshape(-1)
-        norm = info.normalization
-        if norm is None and args.normalize:
-            norm = compute_normalization(f[args.x_key])
-    augment = _augment(args, None)
-
-    def split(flag):
-        if flag not in infos:
-            return None
-        return lambda batch_size, training=False: hdf5_dataset(
-            infos[flag].path, x_key=args.x_key, y_key=args.y_key, batch_size=batch_size, training=training,
-            repeat=training, drop_remainder=training, seed=args.seed, num_classes=info.num_classes,
-            normalization=data.normalization, augment=augment if training else False)   # the stats as last set
-
-    source = "from the file" if info.normalization is not None else "computed" if norm is not None else "none"
-    data = Data(train=split("data"), val=split("val"), test=split("test"), n_train=info.n, train_labels=labels,
-                num_classes=info.num_classes, input_shape=tuple(info.volume_shape), class_names=info.class_names,
-                normalization=norm, fingerprints={f"--{k}": fingerprint(v.path) for k, v in infos.items()},
-                description=f"{info.n} volumes of {info.volume_shape} {info.dtype} in {args.data}, "
-                            f"{info.num_classes} classes, normalisation {source}")
-    return data
-
-
-def _medmnist(args, run_dir):
-    from wrn3d_tl.data import MEDMNIST3D, load_medmnist3d
-
-    flag, _, size = args.data[len("medmnist:"):].partition("@")
-    try:
-        size = int(size or 28)
-        splits = load_medmnist3d(flag, data_dir=args.data_dir, size=size, download=args.download,
-                                 check_sizes=not args.no_check_sizes)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--data {args.data}: " + str(e).replace("pass check_sizes=False", "pass --no-check-sizes"))
-    splits = _limited(splits, args.limit)
-    return _from_arrays(args, splits, MEDMNIST3D[flag]["labels"], None,
-                        {"--data": {"flag": flag, "size": size, **{k: len(v[1]) for k, v in splits.items()}}},
-                        f"MedMNIST {flag} {size}^3", default_augment={"crop_padding": 2})
-
-
-def _arrays(args, run_dir):
-    from wrn3d_tl.data import load_cifar, synthetic_cifar
-
-    if args.data == "synthetic":
-        train, test = synthetic_cifar(args.synthetic_train, args.synthetic_test, num_classes=10, seed=args.seed)
-        source = {"source": "synthetic", "seed": args.seed}
-    else:   # asked for by name: missing files are an error, not a synthetic stand-in
-        try:
-            train, test = load_cifar(args.data, data_dir=args.data_dir, download=args.download)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"--data {args.data}: {e}") from None
-        source = {"source": args.data}
-    splits = _limited({"train": train, "test": test}, args.limit)
-    train = splits["train"]
-    if args.val_split:
-        keep, held = _split(train[1], args)
-        splits = {"train": (train[0][keep], train[1][keep]), "val": (train[0][held], train[1][held]), "test": test}
-    depth = args.volume_depth if args.dims == 3 else None
-    prints = {"--data": {**source, **{k: len(v[1]) for k, v in splits.items()}}}
-    return _from_arrays(args, splits, None, depth, prints, args.data, default_augment=True,
-                        num_classes=100 if args.data == "cifar100" else 10)
-
-
-def _limited(splits, limit):
-    return {k: (x[:limit], y[:limit]) for k, (x, y) in splits.items()} if limit else splits
-
-
-def _from_arrays(args, splits, class_names, depth, prints, description, *, default_augment, num_classes=None):
-    from wrn3d_tl.data import compute_normalization, make_dataset
-
-    x, y = splits["train"]
-    norm = compute_normalization(x)
-    augment = _augment(args, default_augment)
-
-    def split(name):
-        if name not in splits:
-            return None
-        return lambda batch_size, training=False: make_dataset(
-            *splits[name], batch_size=batch_size, volume_depth=depth, tile_mode=args.tile_mode, training=training,
-            seed=args.seed, normalization=norm, augment=augment if training else False, repeat=training,
-            drop_remainder=training)
-
-    shape = ((depth,) if depth else ()) + tuple(x.shape[1:])
-    return Data(train=split("train"), val=split("val"), test=split("test"), n_train=len(y), train_labels=y,
-                num_classes=num_classes or len(class_names), input_shape=shape,
-                class_names=tuple(class_names) if class_names else None, normalization=norm, fingerprints=prints,
-                description=description)
-
-
-# --------------------------------------------------------------------- run
 def run_record(argv, args, data):
     """``run.json``'s contents: the exact command, versions, devices and data fingerprints."""
     import platform
@@ -437,72 +224,6 @@ def run_record(argv, args, data):
                     "onednn": cpu.onednn_status()},
             "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
             "data": data.fingerprints}
-
-
-def _write_json(path, value):
-    from wrn3d_tl.evaluation import json_safe
-    from wrn3d_tl.files import written_atomically
-
-    with written_atomically(path, makedirs=True) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(json_safe(value), fh, indent=1, allow_nan=False)
-    return path
-
-
-class Selection:
-    """The best validation score so far by ``metric`` and how many evaluations since it; kept
-    in ``selection.json`` beside ``best.h5`` so that ``--resume`` goes on where it was."""
-
-    def __init__(self, run_dir, metric, patience):
-        self.path, self.metric, self.patience = os.path.join(run_dir, "selection.json"), metric, patience
-        self.best_step = self.best = None
-        self.since = 0
-        self.history = []
-
-    def load(self, step, best_checkpoint):
-        """Go on from the state saved with the run, resumed at ``step``: evaluations after it
-        (a resume from an older checkpoint) are dropped and the best is found again among the
-        rest; when ``best_checkpoint`` no longer holds that best, the next evaluation writes it."""
-        from wrn3d_tl.checkpoint import read_checkpoint
-
-        with open(self.path, encoding="utf-8") as fh:
-            state = json.load(fh)
-        if state["metric"] != self.metric:
-            raise ValueError(f"--select {self.metric}: the run selects by {state['metric']}; resume with it")
-        for entry in state["history"]:
-            if entry["step"] <= step:
-                self.record(entry["step"], entry)
-        if self.best_step is not None and (not os.path.exists(best_checkpoint)
-                                           or read_checkpoint(best_checkpoint)["step"] != self.best_step):
-            print(f"best.h5 does not hold step {self.best_step}, the best evaluation up to step {step}: the next "
-                  "evaluation writes it", flush=True)
-            self.best_step = self.best = None
-        return self
-
-    def better(self, value):
-        if value is None or not math.isfinite(value):
-            return False
-        if self.best is None:
-            return True
-        return value > self.best if SELECT[self.metric] else value < self.best
-
-    def record(self, step, result):
-        """Note one evaluation; True when it is the best so far."""
-        value = result[self.metric]
-        value = float("nan") if value is None else float(value)
-        self.history.append({"step": step, **{k: result[k] for k in ("loss", "accuracy", "auc")}})
-        if self.better(value):
-            self.best_step, self.best, self.since = step, value, 0
-            return True
-        self.since += 1
-        return False
-
-    @property
-    def stop(self):
-        return bool(self.patience) and self.since >= self.patience
-
-    def save(self):
-        _write_json(self.path, {"metric": self.metric, "best_step": self.best_step, "best": self.best,
-                                "since": self.since, "history": self.history})
 
 
 def _build_trainer(args, data, run_dir, strategy):
@@ -580,48 +301,6 @@ def _build_trainer(args, data, run_dir, strategy):
     return trainer, steps, selection
 
 
-def train_and_select(trainer, steps, val, selection, run_dir, eval_every):
-    """Train to ``steps``, evaluating ``val`` every ``eval_every`` steps and at the end; the
-    best evaluation by the selection's metric writes ``best.h5``, every one ``last.h5`` and
-    ``selection.json`` (without ``val``, ``last.h5`` is still written every ``eval_every``
-    steps). Stops early after ``patience`` evaluations without a better score."""
-    last, best = os.path.join(run_dir, "last.h5"), os.path.join(run_dir, "best.h5")
-
-    def on_step(metrics):
-        if eval_every and metrics["step"] % eval_every == 0:
-            trainer.save(last)
-
-    def on_eval(step, result):
-        improved = selection.record(step, result)
-        print(f"val   step {step}  loss {result['loss']:.4f}  acc {result['accuracy']:.4f}  auc {result['auc']:.4f}"
-              + ("  (best)" if improved else f"  (best: step {selection.best_step})"), flush=True)
-        if improved:
-            trainer.save(best)
-        trainer.save(last)
-        selection.save()
-        return selection.stop
-
-    stopped = selection.stop
-    if not stopped:
-        if val is None:
-            trainer.fit(steps, on_step=on_step)
-        else:
-            trainer.fit(steps, eval_data=val, eval_every=eval_every, on_eval=on_eval)
-        stopped = trainer.step < steps
-    if not stopped:
-        if val is not None and not (selection.history and selection.history[-1]["step"] == trainer.step):
-            on_eval(trainer.step, trainer.evaluate(val))
-        elif val is None:
-            trainer.save(last)
-    if val is not None and selection.best_step is None:
-        print(f"!!! no validation {selection.metric} was finite (e.g. an AUC of a validation set holding one "
-              "class): the last step is the selected model !!!", flush=True)
-    if val is None or selection.best_step is None:
-        trainer.save(best)
-        selection.best_step = trainer.step
-    return stopped
-
-
 def _summary(result, class_names):
     names = list(class_names) if class_names else [str(i) for i in range(len(result["per_class_accuracy"]))]
     return {"loss": result["loss"], "accuracy": result["accuracy"], "auc": result["auc"],
@@ -686,7 +365,7 @@ def _main(args):
           + (f", val every {eval_every} selecting by {args.select}" if val is not None else ", no validation data: "
              "the last step is the selected model") + f" -> {run_dir}", flush=True)
     record["trainer"] = trainer.hyperparameters()
-    _write_json(os.path.join(run_dir, "run.json"), record)
+    write_json(os.path.join(run_dir, "run.json"), record)
     stopped = train_and_select(trainer, steps, val, selection, run_dir, eval_every)
     train_seconds = time.perf_counter() - t0
     trainer.load_weights(os.path.join(run_dir, "best.h5"))
@@ -704,7 +383,7 @@ def _main(args):
             r = results[name]
             print(f"{name:5} (step {selection.best_step})  loss {r['loss']:.4f}  acc {r['accuracy']:.4f}  "
                   f"auc {r['auc']:.4f}  ({r['samples']} samples)", flush=True)
-    _write_json(os.path.join(run_dir, "metrics.json"), metrics)
+    write_json(os.path.join(run_dir, "metrics.json"), metrics)
     shown = "test" if "test" in results else "val" if "val" in results else None
     if not args.no_report and trainer.is_chief:
         from wrn3d_tl.report import run_report
@@ -722,7 +401,7 @@ def _main(args):
     trainer.close()
     record.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), seconds=round(time.perf_counter() - t0, 1),
                   train_seconds=round(train_seconds, 1), selected_step=selection.best_step)
-    _write_json(os.path.join(run_dir, "run.json"), record)
+    write_json(os.path.join(run_dir, "run.json"), record)
     print(f"done: {trainer.step} iterations, selected step {selection.best_step}, "
           f"{time.perf_counter() - t0:.1f} s -> {run_dir}", flush=True)
     return 0
