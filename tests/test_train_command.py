@@ -91,6 +91,8 @@ def test_nifti_tables_train_select_test_report_and_export(scans, tmp_path, capsy
     assert record["command"].startswith("wrn3d-train --data ")
     assert record["versions"]["tensorflow"] and record["cpu"]["model"]
     assert record["data"]["--data"]["scans"] == 24 and len(record["data"]["--data"]["sha256"]) == 64
+    assert record["data"]["--data"]["scan_bytes"] == sum(p.stat().st_size for p in (scans["train"].parent /
+                                                                                     "train").iterdir())
     assert record["data"]["--test"]["scans"] == 8 and record["selected_step"] == metrics["selected"]["step"]
     # the export serves raw scans with the training reading, and agrees with the selected checkpoint
     import nibabel as nib
@@ -424,3 +426,31 @@ def test_without_validation_last_h5_is_written_every_epoch(scans, tmp_path, monk
     assert _run(["--data", scans["train"], *TINY, "--iters", "12", "--no-report", "--out", tmp_path / "run"]) == 0
     # 24 scans in batches of 4: an epoch is 6 steps
     assert [s for s in saved if s[1] == "last.h5"][:2] == [(6, "last.h5"), (12, "last.h5")]
+
+
+def test_the_scan_reading_flags_travel_to_the_checkpoint(scans, tmp_path):
+    out = tmp_path / "run"
+    assert _run(["--data", scans["train"], *TINY, "--iters", "1", "--target-shape", "4,8,8", "--intensity",
+                 "window:0:600", "--augment", "flip=W,crop=1", "--no-report", "--out", out]) == 0
+    ck = _weights(out / "last.h5")
+    assert ck["config"]["input_shape"] == [4, 8, 8, 1]
+    assert ck["trainer"]["preprocessing"] == {"reader": "nifti", "intensity": ["window", 0.0, 600.0],
+                                              "target_shape": [4, 8, 8]}
+
+
+def test_prepare_numbers_a_table_as_asked_and_names_a_bad_one(scans, tmp_path, capsys):
+    from wrn3d_tl.commands import prepare
+    from wrn3d_tl.data import hdf5_info
+
+    assert prepare.main([str(scans["val"]), "--out", str(tmp_path / "v.h5"), "--classes", "right,left",
+                         "--target-shape", "4,8,8"]) == 0
+    info = hdf5_info(tmp_path / "v.h5")
+    assert info.class_names == ("right", "left") and info.volume_shape == (4, 8, 8, 1) and info.n == 8
+    assert info.preprocessing == {"reader": "nifti", "intensity": "zscore", "target_shape": [4, 8, 8]}
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,label\nnowhere.nii.gz,left\n")
+    capsys.readouterr()
+    assert prepare.main([str(bad), "--out", str(tmp_path / "b.h5")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"wrn3d-prepare: error: table {bad}: ") and "nowhere.nii.gz" in err and "\n" not in err
+    assert not (tmp_path / "b.h5").exists()

@@ -81,7 +81,8 @@ def _nifti(args, run_dir):
             tables[flag], batch_size=batch_size, training=training, repeat=training, drop_remainder=training,
             seed=args.seed, augment=augment if training else None, check=False, **read)
 
-    prints = {f"--{flag}": {**fingerprint(given[flag]), "scans": i.n} for flag, i in infos.items()}
+    prints = {f"--{flag}": {**fingerprint(given[flag]), "scans": i.n,   # the table's hash; the scans by size
+                            "scan_bytes": sum(os.path.getsize(path) for path in i.paths)} for flag, i in infos.items()}
     return Data(train=split("data"), val=split("val"), test=split("test"), n_train=len(labels), train_labels=labels,
                 num_classes=info.num_classes, input_shape=shape, class_names=classes, fingerprints=prints,
                 description=f"{info.n} scans in {args.data}")
