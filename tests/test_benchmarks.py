@@ -47,3 +47,18 @@ def test_kernel_benchmark_refuses_unknown_configs_and_precisions(kernels):
     for argv in (["--configs", "wrn99"], ["--precisions", "fp16"]):
         with pytest.raises(SystemExit):
             kernels.parse_args(argv)
+
+
+def test_train_command_benchmark_runs_both_paths_on_its_scan_task(load_benchmark, tmp_path, monkeypatch):
+    import json
+
+    bench = load_benchmark("bench_train_command")
+    monkeypatch.setattr("sys.argv", ["bench_train_command.py", "--out", str(tmp_path), "--epochs", "1", "--depth",
+                                     "10", "--width", "1", "--per-class", "6", "2", "2"])
+    bench.main()
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["network"] == "WRN-10-1" and result["steps"] == 1 and result["per_class"]["test"] == 2
+    for path in ("command", "python"):
+        assert 0 <= result[path]["test_accuracy"] <= 1 and result[path]["seconds"] > 0
+    assert len(open(tmp_path / "scans" / "train.csv").read().splitlines()) == 1 + 18   # 3 classes x 6
+    assert result["command"]["selected_step"] == 1

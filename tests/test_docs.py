@@ -959,3 +959,14 @@ def test_readme_bf16_inference_numbers_are_the_recorded_run():
     assert f"the largest logit difference is {pred['max_abs_logit_diff']:.3f} (logits up to " \
            f"{pred['max_abs_logit_fp32']:.1f}; mean difference {pred['mean_abs_logit_diff']:.3f})" in part
     assert f"probability difference {pred['max_abs_probability_diff']:.0e}".replace("e-05", "e-5") in part
+
+
+def test_train_command_benchmark_numbers_are_the_recorded_run_s():
+    """benchmarks/README.md's wrn3d-train against the Python path: the numbers of the run it names."""
+    text = " ".join((ROOT / "benchmarks" / "README.md").read_text(encoding="utf-8").split())
+    name = re.search(r"`results/(2026-12-07-train-command[^`]+\.json)`", text).group(1)
+    run = json.loads((ROOT / "benchmarks" / "results" / name).read_text())
+    assert (f"{run['network']}, {run['epochs']:g} epochs ({run['steps']} steps): test accuracy "
+            f"{run['command']['test_accuracy']:.3f} through `wrn3d-train` (the val-best checkpoint, step "
+            f"{run['command']['selected_step']}) and {run['python']['test_accuracy']:.3f} through the Python path; "
+            f"{run['command']['seconds']:.0f} s and {run['python']['seconds']:.0f} s") in text
