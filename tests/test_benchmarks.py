@@ -49,6 +49,7 @@ def test_kernel_benchmark_refuses_unknown_configs_and_precisions(kernels):
             kernels.parse_args(argv)
 
 
+@pytest.mark.slow
 def test_train_command_benchmark_runs_both_paths_on_its_scan_task(load_benchmark, tmp_path, monkeypatch):
     import json
 
