@@ -318,17 +318,6 @@ def test_a_bad_scan_and_a_missing_cifar_are_one_line_naming_the_file(scans, tmp_
     assert err.startswith("wrn3d-train: error: --data cifar10: ") and "\n" not in err
 
 
-def test_resume_continues_the_run_and_its_selection(scans, tmp_path):
-    out = tmp_path / "run"
-    common = ["--data", scans["train"], "--val", scans["val"], *TINY, "--schedule", "constant", "--eval-every", "2",
-              "--no-report", "--out", out]
-    assert _run([*common, "--iters", "2"]) == 0
-    assert _run([*common, "--iters", "4", "--resume"]) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert [h["step"] for h in metrics["selected"]["history"]] == [2, 4]
-    assert _weights(out / "last.h5")["step"] == 4
-
-
 def test_a_run_folder_is_never_overwritten_without_resume(scans, tmp_path, capsys):
     out = tmp_path / "run"
     assert _run(["--data", scans["train"], *TINY, "--iters", "1", "--no-report", "--out", out]) == 0
