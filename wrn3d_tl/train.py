@@ -20,7 +20,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from wrn3d_tl.validate import check_int, check_number
+from wrn3d_tl.validate import check_class_weight, check_int, check_number
 from wrn3d_tl.config import check_mixed_precision
 from wrn3d_tl.batches import CHECKS, BatchChecks, combine
 from wrn3d_tl.checkpoint import CheckpointError, CheckpointManager, read_checkpoint, write_checkpoint
@@ -682,20 +682,6 @@ class Trainer:
         if self.logger:
             self.logger.close()
             self.logger = None
-
-
-def check_class_weight(class_weight, num_classes):
-    """``Trainer(class_weight=...)`` as a list of ``num_classes`` finite floats > 0, or None."""
-    if class_weight is None:
-        return None
-    try:
-        w = np.asarray(class_weight, dtype=np.float64) if np.ndim(class_weight) == 1 else None
-    except (TypeError, ValueError):
-        w = None
-    if w is None or w.shape != (num_classes,) or not np.all(np.isfinite(w)) or np.any(w <= 0):
-        raise ValueError(f"class_weight must be None or {num_classes} finite numbers > 0 (one per class), "
-                         f"got {class_weight!r}")
-    return [float(v) for v in w]
 
 
 def under(name, prefixes):

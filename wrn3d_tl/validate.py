@@ -9,7 +9,7 @@ import numbers
 
 import numpy as np
 
-__all__ = ["is_int", "check_int", "check_number", "ensure_tuple_rep", "layout", "LAYOUTS", "check_batch_shape",
+__all__ = ["is_int", "check_int", "check_class_weight", "check_number", "ensure_tuple_rep", "layout", "LAYOUTS", "check_batch_shape",
            "same_output_shape"]
 
 LAYOUTS = {2: "NHWC", 3: "NDHWC"}
@@ -75,3 +75,17 @@ def check_batch_shape(shape, input_shape, what):
     hint = " (a single volume? add a batch axis: x[None])" if shape == input_shape else ""
     raise ValueError(f"{what}: x must have shape (batch,) + {input_shape} ({layout(len(input_shape) - 1)}), "
                      f"got {shape}{hint}")
+
+
+def check_class_weight(class_weight, num_classes):
+    """``Trainer(class_weight=...)`` as a list of ``num_classes`` finite floats > 0, or None."""
+    if class_weight is None:
+        return None
+    try:
+        w = np.asarray(class_weight, dtype=np.float64) if np.ndim(class_weight) == 1 else None
+    except (TypeError, ValueError):
+        w = None
+    if w is None or w.shape != (num_classes,) or not np.all(np.isfinite(w)) or np.any(w <= 0):
+        raise ValueError(f"class_weight must be None or {num_classes} finite numbers > 0 (one per class), "
+                         f"got {class_weight!r}")
+    return [float(v) for v in w]

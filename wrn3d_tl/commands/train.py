@@ -32,6 +32,7 @@ from wrn3d_tl.commands.sources import ARRAY_SOURCES, open_data
 __all__ = ["main", "build_parser", "parse_args", "open_data", "augment_arg", "SELECT"]
 
 _CLI = "wrn3d-train"
+DEFAULT_EPOCHS = 30   # without --iters or --epochs (a resumed run: its own plan)
 
 
 class CommandError(Exception):
@@ -113,7 +114,8 @@ def build_parser():
     a("--no-report", action="store_true", help="skip index.html and the Grad-CAM montages")
     add_tiling_flags(p)
     add_scale_flags(p)
-    add_training_flags(p, iters_help="training iterations (default: --epochs)")
+    add_training_flags(p, iters_help=f"training iterations (default: {DEFAULT_EPOCHS} epochs, or a resumed run's "
+                                     "plan)")
     p.set_defaults(depth=16, width=4, dropout=0.0, dims=3, volume_depth=8, tile_mode="repeat", x_key="volumes",
                    y_key="labels", intensity="zscore", batch_size=16, lr=0.05, schedule="cosine", warmup_steps=0,
                    weight_decay=5e-4, select="accuracy", patience=0, class_weight="none", eval_every=None,
@@ -258,7 +260,7 @@ def _build_trainer(args, data, run_dir, strategy):
     if args.iters is None and args.epochs is None and stored.get("total_steps"):
         steps = stored["total_steps"]   # a resumed run keeps its plan unless told otherwise
     else:
-        epochs = args.epochs if args.iters is None and args.epochs is not None else (None if args.iters else 30)
+        epochs = DEFAULT_EPOCHS if args.iters is None and args.epochs is None else args.epochs
         steps = plan_steps(data.n_train, batch_size, iters=args.iters, epochs=epochs)
     if point[0] and data.normalization is None and point[1]["normalization"] is not None:
         data.normalization = point[1]["normalization"]   # e.g. --init-from's stats, stored with the run
