@@ -15,7 +15,8 @@ import sys
 from wrn3d_tl.config import PRECISIONS, TOP_LAYERS
 
 __all__ = ["Parser", "positive_int", "non_negative_int", "positive_float", "non_negative_float", "existing_file",
-           "intensity_arg", "shape_arg", "batch_size_arg", "fail", "die", "quiet_tensorflow", "versions_line",
+           "intensity_arg", "shape_arg", "batch_size_arg", "error_line", "fail", "die", "quiet_tensorflow",
+           "versions_line",
            "add_training_flags", "add_scale_flags", "add_tiling_flags", "check_training_flags"]
 
 
@@ -231,18 +232,22 @@ def check_training_flags(parser, args):
         raise
 
 
-def die(message, prog=None):
-    """End a command-line program with ONE line ``prog: error: message`` on stderr and
-    exit status 2 (``prog`` defaults to the script's name)."""
-    prog = prog or os.path.basename(sys.argv[0])
+def error_line(prog, message):
+    """Print ONE line ``prog: error: message`` on stderr (the message's line breaks folded);
+    returns 2, the exit status of a bad input."""
     print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    return 2
+
+
+def die(message, prog=None):
+    """End a command-line program with ``error_line`` and exit status 2 (``prog`` defaults
+    to the script's name)."""
+    sys.exit(error_line(prog or os.path.basename(sys.argv[0]), message))
 
 
 def fail(prog, flag, value, message):
     """Print ``prog: error: flag value: message`` as one line on stderr; returns 2."""
-    print(f"{prog}: error: {flag} {value}: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
-    return 2
+    return error_line(prog, f"{flag} {value}: {message}")
 
 
 @contextlib.contextmanager

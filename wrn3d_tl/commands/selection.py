@@ -5,6 +5,9 @@ evaluation, ``best.h5`` beside ``last.h5``, early stopping by ``--patience``, an
 import json
 import math
 import os
+import shutil
+
+from wrn3d_tl.files import written_atomically
 
 __all__ = ["SELECT", "Selection", "train_and_select", "write_json"]
 
@@ -85,17 +88,21 @@ def train_and_select(trainer, steps, val, selection, run_dir, eval_every):
     steps). Stops early after ``patience`` evaluations without a better score."""
     last, best = os.path.join(run_dir, "last.h5"), os.path.join(run_dir, "best.h5")
 
+    def save_last(selected=False):
+        trainer.save(last)
+        if selected:   # the same state: a byte copy of the file just written, replaced atomically
+            with written_atomically(best) as tmp:
+                shutil.copyfile(last, tmp)
+
     def on_step(metrics):
         if eval_every and metrics["step"] % eval_every == 0:
-            trainer.save(last)
+            save_last()
 
     def on_eval(step, result):
         improved = selection.record(step, result)
         print(f"val   step {step}  loss {result['loss']:.4f}  acc {result['accuracy']:.4f}  auc {result['auc']:.4f}"
               + ("  (best)" if improved else f"  (best: step {selection.best_step})"), flush=True)
-        if improved:
-            trainer.save(best)
-        trainer.save(last)
+        save_last(selected=improved)
         selection.save()
         return selection.stop
 
@@ -106,15 +113,12 @@ def train_and_select(trainer, steps, val, selection, run_dir, eval_every):
         else:
             trainer.fit(steps, eval_data=val, eval_every=eval_every, on_eval=on_eval)
         stopped = trainer.step < steps
-    if not stopped:
-        if val is not None and not (selection.history and selection.history[-1]["step"] == trainer.step):
-            on_eval(trainer.step, trainer.evaluate(val))
-        elif val is None:
-            trainer.save(last)
+    if not stopped and val is not None and not (selection.history and selection.history[-1]["step"] == trainer.step):
+        on_eval(trainer.step, trainer.evaluate(val))   # the last step, unless evaluated already
     if val is not None and selection.best_step is None:
         print(f"!!! no validation {selection.metric} was finite (e.g. an AUC of a validation set holding one "
               "class): the last step is the selected model !!!", flush=True)
     if val is None or selection.best_step is None:
-        trainer.save(best)
+        save_last(selected=True)
         selection.best_step = trainer.step
     return stopped

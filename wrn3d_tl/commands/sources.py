@@ -6,6 +6,7 @@ Errors are ValueError/OSError naming the flag and the file; ``wrn3d-train`` prin
 its one line.
 """
 
+import csv
 import dataclasses
 import os
 
@@ -102,8 +103,6 @@ def _write_table(path, info, rows):
 
     names = info.class_names
     with written_atomically(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as fh:
-        import csv
-
         w = csv.writer(fh)
         w.writerow(["path", "label"])
         for i in rows:
@@ -224,5 +223,3 @@ def _from_arrays(args, splits, class_names, depth, prints, description, *, defau
                 class_names=tuple(class_names) if class_names else None, normalization=norm, fingerprints=prints,
                 description=description)
 
-
-# --------------------------------------------------------------------- run

@@ -16,6 +16,7 @@ status 2. The library side: ``wrn3d_tl.data``, ``Trainer``, ``wrn3d_tl.report``,
 ``wrn3d_tl.export``.
 """
 
+import argparse
 import json
 import math
 import os
@@ -24,8 +25,8 @@ import sys
 import time
 
 from wrn3d_tl.commands import (Parser, add_scale_flags, add_tiling_flags, add_training_flags, check_training_flags,
-                               intensity_arg, non_negative_int, positive_float, positive_int, quiet_tensorflow,
-                               shape_arg)
+                               error_line, intensity_arg, non_negative_int, positive_float, positive_int,
+                               quiet_tensorflow, shape_arg)
 from wrn3d_tl.commands.selection import SELECT, Selection, train_and_select, write_json
 from wrn3d_tl.commands.sources import ARRAY_SOURCES, open_data
 
@@ -43,8 +44,6 @@ def augment_arg(text):
     """An argparse type: ``none`` or comma-separated ``flip=DHW``, ``rotate=HW``, ``crop=N``,
     ``scale=F``, ``shift=F`` (``wrn3d_tl.data.Augment3D``'s fields), returned as a dict of
     its keyword arguments (None for ``none``)."""
-    import argparse
-
     if text in ("none", "default"):
         return None if text == "none" else text
     axes = {"D": 0, "H": 1, "W": 2}
@@ -71,8 +70,6 @@ def augment_arg(text):
 def _fraction(text):
     value = positive_float(text)
     if value >= 1:
-        import argparse
-
         raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}")
     return value
 
@@ -207,7 +204,7 @@ def _data_name(args):
     return os.path.splitext(os.path.basename(os.path.normpath(args.data)))[0]
 
 
-# --------------------------------------------------------------------- data
+# --------------------------------------------------------------------- run
 def run_record(argv, args, data):
     """``run.json``'s contents: the exact command, versions, devices and data fingerprints."""
     import platform
@@ -304,7 +301,9 @@ def _build_trainer(args, data, run_dir, strategy):
 
 
 def _summary(result, class_names):
-    names = list(class_names) if class_names else [str(i) for i in range(len(result["per_class_accuracy"]))]
+    from wrn3d_tl.evaluation import class_name_list
+
+    names = class_name_list(class_names, len(result["per_class_accuracy"]))
     return {"loss": result["loss"], "accuracy": result["accuracy"], "auc": result["auc"],
             "samples": result["samples"], "class_names": names, "confusion_matrix": result["confusion_matrix"],
             "per_class": {n: {"accuracy": a, "auc": u} for n, a, u in zip(names, result["per_class_accuracy"],
@@ -321,8 +320,7 @@ def main(argv=None):
     try:
         return _main(args)
     except CommandError as e:
-        print(f"{_CLI}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
-        return 2
+        return error_line(_CLI, e)
     finally:   # the run's pipelines end here, not in TensorFlow's teardown after Python's
         import gc
 
