@@ -5,12 +5,17 @@
     save_montage(volumes[0], "cam0.png", cam=cams[0])  # slices along depth, CAM as a heat overlay
 
     wrn3d-explain --checkpoint c.h5 --hdf5|--npy|--nifti INPUT --out DIR [--indices 0,5] [--class K]
+    wrn3d-explain --checkpoint c.h5 --nifti scans.csv --out DIR --nifti-out DIR  # maps a viewer overlays
 
 Grad-CAM (Selvaraju et al., ICCV 2017): the gradient of the class logit with respect to a
 feature map, averaged over space, weights that map's channels; their weighted sum, through a
 ReLU, is the class's map, upsampled (linearly) to the input's spatial shape and divided by
 its maximum. The default feature map is group3's output after the head's BN-ReLU: the last
 map before global pooling, so for it Grad-CAM equals CAM (Zhou et al., CVPR 2016).
+
+A map of a scan read from a file can go back onto the scan's own grid
+(:func:`save_cam_nifti`): a NIfTI file with the scan's shape and affine, which ITK-SNAP,
+3D Slicer or FSLeyes overlay on the scan with no manual alignment.
 """
 
 from __future__ import annotations
@@ -20,10 +25,10 @@ import os
 import numpy as np
 
 from wrn3d_tl.config import GROUPS, HEAD_BN
-from wrn3d_tl.files import save_figure
+from wrn3d_tl.files import save_figure, written_atomically
 from wrn3d_tl.predict import as_predictor
 
-__all__ = ["grad_cam", "cam_layers", "save_montage", "montage_slices", "write_cam_montages"]
+__all__ = ["grad_cam", "cam_layers", "save_montage", "montage_slices", "write_cam_montages", "save_cam_nifti"]
 
 DEFAULT_LAYER = HEAD_BN
 
@@ -246,9 +251,56 @@ def save_montage(volume, path, *, cam=None, axis=0, slices=None, cols=None, titl
     return save_figure(fig, path, dpi=80)
 
 
+# ------------------------------------------------------------------- on the scan
+def save_cam_nifti(cam, scan, reading, path):
+    """Write a Grad-CAM map as a NIfTI file on the grid of the scan it explains.
+
+    Args:
+      cam: float ``(D, H, W)``, a map on the network's input grid, i.e. of the volume
+        ``scan`` became through ``reading`` (as :func:`grad_cam` returns it).
+      scan: the ``.nii``/``.nii.gz`` file or DICOM series folder that was read.
+      reading: the reading it was read with (``Predictor.nifti_reading()``, a
+        ``NiftiVolumes.reading``): orientation, spacing and crop/pad place the network's
+        grid in the world.
+      path: the output file (``.nii.gz`` or ``.nii``), written atomically.
+
+    The map is resampled linearly from the network's grid onto the scan's voxels (0 where
+    the network saw padding or nothing of the scan) and saved as float32 with the scan's
+    shape ``(i, j, k)`` and affine. Returns ``path``.
+    """
+    import nibabel as nib
+
+    from wrn3d_tl.data.geometry import to_scan_grid
+    from wrn3d_tl.data.nifti import scan_grids
+
+    cam = np.asarray(cam, np.float32)
+    scan_shape, scan_affine, grid, grid_affine = scan_grids(scan, reading)
+    if cam.shape != tuple(grid):
+        raise ValueError(f"cam: shape {cam.shape} is not the network grid {tuple(grid)} of {os.fspath(scan)!r} "
+                         f"read with {reading}")
+    image = nib.Nifti1Image(to_scan_grid(cam, grid_affine, scan_shape, scan_affine), scan_affine)
+    image.header.set_xyzt_units("mm")
+    data = image.to_bytes()
+    if os.fspath(path).lower().endswith(".gz"):
+        import gzip
+
+        data = gzip.compress(data, compresslevel=6)
+    with written_atomically(path, makedirs=True) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+    return path
+
+
+def _scan_stem(path):
+    name = os.path.basename(os.path.normpath(path))
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[:-len(suffix)]
+    return name
+
+
 # ------------------------------------------------------------------ many montages
 def write_cam_montages(model, volumes, out_dir, *, indices=None, class_index=None, layer=None, axis=0,
-                       batch_size=16, names=None, preprocessed=False):
+                       batch_size=16, names=None, preprocessed=False, nifti_out=None):
     """Grad-CAM montages of chosen volumes, one PNG each: ``{out_dir}/{index}_{class}.png``.
 
     ``model``: as for :func:`grad_cam`. ``volumes``: an array-like ``(N,) + input_shape``
@@ -258,13 +310,18 @@ def write_cam_montages(model, volumes, out_dir, *, indices=None, class_index=Non
     predicted class), an int, or one class per volume of ``volumes``. ``names``: class
     names for the titles (default: the checkpoint's, else "class K"). Titles name the file
     of each volume where it is known (``NiftiVolumes``). Volumes are read ``batch_size`` at
-    a time. Returns the written paths.
+    a time. ``nifti_out``: also write each map onto its scan's grid
+    (:func:`save_cam_nifti`) as ``{nifti_out}/{index}_{class}_{scan name}.nii.gz``; needs
+    ``NiftiVolumes``. Returns the written paths (montages, then per volume its map).
     """
     from wrn3d_tl.data.reading import apply_reading
     predictor = as_predictor(model)
     names = predictor.class_names if names is None else names
     reading = predictor.array_reading(volumes, preprocessed)
     files = getattr(getattr(volumes, "info", None), "paths", None)
+    if nifti_out is not None and files is None:
+        raise ValueError(f"nifti_out={os.fspath(nifti_out)!r} needs scans read from files (NiftiVolumes, "
+                         "wrn3d-explain --nifti): an array has no affine to put the maps on")
     n = predictor.check_volumes(volumes, reading=reading)[0]
     idx = list(range(n)) if indices is None else [int(i) for i in indices]
     bad = [i for i in idx if not 0 <= i < n]
@@ -293,4 +350,7 @@ def write_cam_montages(model, volumes, out_dir, *, indices=None, class_index=Non
             what = os.path.basename(files[i]) if files else f"volume {i}"
             save_montage(volume, path, cam=cam, axis=axis, title=f"{what}: Grad-CAM of {label}")
             paths.append(path)
+            if nifti_out is not None:
+                paths.append(save_cam_nifti(cam, files[i], volumes.reading, os.path.join(
+                    nifti_out, f"{i}_{int(c)}_{_scan_stem(files[i])}.nii.gz")))
     return paths

@@ -19,11 +19,12 @@ accepted and converted to float32 batch by batch (float64 is rounded to float32;
 uints are converted exactly up to 2**24; bool, complex and non-numeric arrays are
 refused). Inference mode: moving batch-norm statistics, no dropout.
 
-NIfTI inputs (a ``.nii``/``.nii.gz`` file, a folder of them, or a CSV with a ``path``
-column) are read exactly as ``wrn3d_tl.data.nifti_dataset`` read them for training: same
-axis order, and the ``intensity`` and ``target_shape`` the checkpoint stored from its
-training data (``Trainer.preprocessing``) unless given; the output gains a ``path`` per
-volume.
+NIfTI inputs (a ``.nii``/``.nii.gz`` file, a folder of them or a DICOM series folder, or a
+CSV with a ``path`` column) are read exactly as ``wrn3d_tl.data.nifti_dataset`` read them
+for training: the orientation and spacing the checkpoint stored from its training data
+(``Trainer.preprocessing``), and its ``intensity`` and ``target_shape`` unless given; the
+output gains a ``path`` per volume. Raw arrays carry no affine: they are taken as already
+in the stored orientation and spacing.
 
 Errors (wrong rank, spatial shape or channels, NaN/Inf, values so large that the logits
 overflow, empty input, missing file or key, a file that is not a checkpoint) raise
@@ -173,33 +174,32 @@ class Predictor:
             yield start, (x if reading is None else apply_reading(x, reading))
 
     # -------------------------------------------------------------- inference
-    def nifti_reading(self, intensity=FROM_CHECKPOINT, target_shape=FROM_CHECKPOINT):
-        """``(intensity, target_shape)`` for NIfTI inputs: each argument as given, or, when
-        ``"checkpoint"``, what the checkpoint stored from its NIfTI training data (else the
-        defaults of ``nifti_dataset``: ``"zscore"``, None)."""
-        stored = self.preprocessing if (self.preprocessing or {}).get("reader") == "nifti" else {}
+    def nifti_reading(self, intensity=FROM_CHECKPOINT, target_shape=FROM_CHECKPOINT, like=None):
+        """The reading (``wrn3d_tl.data.reading.preprocessing_of``) for NIfTI inputs:
+        ``intensity`` and ``target_shape`` as given, or, when ``"checkpoint"``, what the
+        checkpoint stored from its NIfTI training data (else ``like``'s, a reading, else
+        the defaults of ``nifti_dataset``: ``"zscore"``, None). Orientation and spacing are
+        always the stored ones (or ``like``'s when none is stored): the network learnt on
+        that grid."""
+        from wrn3d_tl.data.reading import FILE_SIDE, preprocessing_of
+
+        stored = self.preprocessing if (self.preprocessing or {}).get("reader") == "nifti" else like or {}
         if intensity == FROM_CHECKPOINT:
             intensity = stored.get("intensity", "zscore")
         if isinstance(target_shape, str) and target_shape == FROM_CHECKPOINT:
             target_shape = stored.get("target_shape")
-        return intensity, target_shape
+        return preprocessing_of(intensity, target_shape, *(stored.get(k) for k in FILE_SIDE))
 
     def open(self, volumes, *, key="volumes", intensity=FROM_CHECKPOINT, target_shape=FROM_CHECKPOINT):
         """Context manager giving ``(array-like, description)`` for any input ``predict``
         takes (files opened lazily; NIfTI read as the checkpoint says unless overridden)."""
-        stored = (self.preprocessing or {}).get("reader") == "nifti"
-        if hasattr(volumes, "intensity") and hasattr(volumes, "target_shape") and not stored:
-            # NiftiVolumes for a model whose data did not say how it was read: theirs is the reading
-            intensity = volumes.intensity if intensity == FROM_CHECKPOINT else intensity
-            target_shape = volumes.target_shape if isinstance(target_shape, str) else target_shape
-        intensity, target_shape = self.nifti_reading(intensity, target_shape)
-        return _open_volumes(volumes, key, intensity, target_shape)
+        # NiftiVolumes for a model whose data did not say how it was read: theirs is the reading
+        reading = self.nifti_reading(intensity, target_shape, like=getattr(volumes, "reading", None))
+        return _open_volumes(volumes, key, reading)
 
     def predict(self, volumes, *, key="volumes", batch_size=32, top_k=5, intensity=FROM_CHECKPOINT,
                 target_shape=FROM_CHECKPOINT, preprocessed=False):
         """See ``wrn3d_tl.predict.predict``."""
-        from wrn3d_tl.data.reading import preprocessing_of
-
         top_k = check_int(top_k, "top_k")
         k = min(top_k, self.config.num_classes)
         with self.open(volumes, key=key, intensity=intensity, target_shape=target_shape) as (array, what):
@@ -219,7 +219,7 @@ class Predictor:
                 logits[start:start + len(x)] = lg
                 probs[start:start + len(x)] = pr.numpy()
             files = hasattr(array, "info")    # NiftiVolumes: each file read with its reading
-            applied = preprocessing_of(array.intensity, array.target_shape) if files else reading
+            applied = array.reading if files else reading
         # Stable sort on -p: ties go to the lower class index, as argmax does.
         order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
         top_p = np.take_along_axis(probs, order, axis=1)
@@ -270,30 +270,27 @@ class _open_volumes:
     HDF5 path + key or a NIfTI input. Files are opened lazily (memory-mapped / h5py /
     nibabel), read batch by batch."""
 
-    def __init__(self, volumes, key, intensity="zscore", target_shape=None):
+    def __init__(self, volumes, key, reading):
         self.volumes, self.key, self._file = volumes, key, None
-        self.intensity, self.target_shape = intensity, target_shape
+        self.reading = reading
 
     def __enter__(self):
         # TensorFlow comes with it: not at module import
-        from wrn3d_tl.data.nifti import NiftiVolumes, check_intensity, check_target_shape
+        from wrn3d_tl.data.nifti import NiftiVolumes
 
-        v = self.volumes
+        v, reading = self.volumes, self.reading
         if isinstance(v, NiftiVolumes):
-            given = {"intensity": v.intensity, "target_shape": v.target_shape}
-            wanted = {"intensity": check_intensity(self.intensity), "target_shape": check_target_shape(self.target_shape)}
-            if given != wanted:
-                raise ValueError(f"NIfTI table {v.info.table!r}: these NiftiVolumes read files with {given}, but "
-                                 f"the model's NIfTI data was read with {wanted}; build them with the same "
-                                 "intensity and target_shape, or pass the path instead")
+            if v.reading != reading:
+                raise ValueError(f"NIfTI table {v.info.table!r}: these NiftiVolumes read files with {v.reading}, but "
+                                 f"the model's NIfTI data was read with {reading}; build them with the same "
+                                 "reading, or pass the path instead")
             return v, f"NIfTI table {v.info.table!r}"
         if isinstance(v, (str, os.PathLike)):
             path = os.fspath(v)
             if not os.path.exists(path):
                 raise FileNotFoundError(f"volumes file {path!r} does not exist")
             if is_nifti_input(path):
-                return (NiftiVolumes(path, intensity=self.intensity, target_shape=self.target_shape),
-                        f"NIfTI input {path!r}")
+                return NiftiVolumes.from_reading(path, reading), f"NIfTI input {path!r}"
             if path.lower().endswith(".npy"):
                 return load_npy(path), f"{path!r}"
             if not h5py.is_hdf5(path):

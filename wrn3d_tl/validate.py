@@ -1,5 +1,6 @@
 """The checks every module shares, written once: integers (numpy's too, never bools),
-numbers, per-axis tuples, batch shapes and layout names. ValueErrors name the argument.
+numbers, per-axis tuples, batch shapes, layout names and a scan's axis codes and voxel
+spacing. ValueErrors name the argument.
 
 Tensors are channels-last: ``NHWC`` (batch, height, width, channels) for a spatial rank
 of 2 and ``NDHWC`` (batch, depth, height, width, channels) for a spatial rank of 3.
@@ -10,7 +11,7 @@ import numbers
 import numpy as np
 
 __all__ = ["is_int", "check_int", "check_class_weight", "check_number", "ensure_tuple_rep", "layout", "LAYOUTS", "check_batch_shape",
-           "same_output_shape"]
+           "same_output_shape", "check_orientation", "check_spacing"]
 
 LAYOUTS = {2: "NHWC", 3: "NDHWC"}
 
@@ -89,3 +90,34 @@ def check_class_weight(class_weight, num_classes):
         raise ValueError(f"class_weight must be None or {num_classes} finite numbers > 0 (one per class), "
                          f"got {class_weight!r}")
     return [float(v) for v in w]
+
+
+_PAIRS = ("LR", "PA", "IS")
+
+
+def check_orientation(orientation):
+    """None, or three axis codes, one from each of L/R, P/A, I/S (``"RAS"``, ``"LPS"``,
+    ``"PIL"``, ...) -> the upper-case str. ValueError otherwise."""
+    if orientation is None:
+        return None
+    codes = orientation.upper() if isinstance(orientation, str) else None
+    if codes is None or len(codes) != 3 or sorted(next((i for i, p in enumerate(_PAIRS) if c in p), 9)
+                                                  for c in codes) != [0, 1, 2]:
+        raise ValueError(f"orientation must be None or three axis codes, one of each pair L/R, P/A, I/S "
+                         f"(e.g. 'RAS', 'LPS'), got {orientation!r}")
+    return codes
+
+
+def check_spacing(spacing):
+    """None, or three finite positive voxel sizes in mm ``(d, h, w)`` -> a tuple of floats."""
+    if spacing is None:
+        return None
+    values = tuple(spacing) if isinstance(spacing, (tuple, list, np.ndarray)) else None
+    try:
+        ok = values is not None and len(values) == 3 and all(
+            not isinstance(v, (bool, np.bool_, str)) and np.isfinite(float(v)) and float(v) > 0 for v in values)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"spacing must be None or three positive voxel sizes in mm (d, h, w), got {spacing!r}")
+    return tuple(float(v) for v in values)

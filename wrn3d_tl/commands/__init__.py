@@ -13,9 +13,10 @@ import os
 import sys
 
 from wrn3d_tl.config import PRECISIONS, TOP_LAYERS
+from wrn3d_tl.validate import check_orientation, check_spacing
 
 __all__ = ["Parser", "positive_int", "non_negative_int", "positive_float", "non_negative_float", "existing_file",
-           "intensity_arg", "shape_arg", "batch_size_arg", "error_line", "fail", "die", "quiet_tensorflow",
+           "intensity_arg", "shape_arg", "orientation_arg", "spacing_arg", "add_reading_flags", "batch_size_arg", "error_line", "fail", "die", "quiet_tensorflow",
            "versions_line",
            "add_training_flags", "add_scale_flags", "add_tiling_flags", "check_training_flags"]
 
@@ -124,6 +125,39 @@ def shape_arg(text):
     if len(shape) != 3 or min(shape) < 1:
         raise argparse.ArgumentTypeError(f"expected three positive ints D,H,W, got {text!r}")
     return shape
+
+
+def orientation_arg(text):
+    """An argparse type: axis codes such as ``RAS`` or ``LPS`` (one of each pair L/R, P/A, I/S)."""
+    try:
+        return check_orientation(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three axis codes, one of each pair L/R, P/A, I/S (e.g. RAS), "
+                                         f"got {text!r}") from None
+
+
+def spacing_arg(text):
+    """An argparse type: voxel sizes in mm, ``D,H,W`` or one number for all three axes."""
+    try:
+        values = [float(v) for v in text.split(",")]
+        return check_spacing(values * 3 if len(values) == 1 else values)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected voxel sizes in mm, D,H,W or one number (e.g. 1), "
+                                         f"got {text!r}") from None
+
+
+def add_reading_flags(parser, *, intensity_default=None):
+    """How scans are read, for the commands that read them for training (``wrn3d-train``,
+    ``wrn3d-prepare``): ``--orientation``, ``--spacing``, ``--intensity``, ``--target-shape``,
+    in the order they are applied (``wrn3d_tl.data.reading``)."""
+    a = parser.add_argument
+    a("--orientation", type=orientation_arg, help="NIfTI/DICOM: reorder/flip each scan's axes by its affine to "
+      "these axis codes, e.g. RAS (recommended when scans come from several scanners; default: as stored)")
+    a("--spacing", type=spacing_arg, help="NIfTI/DICOM: resample each scan linearly to these voxel sizes in mm, "
+      "D,H,W in the output axis order or one number (default: as stored)")
+    a("--intensity", type=intensity_arg, default=intensity_default,
+      help="NIfTI/DICOM: zscore, zscore_nonzero, none or window:LO:HI")
+    a("--target-shape", type=shape_arg, help="NIfTI/DICOM: centre crop / zero pad every scan to D,H,W")
 
 
 def existing_file(text):

@@ -20,6 +20,9 @@ def main(argv=None):
                "volumes with a wrn3d_tl checkpoint.")
     add_input_flags(p)
     p.add_argument("--out", required=True, help="folder for the PNGs (created)")
+    p.add_argument("--nifti-out", metavar="DIR",
+                   help="also write each map as a NIfTI file on its scan's own grid and affine, "
+                        "{index}_{class}_{scan}.nii.gz, to overlay in ITK-SNAP / 3D Slicer / FSLeyes (--nifti only)")
     p.add_argument("--indices", help="comma-separated volume indices (default: all)")
     p.add_argument("--class", dest="class_index", type=non_negative_int,
                    help="explain this class (default: each volume's predicted class)")
@@ -29,8 +32,11 @@ def main(argv=None):
         args = p.parse_args(argv)
     except SystemExit as e:
         return e.code
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        return fail(_CLI, "--out", args.out, "is a file; give a folder")
+    for flag, value in (("--out", args.out), ("--nifti-out", args.nifti_out)):
+        if value is not None and os.path.exists(value) and not os.path.isdir(value):
+            return fail(_CLI, flag, value, "is a file; give a folder")
+    if args.nifti_out is not None and args.nifti is None:
+        return fail(_CLI, "--nifti-out", args.nifti_out, "needs --nifti input: maps go onto the scans' own grids")
     try:
         indices = None if args.indices is None else [int(v) for v in args.indices.split(",")]
     except ValueError:
@@ -51,11 +57,13 @@ def main(argv=None):
                             target_shape=args.target_shape) as (array, _):
             paths = write_cam_montages(predictor, array, args.out, indices=indices, class_index=args.class_index,
                                        layer=args.layer, axis=args.axis, batch_size=args.batch_size,
-                                       preprocessed=args.preprocessed)
+                                       preprocessed=args.preprocessed, nifti_out=args.nifti_out)
     except (OSError, ValueError) as e:
         flag, value = ("--indices", args.indices) if "indices must be" in str(e) else (src_arg, src)
         return fail(_CLI, flag, value, e)
-    print(f"{_CLI}: {len(paths)} montage(s) -> {args.out}", file=sys.stderr)
+    maps = sum(p.endswith(".nii.gz") for p in paths)
+    print(f"{_CLI}: {len(paths) - maps} montage(s) -> {args.out}"
+          + (f", {maps} NIfTI map(s) -> {args.nifti_out}" if args.nifti_out else ""), file=sys.stderr)
     return 0
 
 

@@ -124,9 +124,8 @@ def open_inputs(prog, args):
     if files is not None:
         from wrn3d_tl.data.nifti import NiftiVolumes
 
-        intensity, target_shape = predictor.nifti_reading(args.intensity, args.target_shape)
         try:
-            volumes = NiftiVolumes(files, intensity=intensity, target_shape=target_shape)
+            volumes = NiftiVolumes.from_reading(files, predictor.nifti_reading(args.intensity, args.target_shape))
         except ValueError as e:
             bad(src_arg, src, e)
     return predictor, volumes, src_arg, src, skipped

@@ -6,7 +6,7 @@ library side is ``wrn3d_tl.data.nifti_to_hdf5``."""
 import os
 import sys
 
-from wrn3d_tl.commands import Parser, fail, intensity_arg, quiet_tensorflow, shape_arg
+from wrn3d_tl.commands import Parser, add_reading_flags, fail, quiet_tensorflow
 
 __all__ = ["main"]
 
@@ -20,9 +20,7 @@ def main(argv=None):
                "preprocessed float32 volumes, with a progress bar.")
     p.add_argument("table", help="CSV with path,label columns, or a folder with one sub-folder per class")
     p.add_argument("--out", required=True, help="the HDF5 file to write (replaced atomically)")
-    p.add_argument("--target-shape", type=shape_arg, help="centre crop / zero pad every scan to D,H,W")
-    p.add_argument("--intensity", type=intensity_arg, default="zscore",
-                   help="zscore, zscore_nonzero, none or window:LO:HI")
+    add_reading_flags(p, intensity_default="zscore")
     p.add_argument("--classes", help="class names in index order, comma-separated (to number a val/test table as "
                    "the training one; default: sorted names, or the sub-folders)")
     p.add_argument("--compression", choices=["none", "gzip", "lzf"], default="none", help="HDF5 compression")
@@ -39,6 +37,7 @@ def main(argv=None):
 
     try:
         info = nifti_to_hdf5(args.table, args.out, target_shape=args.target_shape, intensity=args.intensity,
+                             orientation=args.orientation, spacing=args.spacing,
                              classes=tuple(args.classes.split(",")) if args.classes else None,
                              compression=None if args.compression == "none" else args.compression, progress=None)
     except (OSError, ValueError) as e:

@@ -56,7 +56,8 @@ def _nifti(args, run_dir):
     for flag, table in given.items():   # every file's voxels once: all bad ones in one error, before any step
         if table:
             try:
-                infos[flag] = nifti_info(table, classes=classes, check=True)
+                infos[flag] = nifti_info(table, classes=classes, check=True, orientation=args.orientation,
+                                         spacing=args.spacing)
             except (OSError, ValueError) as e:
                 raise ValueError(f"--{flag} {table}: {e}") from None
             classes = infos["data"].class_names     # val and test are numbered as the training table
@@ -73,7 +74,7 @@ def _nifti(args, run_dir):
         raise ValueError(f"--data {args.data}: the scans differ in shape; pass --target-shape D,H,W")
     augment = _augment(args, None)
     read = dict(target_shape=args.target_shape, intensity=args.intensity, classes=classes,
-                num_classes=info.num_classes)
+                num_classes=info.num_classes, orientation=args.orientation, spacing=args.spacing)
 
     def split(flag):
         if not tables[flag]:

@@ -24,9 +24,9 @@ import shlex
 import sys
 import time
 
-from wrn3d_tl.commands import (Parser, add_scale_flags, add_tiling_flags, add_training_flags, check_training_flags,
-                               error_line, intensity_arg, non_negative_int, positive_float, positive_int,
-                               quiet_tensorflow, shape_arg)
+from wrn3d_tl.commands import (Parser, add_reading_flags, add_scale_flags, add_tiling_flags, add_training_flags,
+                               check_training_flags, error_line, non_negative_int, positive_float, positive_int,
+                               quiet_tensorflow)
 from wrn3d_tl.commands.selection import SELECT, Selection, train_and_select, write_json
 from wrn3d_tl.commands.sources import ARRAY_SOURCES, open_data
 
@@ -96,8 +96,7 @@ def build_parser():
     a("--x-key", help="HDF5: the dataset holding the volumes")
     a("--y-key", help="HDF5: the dataset holding the labels")
     a("--normalize", action="store_true", help="HDF5 without stored stats: compute per-channel stats (streamed)")
-    a("--target-shape", type=shape_arg, help="NIfTI: centre crop / zero pad every scan to D,H,W")
-    a("--intensity", type=intensity_arg, help="NIfTI: zscore, zscore_nonzero, none or window:LO:HI")
+    add_reading_flags(p)
     a("--augment", type=augment_arg, help="none, or a comma list of flip=DHW, rotate=HW, crop=N, scale=F, shift=F "
       "(default: none for scans, HDF5 and MedMNIST, whose flips may change an anatomical label; the paper's crop "
       "and flip for cifar)")
@@ -152,6 +151,11 @@ def parse_args(argv=None):
         p.error(f"--limit {args.limit}: for medmnist, cifar and synthetic data (make a smaller table or file)")
     if args.no_check_sizes and args.kind != "medmnist":
         p.error("--no-check-sizes is for medmnist data")
+    for flag in ("orientation", "spacing", "target_shape"):
+        if getattr(args, flag) is not None and args.kind != "nifti":
+            p.error(f"--{flag.replace('_', '-')}: reads scans (NIfTI tables and DICOM folders); "
+                    + ("an HDF5 file was read by wrn3d-prepare, which takes it" if args.kind == "hdf5" else
+                       f"{args.data} holds arrays"))
     for flag in ("out", "export"):
         value = getattr(args, flag)
         if value and os.path.isfile(value):

@@ -8,16 +8,23 @@ A *table* is either
 * a folder with one sub-folder per class (classes = sorted sub-folder names) holding the
   ``.nii``/``.nii.gz`` files (for prediction, a folder of files without labels).
 
-Voxel order: the array nibabel returns (``img.dataobj``, scaling slope/intercept applied)
-is used as stored, its axes ``i, j, k`` becoming ``D, H, W``; the affine is not applied
-(scans of one study share an orientation; reorient them beforehand with
-``nibabel.as_closest_canonical`` if not). 3-D images get a channel axis of 1, 4-D images
-are channels-last ``(i, j, k, C)``. Training and prediction read files the same way.
+A path (a CSV cell, or a folder inside a class folder) may also name a folder holding one
+DICOM series (``wrn3d_tl.data.dicom``; needs ``pip install 'wrn3d_tl[dicom]'``), read as
+the NIfTI conversion of it would be.
 
-Preprocessing, per volume, in this order: ``intensity`` (on the voxels as stored), then
-``target_shape`` (centre crop / zero pad of each spatial axis; no resampling, so the voxel
-spacing is kept). Zero padding comes after the intensity step, so it pads with the
-volume's mean (``"zscore"``) or the window's low end (``("window", lo, hi)``).
+Voxel order: the array nibabel returns (``img.dataobj``, scaling slope/intercept applied),
+its axes ``i, j, k`` becoming ``D, H, W``. By default it is used as stored and the affine
+is ignored; ``orientation="RAS"`` (recommended when scans come from several scanners or
+sites) first permutes/flips the axes by the affine so that the same anatomy gives the same
+array whichever order the file stores it in, and ``spacing=(d, h, w)`` then resamples
+each scan linearly to that voxel size in mm (``wrn3d_tl.data.geometry``). 3-D images get
+a channel axis of 1, 4-D images are channels-last ``(i, j, k, C)``. Training and
+prediction read files the same way.
+
+Preprocessing, per volume, in this order: ``orientation``, ``spacing``, ``intensity``
+(on the voxels as read), then ``target_shape`` (centre crop / zero pad of each spatial
+axis). Zero padding comes after the intensity step, so it pads with the volume's mean
+(``"zscore"``) or the window's low end (``("window", lo, hi)``).
 """
 
 from __future__ import annotations
@@ -33,13 +40,14 @@ import tensorflow as tf
 from wrn3d_tl.validate import check_int, is_int
 from wrn3d_tl.files import written_atomically
 
+from . import dicom, geometry
 from .reading import (INTENSITY_MODES, apply_reading, check_intensity, check_preprocessing, check_target_shape,
-                      preprocessing_of)
+                      FILE_SIDE, check_spacing, fit_offsets, preprocessing_of)
 from .pipeline import AUTOTUNE, marked_errors, _augmenter, _check_pipeline_flags, _element_seed, _finish, _sample_order, _tagged
 
 __all__ = ["NIFTI_SUFFIXES", "INTENSITY_MODES", "NiftiInfo", "NiftiVolumes", "nifti_info", "read_nifti",
            "check_files", "usable_files", "nifti_dataset", "nifti_to_hdf5", "is_nifti_path", "preprocessing_of",
-           "check_preprocessing", "check_intensity", "check_target_shape"]
+           "check_preprocessing", "check_intensity", "check_target_shape", "read_scan", "scan_grids"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -67,8 +75,9 @@ class NiftiInfo:
         ``classes`` given), or None when the labels are integers.
       num_classes: ``len(class_names)``, the ``num_classes`` given, or ``max(label) + 1``.
       n: number of volumes.
-      volume_shape: ``(D, H, W, C)`` when every header agrees, else None.
-      shapes: ``(D, H, W, C)`` of each file, from the headers.
+      volume_shape: ``(D, H, W, C)`` when every file reads to one shape, else None.
+      shapes: ``(D, H, W, C)`` of each file as read (after the ``orientation`` and
+        ``spacing`` given to :func:`nifti_info`), from the headers.
     """
 
     table: str
@@ -117,9 +126,10 @@ def _csv_rows(table, need_labels):
     return rows
 
 
-def _nifti_files(folder):
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder)
-                  if is_nifti_path(f) and os.path.isfile(os.path.join(folder, f)))
+def _nifti_files(folder, series=False):
+    """The NIfTI files in ``folder``, and with ``series`` its sub-folders (DICOM series)."""
+    return sorted(p for p in (os.path.join(folder, f) for f in os.listdir(folder) if not f.startswith("."))
+                  if (is_nifti_path(p) and os.path.isfile(p)) or (series and os.path.isdir(p)))
 
 
 def _folder_rows(table, need_labels):
@@ -132,7 +142,7 @@ def _folder_rows(table, need_labels):
                          f"{os.path.basename(loose[0])!r} lies at its top level")
     rows = [(p, None, repr(p)) for p in loose]
     for name in classes:
-        rows += [(p, name, repr(p)) for p in _nifti_files(os.path.join(table, name))]
+        rows += [(p, name, repr(p)) for p in _nifti_files(os.path.join(table, name), series=True)]
     return rows, tuple(classes)
 
 
@@ -167,17 +177,28 @@ def _is_int_literal(value):
         return False
 
 
-def _open(path, where):
-    """The nibabel image of ``path`` (header only; the voxels stay on disk)."""
+def _header(path, where):
+    """``((i, j, k, C), affine)`` of a NIfTI file (header only; the voxels stay on disk) or
+    of a DICOM series folder (headers only)."""
     import nibabel as nib
 
+    if os.path.isdir(path):
+        _, affine, shape = dicom.read_series(path, where, pixels=False)
+        return tuple(shape) + (1,), affine
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{where}: file {path!r} does not exist")
     try:
         img = nib.load(path)
     except Exception as e:  # nibabel raises ImageFileError, OSError, EOFError, zlib/gzip errors ...
         raise ValueError(f"{where}: {path!r} is not a readable NIfTI file: {_one_line(e)}") from e
-    return _checked(img, path, where)
+    img = _checked(img, path, where)
+    return _shape_of(img), img.affine
+
+
+def _read_shape(path, where, orientation=None, spacing=None):
+    """``(D, H, W, C)`` of the file as read with ``orientation`` and ``spacing``, from its header."""
+    shape, affine = _header(path, where)
+    return geometry.grid_of(shape, affine, orientation, spacing)[0] + shape[3:]
 
 
 def _load_whole(path, where):
@@ -188,6 +209,9 @@ def _load_whole(path, where):
 
     import nibabel as nib
 
+    if os.path.isdir(path):
+        data, affine, _ = dicom.read_series(path, where)
+        return nib.Nifti1Image(data, affine)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{where}: file {path!r} does not exist")
     try:
@@ -232,11 +256,12 @@ def check_files(paths, where, *, threads=None, progress=None):
     return [m for m in _problems(paths, where, threads, progress) if m is not None]
 
 
-def usable_files(table, *, threads=None, progress=None):
+def usable_files(table, *, threads=None, progress=None, orientation=None, spacing=None):
     """Split an unlabelled table (a CSV with a ``path`` column, a folder, or one file) into
     ``(NiftiInfo of the files that read cleanly, [(path, "where: what is wrong"), ...] of the
     others)``: the check pass of :func:`nifti_info` that keeps going (``wrn3d-predict
-    --skip-bad``). The usable files must share their channel count."""
+    --skip-bad``). The usable files must share their channel count; their shapes are as
+    read with ``orientation`` and ``spacing``."""
     table = os.fspath(table)
     rows, _ = _table_rows(table, False, single_file=True)
     paths = tuple(os.path.abspath(p) for p, _, _ in rows)
@@ -246,7 +271,7 @@ def usable_files(table, *, threads=None, progress=None):
     bad = [(paths[i], m) for i, m in enumerate(problems) if m is not None]
     if not keep:
         raise ValueError(f"table {table!r}: none of its {len(paths)} files can be used; the first: {bad[0][1]}")
-    shapes = _header_shapes([paths[i] for i in keep], [where[i] for i in keep])
+    shapes = _header_shapes([paths[i] for i in keep], [where[i] for i in keep], orientation, spacing)
     info = NiftiInfo(table=table, paths=tuple(paths[i] for i in keep), where=tuple(where[i] for i in keep),
                      labels=None, class_names=None, num_classes=None, n=len(keep),
                      volume_shape=shapes[0] if all(sh == shapes[0] for sh in shapes) else None, shapes=shapes)
@@ -255,25 +280,28 @@ def usable_files(table, *, threads=None, progress=None):
 
 def _table_rows(table, labels, single_file=False):
     """``(rows, class folders or None)`` of a table: rows ``(path, label value or None,
-    where)`` of a CSV, a class-per-folder folder, or (``single_file``) one NIfTI file."""
+    where)`` of a CSV, a class-per-folder folder, or (``single_file``) one NIfTI file or
+    one DICOM series folder (a folder of files only, none of them NIfTI)."""
     if not os.path.exists(table):
         raise FileNotFoundError(f"table {table!r} does not exist (expected a CSV file with path and label "
                                 "columns, or a folder of NIfTI files)")
     folders = None
-    if os.path.isdir(table):
+    if single_file and os.path.isdir(table) and dicom.looks_like_series(table, is_nifti_path):
+        rows = [(table, None, repr(table))]     # one DICOM series
+    elif os.path.isdir(table):
         rows, folders = _folder_rows(table, labels)
     elif single_file and is_nifti_path(table):
         rows = [(table, None, repr(table))]
     else:
         rows = _csv_rows(table, labels)
     if not rows:
-        raise ValueError(f"table {table!r} lists no NIfTI files (.nii or .nii.gz)")
+        raise ValueError(f"table {table!r} lists no NIfTI files (.nii or .nii.gz) or DICOM series folders")
     return rows, folders
 
 
-def _header_shapes(paths, where):
-    """``(D, H, W, C)`` of each file from its header; ValueError when the channels differ."""
-    shapes = tuple(_shape_of(_open(p, w)) for p, w in zip(paths, where))
+def _header_shapes(paths, where, orientation=None, spacing=None):
+    """``(D, H, W, C)`` of each file as read, from its header; ValueError when the channels differ."""
+    shapes = tuple(_read_shape(p, w, orientation, spacing) for p, w in zip(paths, where))
     for shape, w in zip(shapes, where):
         if shape[-1] != shapes[0][-1]:
             raise ValueError(f"{w}: {shape[-1]} channel(s) (shape {shape}), but {where[0]} has {shapes[0][-1]}")
@@ -303,7 +331,8 @@ def _problems(paths, where, threads=None, progress=None):
     return found
 
 
-def nifti_info(table, *, labels: bool = True, classes=None, num_classes=None, check: bool = False) -> NiftiInfo:
+def nifti_info(table, *, labels: bool = True, classes=None, num_classes=None, check: bool = False,
+               orientation=None, spacing=None) -> NiftiInfo:
     """Validate a NIfTI table and summarise it, reading every file's header (not its voxels).
 
     Args:
@@ -316,6 +345,7 @@ def nifti_info(table, *, labels: bool = True, classes=None, num_classes=None, ch
       check: also read every file's voxels once (parallel; a progress bar on a terminal)
         and raise ONE ValueError listing every file that cannot be used (truncated,
         unreadable, NaN/Inf voxels), each with its CSV line. Costs one pass of decoding.
+      orientation, spacing: the shapes are given as read with them (see :func:`read_scan`).
 
     Raises FileNotFoundError or ValueError naming the table and, where it applies, the
     file and CSV line: table missing, empty, missing columns, empty cells, a file missing
@@ -338,27 +368,22 @@ def nifti_info(table, *, labels: bool = True, classes=None, num_classes=None, ch
         if bad:
             raise ValueError(f"table {table!r}: {len(bad)} of {len(paths)} files cannot be used:\n  "
                              + "\n  ".join(bad))
-    shapes = _header_shapes(paths, where)
+    shapes = _header_shapes(paths, where, geometry.check_orientation(orientation), geometry.check_spacing(spacing))
     same = all(s == shapes[0] for s in shapes)
     return NiftiInfo(table=table, paths=paths, where=where, labels=label_array, class_names=names,
                      num_classes=count, n=len(paths), volume_shape=shapes[0] if same else None, shapes=shapes)
 
 
 # ------------------------------------------------------------------- reading
-def read_nifti(path, *, intensity="zscore", target_shape=None, where=None) -> np.ndarray:
-    """One NIfTI file as a float32 ``(D, H, W, C)`` array, preprocessed as described in the
-    module's doc (``intensity`` then centre crop / zero pad to ``target_shape``).
-
-    ``intensity``: ``"zscore"`` (per volume and channel, over all voxels: ``(x - mean) /
-    std``; std 1 for a constant volume), ``"zscore_nonzero"`` (the same over the non-zero
-    voxels, zeros stay 0: skull-stripped MRI), ``("window", lo, hi)`` (CT: clip to
-    ``[lo, hi]`` in stored units, e.g. Hounsfield, and scale to ``[0, 1]``), or None.
-    Raises ValueError naming the file (``where``): unreadable, non-numeric, NaN/Inf voxels.
-    """
+def read_scan(path, *, orientation=None, spacing=None, where=None):
+    """The file side of a reading: one NIfTI file or DICOM series folder as ``(voxels,
+    affine)``, float32 ``(D, H, W, C)`` and the float64 4x4 RAS+ affine of that grid,
+    reoriented to ``orientation`` and resampled to ``spacing`` mm when they are given
+    (``wrn3d_tl.data.geometry``). Raises ValueError naming the file (``where``):
+    unreadable, non-numeric, NaN/Inf voxels."""
     path = os.fspath(path)
     where = where or repr(path)
-    intensity = check_intensity(intensity)
-    target_shape = check_target_shape(target_shape)
+    orientation, spacing = geometry.check_orientation(orientation), geometry.check_spacing(spacing)
     img = _load_whole(path, where)
     try:
         data = np.asarray(img.dataobj, dtype=np.float32)
@@ -368,7 +393,50 @@ def read_nifti(path, *, intensity="zscore", target_shape=None, where=None) -> np
         data = data[..., None]
     if not np.isfinite(data).all():
         raise ValueError(f"{where}: {path!r} contains NaN or Inf voxels")
-    return apply_reading(data[None], preprocessing_of(intensity, target_shape))[0]
+    affine = np.asarray(img.affine, np.float64)
+    if orientation is not None:
+        data, affine = geometry.reorient(data, affine, orientation)
+    if spacing is not None:
+        data, affine = geometry.resample(data, affine, spacing)
+    return data, affine
+
+
+def scan_grids(path, reading, where=None):
+    """Where a file's voxels and the network's input voxels are in the world, from the
+    header: ``(scan shape (i, j, k), scan affine, network grid shape (D, H, W), network grid
+    affine)`` for the file read with ``reading`` (orientation, spacing, crop/pad)."""
+    path = os.fspath(path)
+    reading = check_preprocessing(reading) or preprocessing_of(None, None)
+    shape, affine = _header(path, where or repr(path))
+    grid, grid_affine = geometry.grid_of(shape, affine, reading.get("orientation"), reading.get("spacing"))
+    if reading["target_shape"] is not None:
+        grid_affine = geometry.shifted(grid_affine, fit_offsets(grid, reading["target_shape"]))
+        grid = tuple(reading["target_shape"])
+    return shape[:3], np.asarray(affine, np.float64), grid, grid_affine
+
+
+def read_nifti(path, *, intensity="zscore", target_shape=None, orientation=None, spacing=None,
+               where=None) -> np.ndarray:
+    """One NIfTI file (or DICOM series folder) as a float32 ``(D, H, W, C)`` array, read as
+    described in the module's doc (``orientation``, ``spacing``, ``intensity``, then centre
+    crop / zero pad to ``target_shape``).
+
+    ``intensity``: ``"zscore"`` (per volume and channel, over all voxels: ``(x - mean) /
+    std``; std 1 for a constant volume), ``"zscore_nonzero"`` (the same over the non-zero
+    voxels, zeros stay 0: skull-stripped MRI), ``("window", lo, hi)`` (CT: clip to
+    ``[lo, hi]`` in stored units, e.g. Hounsfield, and scale to ``[0, 1]``), or None.
+    ``orientation`` (e.g. ``"RAS"``) and ``spacing`` (mm ``(d, h, w)``): see :func:`read_scan`.
+    Raises ValueError naming the file (``where``): unreadable, non-numeric, NaN/Inf voxels.
+    """
+    reading = preprocessing_of(intensity, target_shape, orientation, spacing)
+    data, _ = read_scan(path, orientation=orientation, spacing=spacing, where=where)
+    return apply_reading(data[None], reading)[0]
+
+
+def _as_read(info, reading):
+    """``info`` with the shapes of its files as read with ``reading``'s orientation and spacing."""
+    shapes = _header_shapes(info.paths, info.where, reading.get("orientation"), reading.get("spacing"))
+    return dataclasses.replace(info, shapes=shapes, volume_shape=shapes[0] if len(set(shapes)) == 1 else None)
 
 
 def _output_shape(info, target_shape):
@@ -388,26 +456,38 @@ class NiftiVolumes:
     slice's files in parallel threads). What ``predict`` and ``nifti_to_hdf5`` read from.
 
     ``table``: a table (see :func:`nifti_info`; ``labels=False`` accepts unlabelled ones),
-    a :class:`NiftiInfo`, or one ``.nii``/``.nii.gz`` file.
+    a :class:`NiftiInfo` (its shapes are recomputed for an ``orientation`` or ``spacing``), or one
+    ``.nii``/``.nii.gz`` file. ``reading`` is the record (:func:`preprocessing_of`) the
+    files are read with.
     """
 
     def __init__(self, table, *, intensity="zscore", target_shape=None, labels=False, classes=None,
-                 num_classes=None, threads=None, check=False):
+                 num_classes=None, threads=None, check=False, orientation=None, spacing=None):
+        self.reading = preprocessing_of(intensity, target_shape, orientation, spacing)
         self.intensity = check_intensity(intensity)
         self.target_shape = check_target_shape(target_shape)
+        self.orientation, self.spacing = self.reading.get("orientation"), check_spacing(spacing)
         if isinstance(table, NiftiInfo):
-            info = table
+            info = table if self.orientation is None and self.spacing is None else _as_read(table, self.reading)
         elif isinstance(table, (str, os.PathLike)) and is_nifti_path(table) and os.path.isfile(table):
             path = os.path.abspath(os.fspath(table))
-            shape = _shape_of(_open(path, repr(path)))
+            shape = _read_shape(path, repr(path), self.orientation, self.spacing)
             info = NiftiInfo(table=path, paths=(path,), where=(repr(path),), labels=None, class_names=None,
                              num_classes=None, n=1, volume_shape=shape, shapes=(shape,))
         else:
-            info = nifti_info(table, labels=labels, classes=classes, num_classes=num_classes, check=check)
+            info = nifti_info(table, labels=labels, classes=classes, num_classes=num_classes, check=check,
+                              orientation=self.orientation, spacing=self.spacing)
         self.info = info
         self.shape = (info.n,) + _output_shape(info, self.target_shape)
         self.dtype = np.dtype(np.float32)
         self.threads = threads or min(8, os.cpu_count() or 1)
+
+    @classmethod
+    def from_reading(cls, table, reading, **kwargs):
+        """The volumes of ``table`` read as the record ``reading`` (:func:`preprocessing_of`) says."""
+        reading = check_preprocessing(reading)
+        return cls(table, intensity=reading["intensity"], target_shape=reading["target_shape"],
+                   orientation=reading.get("orientation"), spacing=reading.get("spacing"), **kwargs)
 
     def __len__(self):
         return self.shape[0]
@@ -415,7 +495,7 @@ class NiftiVolumes:
     def read(self, i) -> np.ndarray:
         """Volume ``i`` as float32 ``(D, H, W, C)``."""
         out = read_nifti(self.info.paths[i], intensity=self.intensity, target_shape=self.target_shape,
-                         where=self.info.where[i])
+                         orientation=self.orientation, spacing=self.spacing, where=self.info.where[i])
         if out.shape != self.shape[1:]:
             raise ValueError(f"{self.info.where[i]}: shape {out.shape} differs from the table's "
                              f"{self.shape[1:]}; pass target_shape=(D, H, W)")
@@ -441,7 +521,8 @@ class NiftiVolumes:
 # ------------------------------------------------------------------ pipelines
 def nifti_dataset(table, *, batch_size: int, training: bool = False, target_shape=None, intensity="zscore",
                   seed: int = 0, repeat: bool = False, shuffle=None, augment=None, num_classes=None,
-                  classes=None, drop_remainder: bool = False, check: bool = True) -> tf.data.Dataset:
+                  classes=None, drop_remainder: bool = False, check: bool = True, orientation=None,
+                  spacing=None) -> tf.data.Dataset:
     """Stream labelled NIfTI volumes as ``tf.data`` batches.
 
     Every file's header is checked up front (:func:`nifti_info`); voxels are read per
@@ -457,6 +538,12 @@ def nifti_dataset(table, *, batch_size: int, training: bool = False, target_shap
       target_shape: ``(D, H, W)``: centre crop / zero pad each volume to it. None: every
         file must have the same shape (else ValueError naming the first that differs).
       intensity: see :func:`read_nifti`.
+      orientation: None (axes as stored) or axis codes such as ``"RAS"``: reorder/flip each
+        scan's axes by its affine (no interpolation). Recommended when scans come from
+        more than one scanner: the same anatomy then gives the same array.
+      spacing: None (voxels as stored) or ``(d, h, w)`` mm in the output axis order:
+        resample each scan linearly to that voxel size (before ``target_shape``); for many
+        epochs, do it once with :func:`nifti_to_hdf5`.
       seed, repeat, shuffle, drop_remainder: as in ``make_dataset`` (same seed, same
         batches; shuffling is a fresh deterministic permutation per epoch).
       augment: None/False, or an :class:`Augment3D` or callable ``(volume, seed [2]) ->
@@ -483,7 +570,7 @@ def nifti_dataset(table, *, batch_size: int, training: bool = False, target_shap
         raise ValueError("nifti_dataset: augment=True has no meaning for scans; pass augment=Augment3D(...) "
                          "naming the flips/rotations/crops that suit the anatomy")
     volumes = NiftiVolumes(table, intensity=intensity, target_shape=target_shape, labels=True, classes=classes,
-                           num_classes=num_classes, check=check)
+                           num_classes=num_classes, check=check, orientation=orientation, spacing=spacing)
     info, shape = volumes.info, volumes.shape[1:]
     n = info.n
     if drop_remainder and not repeat and n < batch_size:
@@ -506,22 +593,24 @@ def nifti_dataset(table, *, batch_size: int, training: bool = False, target_shap
         return _finish(ds.batch(pipeline.replica_batch, drop_remainder=drop_remainder), pipeline)
 
     return _tagged(build, n, batch_size, drop_remainder, repeat, None, wrn3d_class_names=info.class_names,
-                   wrn3d_preprocessing=preprocessing_of(volumes.intensity, volumes.target_shape))
+                   wrn3d_preprocessing=volumes.reading)
 
 
 def nifti_to_hdf5(table, out_path, *, target_shape=None, intensity="zscore", classes=None, num_classes=None,
-                  compression=None, x_key="volumes", y_key="labels", progress=False):
+                  compression=None, x_key="volumes", y_key="labels", progress=False, orientation=None,
+                  spacing=None):
     """Read a labelled NIfTI table once (files in parallel threads) and write the
     preprocessed float32 volumes and labels to an HDF5 file that ``hdf5_dataset`` streams
     (with ``normalization=None``: the intensity step is already applied). The class names
     are stored as a JSON attribute of the labels, the reading (:func:`preprocessing_of`,
     which ``hdf5_dataset`` hands on to a ``Trainer``) and the source table as attributes of
     the volumes. ``progress``: a tqdm bar of the volumes written, on stderr (None: when it
-    is a terminal). Returns the file's ``HDF5Info``."""
+    is a terminal). ``orientation`` and ``spacing`` (see :func:`nifti_dataset`) are done
+    here, once, rather than at every epoch. Returns the file's ``HDF5Info``."""
     from .hdf5 import hdf5_info, write_hdf5_volumes
 
     volumes = NiftiVolumes(table, intensity=intensity, target_shape=target_shape, labels=True, classes=classes,
-                           num_classes=num_classes)
+                           num_classes=num_classes, orientation=orientation, spacing=spacing)
     info = volumes.info
     with written_atomically(out_path) as tmp, _Counted(volumes, progress) as counted:  # a bad scan: no half file
         write_hdf5_volumes(tmp, counted, info.labels, x_key=x_key, y_key=y_key, compression=compression,
@@ -566,5 +655,6 @@ def _describe(path, x_key, y_key, info, volumes):
 
     with h5py.File(path, "a") as f:
         f[x_key].attrs["source"] = json.dumps({"table": os.path.abspath(info.table), "intensity": volumes.intensity,
-                                               "target_shape": volumes.target_shape})
-        f[x_key].attrs["preprocessing"] = json.dumps(preprocessing_of(volumes.intensity, volumes.target_shape))
+                                               "target_shape": volumes.target_shape,
+                                               **{k: volumes.reading[k] for k in FILE_SIDE if k in volumes.reading}})
+        f[x_key].attrs["preprocessing"] = json.dumps(volumes.reading)

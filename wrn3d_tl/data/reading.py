@@ -1,7 +1,9 @@
 """The *reading*: how raw scans became a model's input volumes, one record for every path.
 
 A reading is the JSON-able dict ``{"reader": "nifti", "intensity": ..., "target_shape":
-[D, H, W] or None}`` (:func:`preprocessing_of`). Training data built from files carries it
+[D, H, W] or None}``, with ``"orientation"`` (e.g. ``"RAS"``) and ``"spacing"`` ([d, h, w]
+mm) only when they are set, so records written before they existed stay equal to today's
+(:func:`preprocessing_of`). Training data built from files carries it
 (``nifti_dataset``, ``hdf5_dataset`` on a ``nifti_to_hdf5`` file), a ``Trainer`` stores it
 in every checkpoint, and every way of using the model applies it the same way:
 
@@ -10,7 +12,10 @@ in every checkpoint, and every way of using the model applies it the same way:
 * the SavedModel: :func:`apply_reading_tf`, the same steps as TensorFlow ops in the
   serving graph (agreeing with the NumPy one to float32 round-off).
 
-The steps, per volume and channel, in this order: ``intensity`` on the voxels as stored
+The steps, per volume, in this order: ``orientation`` then ``spacing``, which need the
+file's affine and so happen where files are read (``wrn3d_tl.data.geometry``; raw arrays
+and the SavedModel's input are taken as already reoriented and resampled), then, per
+channel, ``intensity`` on the voxels as stored
 (``"zscore"``: ``(x - mean) / std`` over all voxels, std 1 for a constant volume;
 ``"zscore_nonzero"``: the same over the non-zero voxels, zeros stay 0; ``("window", lo,
 hi)``: clip to ``[lo, hi]`` and scale to ``[0, 1]``; None: nothing), then centre crop /
@@ -25,10 +30,13 @@ import numbers
 import numpy as np
 import tensorflow as tf
 
-from wrn3d_tl.validate import is_int
+from wrn3d_tl.validate import check_orientation, check_spacing, is_int
 
 __all__ = ["INTENSITY_MODES", "check_intensity", "check_target_shape", "preprocessing_of", "check_preprocessing",
-           "apply_reading", "apply_reading_tf", "describe_reading", "check_class_names"]
+           "apply_reading", "apply_reading_tf", "describe_reading", "check_class_names", "fit_offsets",
+           "check_orientation", "check_spacing", "FILE_SIDE"]
+
+FILE_SIDE = ("orientation", "spacing")   # the steps that need a file's affine
 
 INTENSITY_MODES = ("zscore", "zscore_nonzero", "('window', lo, hi)", None)
 _STD_FLOOR = 1e-6   # a constant volume is centred, not scaled by ~0
@@ -57,12 +65,19 @@ def check_target_shape(target_shape):
     return tuple(int(s) for s in shape)
 
 
-def preprocessing_of(intensity, target_shape) -> dict:
+def preprocessing_of(intensity, target_shape, orientation=None, spacing=None) -> dict:
     """The JSON-able record of how NIfTI files become volumes, as a ``Trainer`` stores it in
-    checkpoints: ``{"reader": "nifti", "intensity": ..., "target_shape": [D, H, W] or None}``."""
+    checkpoints: ``{"reader": "nifti", "intensity": ..., "target_shape": [D, H, W] or None}``
+    plus ``"orientation": "RAS"`` and ``"spacing": [d, h, w]`` when those are set."""
     intensity, target_shape = check_intensity(intensity), check_target_shape(target_shape)
-    return {"reader": "nifti", "intensity": list(intensity) if isinstance(intensity, tuple) else intensity,
-            "target_shape": None if target_shape is None else list(target_shape)}
+    orientation, spacing = check_orientation(orientation), check_spacing(spacing)
+    record = {"reader": "nifti", "intensity": list(intensity) if isinstance(intensity, tuple) else intensity,
+              "target_shape": None if target_shape is None else list(target_shape)}
+    if orientation is not None:
+        record["orientation"] = orientation
+    if spacing is not None:
+        record["spacing"] = list(spacing)
+    return record
 
 
 def check_preprocessing(value, what="preprocessing"):
@@ -72,11 +87,13 @@ def check_preprocessing(value, what="preprocessing"):
     if value is None:
         return None
     if not isinstance(value, dict) or value.get("reader") != "nifti" or \
-            set(value) != {"reader", "intensity", "target_shape"}:
-        raise ValueError(f"{what} must be None or {{'reader': 'nifti', 'intensity': ..., 'target_shape': ...}}, "
-                         f"got {value!r}")
+            not {"reader", "intensity", "target_shape"} <= set(value) <= {"reader", "intensity", "target_shape",
+                                                                          *FILE_SIDE}:
+        raise ValueError(f"{what} must be None or {{'reader': 'nifti', 'intensity': ..., 'target_shape': ...}} "
+                         f"(optionally with 'orientation' and 'spacing'), got {value!r}")
     try:
-        return preprocessing_of(value["intensity"], value["target_shape"])
+        return preprocessing_of(value["intensity"], value["target_shape"], value.get("orientation"),
+                                value.get("spacing"))
     except ValueError as e:
         raise ValueError(f"{what}: {e}") from e
 
@@ -101,8 +118,11 @@ def describe_reading(reading) -> str:
     intensity = reading["intensity"]
     words = "window {:g}..{:g}".format(*intensity[1:]) if isinstance(intensity, (list, tuple)) else intensity
     shape = reading["target_shape"]
-    return f"intensity {words or 'as stored'}, " + ("shape as stored" if shape is None else
-                                                     "crop/pad to " + "x".join(map(str, shape)))
+    geometry = "".join(part for part in (reading.get("orientation") and f"reoriented to {reading['orientation']}, ",
+                                         reading.get("spacing") and "resampled to {:g}x{:g}x{:g} mm, ".format(
+                                             *reading["spacing"])) if part)
+    return geometry + f"intensity {words or 'as stored'}, " + ("shape as stored" if shape is None else
+                                                               "crop/pad to " + "x".join(map(str, shape)))
 
 
 def _parts(reading):
@@ -135,22 +155,31 @@ def _intensity_np(x, intensity):
     return out if mask is None else np.where(mask, out, np.float32(0))
 
 
+def fit_offsets(shape, target_shape) -> tuple:
+    """Per spatial axis, where crop/pad to ``target_shape`` puts the old grid: index ``n`` of
+    the fitted grid is index ``n + offset`` of a ``shape`` grid (crop: the centre part,
+    offset ``(have - want) // 2``; pad: zeros around it, offset ``-((want - have) // 2)``)."""
+    return tuple((have - want) // 2 if have >= want else -((want - have) // 2)
+                 for have, want in zip(shape, target_shape))
+
+
 def _fit_np(x, target_shape):
-    for axis, want in enumerate(target_shape, start=1):
+    for axis, (want, offset) in enumerate(zip(target_shape, fit_offsets(x.shape[1:4], target_shape)), start=1):
         have = x.shape[axis]
         if have > want:
-            start = (have - want) // 2
-            x = np.take(x, np.arange(start, start + want), axis=axis)
+            x = np.take(x, np.arange(offset, offset + want), axis=axis)
         elif have < want:
             widths = [(0, 0)] * x.ndim
-            widths[axis] = ((want - have) // 2, want - have - (want - have) // 2)
+            widths[axis] = (-offset, want - have + offset)
             x = np.pad(x, widths)
     return x
 
 
 def apply_reading(volumes, reading) -> np.ndarray:
     """Apply a reading to raw volumes: float32 ``(N, D', H', W', C)`` (any real dtype, NDHWC)
-    -> float32 ``(N, D, H, W, C)``, each volume on its own (intensity, then crop/pad)."""
+    -> float32 ``(N, D, H, W, C)``, each volume on its own (intensity, then crop/pad).
+    Arrays carry no affine: a reading's orientation and spacing are the file reader's
+    steps, and ``volumes`` are taken as already reoriented and resampled."""
     intensity, target_shape = _parts(reading)
     x = np.asarray(volumes, np.float32)
     x = _intensity_np(x, intensity)
