@@ -19,6 +19,7 @@ setup(
         "h5py>=3.10,<4",
         "nibabel>=5.0",        # NIfTI scans (wrn3d_tl.data.nifti)
         "scikit-learn>=1.3",   # ROC AUC in MedMNIST's definition (wrn3d_tl.metrics)
+        "scipy>=1.10",         # resampling scans to a voxel spacing (wrn3d_tl.data.geometry)
         # imported by `import tensorlayer` (tensorlayer.app) but not declared by it
         "opencv-python-headless>=4.8",
         "matplotlib>=3.7",
@@ -27,7 +28,9 @@ setup(
     ],
     extras_require={
         "gpu": [TF.replace("tensorflow", "tensorflow[and-cuda]")],
-        "test": ["pytest>=7", "pytest-xdist>=3.5", "psutil>=5.9", "hypothesis>=6.80"],
+        "test": ["pytest>=7", "pytest-xdist>=3.5", "psutil>=5.9", "hypothesis>=6.80", "pydicom>=3.0"],
+        # DICOM series folders (wrn3d_tl.data.dicom); compressed ones also need a decoder it names
+        "dicom": ["pydicom>=3.0"],
         # only wrn3d_tl.convert reads .pt files with it; nothing else imports torch
         "torch": ["torch>=2.1"],
     },

@@ -63,3 +63,19 @@ def test_train_command_benchmark_runs_both_paths_on_its_scan_task(load_benchmark
         assert 0 <= result[path]["test_accuracy"] <= 1 and result[path]["seconds"] > 0
     assert len(open(tmp_path / "scans" / "train.csv").read().splitlines()) == 1 + 18   # 3 classes x 6
     assert result["command"]["selected_step"] == 1
+
+
+def test_scans_benchmark_measures_each_step_on_a_small_scan(load_benchmark, tmp_path):
+    import json
+
+    bench = load_benchmark("bench_scans")
+    out = tmp_path / "scans.json"
+    record = bench.main(["--size", "32", "--slices", "8", "--rounds", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(record))
+    thick = record["per_scan"]["thick_0.9x0.9x3mm"]
+    assert thick["from_shape"] == [32] * 3 and thick["to_shape"] == [29, 29, 96]
+    assert set(thick["seconds"]) == {"geometry.resample", "scipy.ndimage.zoom", "nibabel.processing"}
+    assert record["per_scan"]["iso_0.5mm"]["to_shape"] == [16] * 3
+    decode = record["dicom_vs_nifti"]
+    assert decode["files"] == {"DICOM series (uncompressed)": 8, "NIfTI .nii.gz": 1, "NIfTI .nii": 1}
+    assert all(v > 0 for v in decode["volumes_per_s"].values())

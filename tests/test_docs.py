@@ -234,6 +234,10 @@ def prepare(needs, store, workdir, monkeypatch):
                                    np.arange(8) % 5, num_classes=5)
         elif need == "nifti_scans":  # scans/{train,val,test}.csv (class-name labels) and new_scans/
             _write_nifti_scans(workdir)
+        elif need == "dicom_series":  # ct/patient07/series2: one DICOM series of 7x6x5 voxels
+            from _dicom_series import volume, write_series
+
+            write_series(workdir / "ct" / "patient07" / "series2", volume())
         elif need == "medmnist":  # an official-layout organmnist3d.npz (release split sizes) in $WRN3D_DATA_DIR
             _write_medmnist(workdir / "medmnist-data", "organmnist3d")
             monkeypatch.setenv("WRN3D_DATA_DIR", str(workdir / "medmnist-data"))
@@ -374,6 +378,12 @@ def _check_shards(ns, workdir, store):
     assert ns["part"].wrn3d_pipeline.replica_batch == 8 and ns["x1"].shape[0] == 8
 
 
+def _check_scan_reading(ns, workdir, store):
+    assert ns["train"].wrn3d_preprocessing == {"reader": "nifti", "intensity": "zscore", "target_shape": [96, 96, 96],
+                                               "orientation": "RAS", "spacing": [1.0, 1.0, 1.0]}
+    assert ns["voxels"].shape == (9, 8, 8, 1) and np.allclose(np.diag(ns["affine"])[:3], 1.0)   # 6 x 1.5 mm
+
+
 PYTHON_BLOCKS = {
     ("README.md", "import numpy as np"): Py(),
     ("README.md", "from wrn3d_tl.experiment import make_trainer"): Py(
@@ -396,6 +406,8 @@ PYTHON_BLOCKS = {
               ("trainer.fit(2000)", "trainer.fit(30)")),
         check=_check_nifti_readme),
     ("docs/data.md", "from wrn3d_tl.data import Augment3D, make_dataset"): Py(check=_check_augment3d),
+    ("docs/data.md", "from wrn3d_tl.data import nifti_dataset, read_scan"): Py(
+        needs=("nifti_scans",), check=_check_scan_reading),
     ("README.md", "from wrn3d_tl.data import synthetic_blobs"): Py(
         subs=(("total_steps=100", "total_steps=10"), ("trainer.fit(100)", "trainer.fit(10)"),
               ('"docs/images/blob_cam.png"', '"blob_cam.png"')),
@@ -482,6 +494,25 @@ def _check_scans_to_served_model(workdir):
     assert len(rows) == 4 and {r["class_name"] for r in rows} <= {"left", "right"}
 
 
+def _check_prepared_reading(workdir):
+    import csv
+
+    import nibabel as nib
+
+    from wrn3d_tl.checkpoint import read_checkpoint
+
+    reading = read_checkpoint(str(workdir / "runs" / "ras" / "best.h5"))["trainer"]["preprocessing"]
+    assert reading == {"reader": "nifti", "intensity": "zscore", "target_shape": [9, 8, 8], "orientation": "RAS",
+                       "spacing": [1.0, 1.0, 1.0]}
+    with open(workdir / "series2.csv", newline="") as fh:
+        assert [r["path"] for r in csv.DictReader(fh)] == [str(workdir / "ct" / "patient07" / "series2")]
+    maps = sorted(os.listdir(workdir / "cams_nifti"))
+    assert len(maps) == 4 and all(m.endswith(".nii.gz") for m in maps)
+    for name in maps:
+        scan = workdir / "new_scans" / (name.split("_", 2)[2])
+        assert nib.load(workdir / "cams_nifti" / name).shape == nib.load(scan).shape
+
+
 def _check_export_cli(workdir):
     import tensorflow as tf
 
@@ -551,6 +582,11 @@ BASH_RUN = {
         needs=("nifti_scans",),
         subs=(("--depth 16 --width 4 --epochs 30", "--depth 10 --width 1 --iters 12 --batch-size 4"),),
         check=_check_scans_to_served_model),
+    "wrn3d-prepare scans/train.csv --out train.h5 --orientation RAS --spacing 1 --target-shape 96,96,96": Bash(
+        needs=("nifti_scans", "dicom_series"),
+        subs=(("--target-shape 96,96,96", "--target-shape 9,8,8"),
+              ("--depth 16 --width 4 --epochs 30", "--depth 10 --width 1 --iters 4 --batch-size 4")),
+        check=_check_prepared_reading),
     "wrn3d-export --checkpoint runs/last.h5 --out exported/wrn-cli": Bash(
         needs=("checkpoints",), check=_check_export_cli),
 }
@@ -970,3 +1006,29 @@ def test_train_command_benchmark_numbers_are_the_recorded_run_s():
             f"{run['command']['test_accuracy']:.3f} through `wrn3d-train` (the val-best checkpoint, step "
             f"{run['command']['selected_step']}) and {run['python']['test_accuracy']:.3f} through the Python path; "
             f"{run['command']['seconds']:.0f} s and {run['python']['seconds']:.0f} s") in text
+
+
+def test_scan_reading_costs_are_the_recorded_run_s():
+    """performance.md's reorientation, resampling and DICOM numbers: those of the JSON it names."""
+    text = (ROOT / "docs" / "performance.md").read_text(encoding="utf-8")
+    name = re.search(r"`benchmarks/results/(scans_[^`]+\.json)`", text).group(1)
+    run = json.loads((ROOT / "benchmarks" / "results" / name).read_text())
+    thick, iso = run["per_scan"]["thick_0.9x0.9x3mm"]["seconds"], run["per_scan"]["iso_0.5mm"]["seconds"]
+    read, decode = run["read_scan"]["seconds"], run["dicom_vs_nifti"]
+    rows = [f"(`geometry.reorient`: two axes flipped, one copy) | {run['per_scan']['reorient_lps_to_ras_s']:.3f} |",
+            f"`geometry.resample` (used) | {thick['geometry.resample']:.2f} |",
+            f"`scipy.ndimage.zoom(order=1, grid_mode=True)` | {thick['scipy.ndimage.zoom']:.2f} |",
+            f"`nibabel.processing.resample_to_output(order=1)` | {thick['nibabel.processing']:.2f} |",
+            " | {:.3f} / {:.3f} / {:.3f} |".format(iso["geometry.resample"], iso["scipy.ndimage.zoom"],
+                                                  iso["nibabel.processing"]),
+            f"as stored / RAS and 1 mm | {read['as stored']:.2f} / {read['orientation RAS + spacing 1 mm']:.2f} |"]
+    for kind, label in (("DICOM series (uncompressed)", "DICOM series, 64 uncompressed files"),
+                        ("NIfTI .nii.gz", "NIfTI `.nii.gz`"), ("NIfTI .nii", "NIfTI `.nii`")):
+        rows.append(f"| {label} | {decode['volumes_per_s'][kind]:.1f} | {decode['mb_per_s'][kind]:.0f} |")
+    for row in rows:
+        assert row in text, row
+    ratio = decode["volumes_per_s"]["DICOM series (uncompressed)"]
+    assert (f"decodes at {ratio / decode['volumes_per_s']['NIfTI .nii.gz']:.2f}x the rate of its `.nii.gz` and "
+            f"{ratio / decode['volumes_per_s']['NIfTI .nii']:.2f}x that of a `.nii`") in " ".join(text.split())
+    assert "AMD EPYC" in run["machine"]["cpu"] and "avx512_bf16" in run["cpu_flags"] and "avx512bf16" in name
+

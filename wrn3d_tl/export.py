@@ -54,7 +54,7 @@ from wrn3d_tl.layers import checked_shape
 from wrn3d_tl.loading import resolve
 from wrn3d_tl.model import graph_function, inference_copy, inference_dtype
 
-__all__ = ["export_saved_model", "SIGNATURES"]
+__all__ = ["export_saved_model", "input_expects", "SIGNATURES"]
 
 SIGNATURES = ("serving_default", "serving_uint8", "serving_preprocessed")
 
@@ -166,7 +166,11 @@ def export_saved_model(trainer_or_model, path, *, normalization=None, precision=
     Signatures (see the module docstring): ``serving_default`` takes float32 raw volumes
     ``volumes`` of shape (None,) + input_shape (NDHWC, or NHWC for 2D configs);
     ``serving_uint8`` takes uint8 ones; both apply the stored reading first (a checkpoint
-    path's or a trainer's ``preprocessing``). ``serving_preprocessed`` takes the network's
+    path's or a trainer's ``preprocessing``: its intensity step and crop/pad, as graph ops).
+    A reading's orientation and spacing need each file's affine, so they stay on the
+    file-reading side: the served model then expects volumes already reoriented and
+    resampled (``wrn3d_tl.data.read_scan(path, orientation=..., spacing=...)``), and its
+    metadata says so under ``"input_expects"``. ``serving_preprocessed`` takes the network's
     input as the training pipeline gave it. All return ``{"logits", "probabilities"}``,
     float32 (N, num_classes), computed in inference mode (moving batch-norm statistics,
     no dropout); with precision "fp32" in float32 whatever the trainer's mixed precision.
@@ -174,6 +178,20 @@ def export_saved_model(trainer_or_model, path, *, normalization=None, precision=
     """
     inference_dtype(precision)   # checked before anything is loaded
     return _export(_resolve(trainer_or_model, normalization), path, precision)
+
+
+def input_expects(reading) -> str:
+    """What the raw-volume signatures expect, in words, for the SavedModel's metadata: the
+    voxel order and size a reading's file-side steps produce, which the graph cannot do."""
+    orientation, spacing = (reading or {}).get("orientation"), (reading or {}).get("spacing")
+    if orientation is None and spacing is None:
+        return "volumes with the voxel order and size of the training scans as stored (NDHWC)"
+    parts = [f"axes reoriented to {orientation} (nibabel axis codes)" if orientation else "axes as stored",
+             "voxels resampled to {:g}x{:g}x{:g} mm".format(*spacing) if spacing else "voxel size as stored"]
+    call = ", ".join(f"{k}={v!r}" for k, v in (("orientation", orientation),
+                                               ("spacing", tuple(spacing) if spacing else None)) if v is not None)
+    return (f"volumes (NDHWC) read from scans with {' and '.join(parts)}, e.g. by "
+            f"wrn3d_tl.data.read_scan(path, {call}); the graph applies the intensity step and crop/pad only")
 
 
 def _export(resolved, path, precision):
@@ -196,6 +214,7 @@ def _export(resolved, path, precision):
         "signatures": list(SIGNATURES),
         "outputs": ["logits", "probabilities"],
         "precision": precision,
+        "input_expects": input_expects(reading),
     }
     # Tracing switches every layer to inference mode; remember the modes to put them back.
     model_mode = model.is_train

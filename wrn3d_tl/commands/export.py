@@ -31,8 +31,8 @@ def main(argv=None):
         return fail(p.prog, "--out", args.out, "is a folder holding something other than a SavedModel; "
                     "give a new or empty folder")
     quiet_tensorflow()
-    from wrn3d_tl.data.reading import describe_reading
-    from wrn3d_tl.export import export_saved_model
+    from wrn3d_tl.data.reading import FILE_SIDE, describe_reading
+    from wrn3d_tl.export import export_saved_model, input_expects
     from wrn3d_tl.predict import Predictor
 
     try:
@@ -44,8 +44,11 @@ def main(argv=None):
     except OSError as e:
         return fail(p.prog, "--out", args.out, e)
     config, reading, norm, names = loaded.config, loaded.preprocessing, loaded.normalization, loaded.class_names
-    built_in = ", ".join(part for part in (reading and f"reading ({describe_reading(reading)})",
+    in_graph = reading and {k: v for k, v in reading.items() if k not in FILE_SIDE}
+    built_in = ", ".join(part for part in (reading and f"reading ({describe_reading(in_graph)})",
                                            norm and "normalisation") if part)
+    if reading and any(k in reading for k in FILE_SIDE):
+        built_in += f"; it expects {input_expects(reading)}"
     print(f"{p.prog}: SavedModel of {config.name} ({args.precision}) from {args.checkpoint} -> {args.out}; "
           + (f"built in: {built_in}; feed raw volumes" if built_in else "nothing built in: feed the volumes as the "
              "network was trained on them")

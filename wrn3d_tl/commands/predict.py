@@ -39,7 +39,8 @@ def add_input_flags(p):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--hdf5", help="HDF5 file holding the volumes (N, D, H, W, C) at --key")
     src.add_argument("--npy", help=".npy file holding the volumes (N, D, H, W, C)")
-    src.add_argument("--nifti", help="a .nii/.nii.gz file, a folder of them, or a CSV with a path column")
+    src.add_argument("--nifti", help="a .nii/.nii.gz file, a folder of them, a DICOM series folder, or a CSV with a "
+                     "path column")
     p.add_argument("--key", default="volumes", help="HDF5 dataset with the volumes")
     p.add_argument("--intensity", type=_or_checkpoint(intensity_arg), default=FROM_CHECKPOINT,
                    help="NIfTI intensity step: zscore, zscore_nonzero, none, window:LO:HI, or checkpoint (as the "
@@ -99,7 +100,7 @@ def open_inputs(prog, args):
             volumes = load_npy(src)
         elif args.nifti is not None:
             if not is_nifti_input(src):
-                raise ValueError("expected a .nii/.nii.gz file, a folder of them or a .csv table")
+                raise ValueError("expected a .nii/.nii.gz file, a folder of them, a DICOM series folder or a .csv table")
             quiet_tensorflow()
             from wrn3d_tl.data.nifti import usable_files
 

@@ -84,10 +84,18 @@ def _nifti(args, run_dir):
             seed=args.seed, augment=augment if training else None, check=False, **read)
 
     prints = {f"--{flag}": {**fingerprint(given[flag]), "scans": i.n,   # the table's hash; the scans by size
-                            "scan_bytes": sum(os.path.getsize(path) for path in i.paths)} for flag, i in infos.items()}
+                            "scan_bytes": sum(map(_bytes, i.paths))} for flag, i in infos.items()}
     return Data(train=split("data"), val=split("val"), test=split("test"), n_train=len(labels), train_labels=labels,
                 num_classes=info.num_classes, input_shape=shape, class_names=classes, fingerprints=prints,
                 description=f"{info.n} scans in {args.data}")
+
+
+def _bytes(path):
+    """The size of a scan: a file's, or the sum of a DICOM series folder's files."""
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
+                   if os.path.isfile(os.path.join(path, f)))
+    return os.path.getsize(path)
 
 
 def _split(labels, args):

@@ -2,7 +2,8 @@
 
 Layouts: images ``NHWC``, volumes ``NDHWC`` (batch, depth, height, width,
 channels). This package imports only TensorFlow, NumPy, h5py, nibabel (NIfTI
-files, imported when used) and the standard library.
+files), SciPy (resampling), pydicom (DICOM series, an optional extra), each imported when
+used, and the standard library.
 
 Public API:
   load_cifar, synthetic_cifar                  -- CIFAR-10/100 as uint8 NHWC
@@ -18,6 +19,7 @@ Public API:
   Augment3D                                    -- flips / rotations / crops / jitter
   nifti_info, nifti_dataset, nifti_to_hdf5     -- NIfTI scans listed in a CSV or folders
   read_nifti, NiftiVolumes                     -- the same reading, for prediction
+  read_scan                                    -- a file's voxels and affine, reoriented/resampled
   load_medmnist3d, MEDMNIST3D                  -- MedMNIST-3D's official .npz files
   synthetic_blobs, orthant_of                  -- class = where a blob sits (explanations)
   stratified_split, balanced_class_weights     -- a seeded per-class hold-out; loss weights
@@ -28,7 +30,7 @@ from .blobs import orthant_of, synthetic_blobs
 from .cifar import load_cifar, synthetic_cifar
 from .hdf5 import HDF5Info, hdf5_dataset, hdf5_info, write_hdf5_volumes
 from .medmnist import MEDMNIST3D, load_medmnist3d
-from .nifti import NiftiInfo, NiftiVolumes, nifti_dataset, nifti_info, nifti_to_hdf5, read_nifti
+from .nifti import NiftiInfo, NiftiVolumes, nifti_dataset, nifti_info, nifti_to_hdf5, read_nifti, read_scan
 from .pipeline import data_errors, make_dataset, normalization_of
 from .shards import Share, input_share, starting_at
 from .splits import balanced_class_weights, class_counts, stratified_split
@@ -61,6 +63,7 @@ __all__ = [
     "nifti_dataset",
     "nifti_to_hdf5",
     "read_nifti",
+    "read_scan",
     "NiftiInfo",
     "NiftiVolumes",
     "load_medmnist3d",

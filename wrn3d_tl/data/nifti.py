@@ -286,12 +286,10 @@ def _table_rows(table, labels, single_file=False):
         raise FileNotFoundError(f"table {table!r} does not exist (expected a CSV file with path and label "
                                 "columns, or a folder of NIfTI files)")
     folders = None
-    if single_file and os.path.isdir(table) and dicom.looks_like_series(table, is_nifti_path):
-        rows = [(table, None, repr(table))]     # one DICOM series
+    if single_file and _one_scan(table):
+        rows = [(table, None, repr(table))]
     elif os.path.isdir(table):
         rows, folders = _folder_rows(table, labels)
-    elif single_file and is_nifti_path(table):
-        rows = [(table, None, repr(table))]
     else:
         rows = _csv_rows(table, labels)
     if not rows:
@@ -433,6 +431,12 @@ def read_nifti(path, *, intensity="zscore", target_shape=None, orientation=None,
     return apply_reading(data[None], reading)[0]
 
 
+def _one_scan(path):
+    """Whether ``path`` is one scan: a NIfTI file, or a folder of one DICOM series' files."""
+    return (is_nifti_path(path) and os.path.isfile(path)) or \
+        (os.path.isdir(path) and dicom.looks_like_series(path, is_nifti_path))
+
+
 def _as_read(info, reading):
     """``info`` with the shapes of its files as read with ``reading``'s orientation and spacing."""
     shapes = _header_shapes(info.paths, info.where, reading.get("orientation"), reading.get("spacing"))
@@ -469,7 +473,7 @@ class NiftiVolumes:
         self.orientation, self.spacing = self.reading.get("orientation"), check_spacing(spacing)
         if isinstance(table, NiftiInfo):
             info = table if self.orientation is None and self.spacing is None else _as_read(table, self.reading)
-        elif isinstance(table, (str, os.PathLike)) and is_nifti_path(table) and os.path.isfile(table):
+        elif isinstance(table, (str, os.PathLike)) and _one_scan(table):
             path = os.path.abspath(os.fspath(table))
             shape = _read_shape(path, repr(path), self.orientation, self.spacing)
             info = NiftiInfo(table=path, paths=(path,), where=(repr(path),), labels=None, class_names=None,
