@@ -7,10 +7,10 @@ import numpy as np
 
 SLOPE, INTERCEPT = 0.5, -1024.0
 # An oblique sagittal-ish orientation with short exact decimals: rows run along -y tilted by a
-# 3-4-5 rotation, columns along -z tilted the other way; pixels 0.75 mm, slices 2.5 mm apart.
+# 3-4-5 rotation, columns along -z tilted the other way; rows 0.7 mm apart, columns 0.8 mm, slices 2.5 mm.
 ROW = np.array([0.0, 0.6, -0.8])            # LPS direction cosines: i (column index) grows along it
 COL = np.array([0.0, 0.8, 0.6])             # j (row index) grows along it
-SPACING = (0.75, 0.75, 2.5)                 # (between rows, between columns, between slices)
+SPACING = (0.7, 0.8, 2.5)                   # (between rows, between columns, between slices): unequal
 ORIGIN = np.array([-30.5, 12.25, 40.0])     # LPS position of the first slice's first pixel
 
 

@@ -315,3 +315,51 @@ def test_train_command_reading_flags_are_checked(argv, words, capsys):
 
     assert main((["--data", "synthetic"] if "--data" not in argv else []) + argv) == 2
     assert words in capsys.readouterr().err
+
+
+def test_maps_of_scans_read_otherwise_than_the_model_learnt_are_refused(slabs, tmp_path):
+    from wrn3d_tl.explain import grad_cam, write_cam_montages
+
+    as_stored = NiftiVolumes(slabs["tables"]["lps"], target_shape=(8, 8, 8), spacing=(2.0, 1.0, 1.0))
+    for call in (lambda: grad_cam(slabs["ckpt"], as_stored),
+                 lambda: write_cam_montages(slabs["ckpt"], as_stored, tmp_path, nifti_out=tmp_path / "maps")):
+        with pytest.raises(ValueError, match=r"lps.csv'.*read files with \{'orientation': None, 'spacing': "
+                                             r"\[2\.0, 1\.0, 1\.0\]\}, but the model was trained on scans read with "
+                                             r"\{'orientation': 'RAS'"):
+            call()
+    assert not os.path.exists(tmp_path / "maps")
+
+
+def test_a_map_keeps_the_scans_header_codes(slabs, tmp_path):
+    from wrn3d_tl.explain import save_cam_nifti
+
+    data, affine = as_lps(slab_scan(np.random.default_rng(1), 0), RAS_AFFINE)
+    img = nib.Nifti1Image(np.round(data * 100).astype(np.int16), affine)
+    img.header.set_qform(affine, code=1)
+    img.header.set_sform(affine, code=4)
+    img.header.set_slope_inter(0.01, 0)
+    scan = tmp_path / "coded.nii.gz"
+    nib.save(img, scan)
+    cam = np.zeros((8, 8, 8), np.float32)
+    cam[1, 4, 4] = 1.0
+    out = nib.load(save_cam_nifti(cam, scan, READING, tmp_path / "map.nii.gz"))
+    assert (int(out.header["qform_code"]), int(out.header["sform_code"])) == (1, 4)
+    assert out.get_data_dtype() == np.float32 and out.header.get_slope_inter() == (None, None)
+    assert out.shape == (12, 8, 9) and np.allclose(out.affine, affine)
+    with pytest.raises(ValueError, match=r"cam: shape \(8, 8\) is not the network grid \(8, 8, 8\)"):
+        save_cam_nifti(cam[0], scan, READING, tmp_path / "bad.nii.gz")
+
+
+def test_a_degenerate_affine_is_an_error_naming_the_file(tmp_path, rng):
+    header = nib.Nifti1Header()       # nibabel will not make a qform of it: an sform-only file
+    header.set_data_dtype(np.float32)
+    header["sform_code"], header["qform_code"] = 1, 0
+    header["srow_x"], header["srow_y"], header["srow_z"] = RAS_AFFINE[0], RAS_AFFINE[1], [0, 0, 0, -3.5]
+    path = os.fspath(tmp_path / "flat.nii.gz")
+    nib.save(nib.Nifti1Image(anatomy(rng), None, header=header), path)
+    assert read_nifti(path, intensity=None).shape == (12, 8, 9, 1)       # as stored: the affine is not used
+    for kwargs in ({"orientation": "RAS"}, {"spacing": (1, 1, 1)}):
+        with pytest.raises(ValueError, match=r"flat.nii.gz' has a degenerate affine"):
+            read_nifti(path, **kwargs)
+        with pytest.raises(ValueError, match=r"flat.nii.gz' has a degenerate affine"):
+            NiftiVolumes(path, **kwargs)

@@ -266,7 +266,8 @@ def save_cam_nifti(cam, scan, reading, path):
 
     The map is resampled linearly from the network's grid onto the scan's voxels (0 where
     the network saw padding or nothing of the scan) and saved as float32 with the scan's
-    shape ``(i, j, k)`` and affine. Returns ``path``.
+    shape ``(i, j, k)``, affine and (NIfTI scans) header, its qform and sform codes
+    included. Returns ``path``.
     """
     import nibabel as nib
 
@@ -278,7 +279,12 @@ def save_cam_nifti(cam, scan, reading, path):
     if cam.shape != tuple(grid):
         raise ValueError(f"cam: shape {cam.shape} is not the network grid {tuple(grid)} of {os.fspath(scan)!r} "
                          f"read with {reading}")
-    image = nib.Nifti1Image(to_scan_grid(cam, grid_affine, scan_shape, scan_affine), scan_affine)
+    # the scan's own header where it has one: its qform/sform codes too, so that a viewer
+    # preferring either places the map where it places the scan
+    header = None if os.path.isdir(scan) else nib.load(os.fspath(scan)).header.copy()
+    image = nib.Nifti1Image(to_scan_grid(cam, grid_affine, scan_shape, scan_affine), scan_affine, header=header)
+    image.set_data_dtype(np.float32)
+    image.header.set_slope_inter(1.0, 0.0)
     image.header.set_xyzt_units("mm")
     data = image.to_bytes()
     if os.fspath(path).lower().endswith(".gz"):

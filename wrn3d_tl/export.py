@@ -183,7 +183,9 @@ def export_saved_model(trainer_or_model, path, *, normalization=None, precision=
 def input_expects(reading) -> str:
     """What the raw-volume signatures expect, in words, for the SavedModel's metadata: the
     voxel order and size a reading's file-side steps produce, which the graph cannot do."""
-    orientation, spacing = (reading or {}).get("orientation"), (reading or {}).get("spacing")
+    if reading is None:
+        return "raw volumes as the training data held them (before its normalisation)"
+    orientation, spacing = reading.get("orientation"), reading.get("spacing")
     if orientation is None and spacing is None:
         return "volumes with the voxel order and size of the training scans as stored (NDHWC)"
     parts = [f"axes reoriented to {orientation} (nibabel axis codes)" if orientation else "axes as stored",

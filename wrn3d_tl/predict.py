@@ -118,6 +118,8 @@ class Predictor:
 
         if not isinstance(preprocessed, bool):
             raise ValueError(f"preprocessed must be True or False, got {preprocessed!r}")
+        if hasattr(volumes, "info") and self.preprocessing is not None:
+            self._check_file_side(volumes)
         if preprocessed or self.preprocessing is None or hasattr(volumes, "info"):
             return None
         if isinstance(volumes, h5py.Dataset) and "preprocessing" in volumes.attrs:
@@ -128,6 +130,18 @@ class Predictor:
                                  f"with {self.preprocessing}; read them the same way")
             return None
         return self.preprocessing
+
+    def _check_file_side(self, volumes):
+        """NiftiVolumes must be read in the orientation and spacing the model learnt on:
+        otherwise every answer (and every map) is of mirrored or stretched scans."""
+        from wrn3d_tl.data.reading import FILE_SIDE
+
+        given = {k: volumes.reading.get(k) for k in FILE_SIDE}
+        stored = {k: self.preprocessing.get(k) for k in FILE_SIDE}
+        if given != stored:
+            raise ValueError(f"NIfTI table {volumes.info.table!r}: these NiftiVolumes read files with {given}, but the "
+                             f"model was trained on scans read with {stored}; build them with "
+                             "NiftiVolumes.from_reading(table, predictor.nifti_reading()), or pass the path")
 
     def check_volumes(self, volumes, what="volumes", reading=None):
         """Validate the shape and dtype of an array-like (numpy, memmap, h5py.Dataset)

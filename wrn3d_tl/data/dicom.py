@@ -15,7 +15,9 @@ Refused, with the folder named: several series in one folder (their SeriesInstan
 slices whose orientation, pixel spacing or size differ, two slices at one position, a gap
 larger than 1.5x the median slice step (missing slices), uneven steps, a compressed
 transfer syntax with no decoder installed (the packages that would decode it),
-multi-frame and colour images, files that are not DICOM.
+multi-frame and colour images, missing or malformed geometry tags, files that are not
+DICOM (including files without the 128-byte preamble and ``DICM`` marker of a DICOM file;
+``DICOMDIR`` and hidden files are skipped).
 """
 
 from __future__ import annotations
@@ -88,8 +90,19 @@ def _geometry_tags(path, ds, where):
     if int(ds.get("NumberOfFrames", 1) or 1) > 1 or int(ds.get("SamplesPerPixel", 1)) != 1:
         raise ValueError(f"{where}: {path!r} is a multi-frame or colour image; only single-frame greyscale "
                          "series are read (convert others with dcm2niix)")
-    return (np.asarray(ds.ImageOrientationPatient, np.float64), np.asarray(ds.ImagePositionPatient, np.float64),
-            np.asarray(ds.PixelSpacing, np.float64), (int(ds.Rows), int(ds.Columns)))
+    try:
+        iop, ipp, spacing = (np.asarray(ds[t].value, np.float64).reshape(-1) for t in
+                             ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing"))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: {path!r} has a non-numeric geometry tag: {' '.join(str(e).split())}") from None
+    row, col = iop[:3], iop[3:]
+    if iop.size != 6 or ipp.size != 3 or spacing.size != 2 or not np.isfinite(np.concatenate([iop, ipp, spacing])).all() \
+            or (spacing <= 0).any() or abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3 \
+            or abs(np.dot(row, col)) > 1e-3:
+        raise ValueError(f"{where}: {path!r} has malformed geometry: ImageOrientationPatient {list(iop)} (two "
+                         f"orthogonal unit vectors), ImagePositionPatient {list(ipp)} (3 numbers), PixelSpacing "
+                         f"{list(spacing)} (2 positive numbers)")
+    return iop, ipp, spacing, (int(ds.Rows), int(ds.Columns))
 
 
 def _sorted_slices(slices, where, folder):

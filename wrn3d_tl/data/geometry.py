@@ -52,7 +52,7 @@ def reorient(data, affine, orientation):
     ``affine' @ index'`` the same world point as ``affine @ index`` for each voxel."""
     import nibabel.orientations as nio
 
-    transform = _orientation_transform(affine, orientation)
+    transform = _orientation_transform(affine, check_orientation(orientation))
     out = nio.apply_orientation(data, transform)
     return np.ascontiguousarray(out), np.asarray(affine, np.float64) @ nio.inv_ornt_aff(transform, data.shape[:3])
 
@@ -85,7 +85,7 @@ def resample(data, affine, spacing):
     from scipy.ndimage import affine_transform
 
     affine = np.asarray(affine, np.float64)
-    shape, ratio, offset, step = _resampling(data.shape, affine, spacing)
+    shape, ratio, offset, step = _resampling(data.shape, affine, check_spacing(spacing))
     x = np.asarray(data, np.float32)
     channels = x[..., None] if x.ndim == 3 else x
     out = np.empty(shape + channels.shape[3:], np.float32)
@@ -106,6 +106,7 @@ def grid_of(shape, affine, orientation=None, spacing=None):
     """A header's ``(shape (D, H, W), affine)`` after ``orientation`` and ``spacing``, as
     :func:`reorient` and :func:`resample` would give it, without reading a voxel."""
     shape, affine = tuple(int(s) for s in shape[:3]), np.asarray(affine, np.float64)
+    orientation, spacing = check_orientation(orientation), check_spacing(spacing)
     if orientation is not None:
         import nibabel.orientations as nio
 

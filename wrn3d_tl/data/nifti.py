@@ -77,7 +77,7 @@ class NiftiInfo:
       n: number of volumes.
       volume_shape: ``(D, H, W, C)`` when every file reads to one shape, else None.
       shapes: ``(D, H, W, C)`` of each file as read (after the ``orientation`` and
-        ``spacing`` given to :func:`nifti_info`), from the headers.
+        ``spacing`` given to :func:`nifti_info`, kept in ``geometry``), from the headers.
     """
 
     table: str
@@ -89,6 +89,7 @@ class NiftiInfo:
     n: int
     volume_shape: tuple | None
     shapes: tuple = dataclasses.field(repr=False)
+    geometry: tuple = (None, None)     # the (orientation, spacing) the shapes are for
 
     @property
     def channels(self) -> int:
@@ -126,17 +127,24 @@ def _csv_rows(table, need_labels):
     return rows
 
 
+def _series_folder(path):
+    """Whether ``path`` is a folder of one DICOM series' files (files only, none NIfTI)."""
+    return os.path.isdir(path) and dicom.looks_like_series(path, is_nifti_path)
+
+
 def _nifti_files(folder, series=False):
-    """The NIfTI files in ``folder``, and with ``series`` its sub-folders (DICOM series)."""
+    """The NIfTI files in ``folder``, and with ``series`` its sub-folders of DICOM files."""
     return sorted(p for p in (os.path.join(folder, f) for f in os.listdir(folder) if not f.startswith("."))
-                  if (is_nifti_path(p) and os.path.isfile(p)) or (series and os.path.isdir(p)))
+                  if (is_nifti_path(p) and os.path.isfile(p)) or (series and _series_folder(p)))
 
 
 def _folder_rows(table, need_labels):
     """``(rows, class names)``: the classes are the sorted sub-folders, an empty one included
     (numbering them by the files found would shift a split that lacks a class)."""
     classes = sorted(d for d in os.listdir(table) if os.path.isdir(os.path.join(table, d)))
-    loose = _nifti_files(table)
+    if not need_labels:     # unlabelled: series folders at the top level are scans, not classes
+        classes = [d for d in classes if not _series_folder(os.path.join(table, d))]
+    loose = _nifti_files(table, series=not need_labels)
     if need_labels and loose:
         raise ValueError(f"table {table!r}: a labelled folder holds one sub-folder per class, but "
                          f"{os.path.basename(loose[0])!r} lies at its top level")
@@ -198,7 +206,17 @@ def _header(path, where):
 def _read_shape(path, where, orientation=None, spacing=None):
     """``(D, H, W, C)`` of the file as read with ``orientation`` and ``spacing``, from its header."""
     shape, affine = _header(path, where)
+    if orientation is not None or spacing is not None:
+        _check_affine(affine, path, where)
     return geometry.grid_of(shape, affine, orientation, spacing)[0] + shape[3:]
+
+
+def _check_affine(affine, path, where):
+    """An affine that orientation and spacing can use: finite, its 3x3 part invertible."""
+    affine = np.asarray(affine, np.float64)
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise ValueError(f"{where}: {path!r} has a degenerate affine (zero voxel size or axes in one plane), so "
+                         f"it cannot be reoriented or resampled: {affine[:3].round(4).tolist()}")
 
 
 def _load_whole(path, where):
@@ -271,8 +289,9 @@ def usable_files(table, *, threads=None, progress=None, orientation=None, spacin
     bad = [(paths[i], m) for i, m in enumerate(problems) if m is not None]
     if not keep:
         raise ValueError(f"table {table!r}: none of its {len(paths)} files can be used; the first: {bad[0][1]}")
-    shapes = _header_shapes([paths[i] for i in keep], [where[i] for i in keep], orientation, spacing)
-    info = NiftiInfo(table=table, paths=tuple(paths[i] for i in keep), where=tuple(where[i] for i in keep),
+    grid = (geometry.check_orientation(orientation), geometry.check_spacing(spacing))
+    shapes = _header_shapes([paths[i] for i in keep], [where[i] for i in keep], *grid)
+    info = NiftiInfo(table=table, paths=tuple(paths[i] for i in keep), where=tuple(where[i] for i in keep), geometry=grid,
                      labels=None, class_names=None, num_classes=None, n=len(keep),
                      volume_shape=shapes[0] if all(sh == shapes[0] for sh in shapes) else None, shapes=shapes)
     return info, bad
@@ -366,10 +385,12 @@ def nifti_info(table, *, labels: bool = True, classes=None, num_classes=None, ch
         if bad:
             raise ValueError(f"table {table!r}: {len(bad)} of {len(paths)} files cannot be used:\n  "
                              + "\n  ".join(bad))
-    shapes = _header_shapes(paths, where, geometry.check_orientation(orientation), geometry.check_spacing(spacing))
+    grid = (geometry.check_orientation(orientation), geometry.check_spacing(spacing))
+    shapes = _header_shapes(paths, where, *grid)
     same = all(s == shapes[0] for s in shapes)
     return NiftiInfo(table=table, paths=paths, where=where, labels=label_array, class_names=names,
-                     num_classes=count, n=len(paths), volume_shape=shapes[0] if same else None, shapes=shapes)
+                     num_classes=count, n=len(paths), volume_shape=shapes[0] if same else None, shapes=shapes,
+                     geometry=grid)
 
 
 # ------------------------------------------------------------------- reading
@@ -392,6 +413,8 @@ def read_scan(path, *, orientation=None, spacing=None, where=None):
     if not np.isfinite(data).all():
         raise ValueError(f"{where}: {path!r} contains NaN or Inf voxels")
     affine = np.asarray(img.affine, np.float64)
+    if orientation is not None or spacing is not None:
+        _check_affine(affine, path, where)
     if orientation is not None:
         data, affine = geometry.reorient(data, affine, orientation)
     if spacing is not None:
@@ -433,14 +456,14 @@ def read_nifti(path, *, intensity="zscore", target_shape=None, orientation=None,
 
 def _one_scan(path):
     """Whether ``path`` is one scan: a NIfTI file, or a folder of one DICOM series' files."""
-    return (is_nifti_path(path) and os.path.isfile(path)) or \
-        (os.path.isdir(path) and dicom.looks_like_series(path, is_nifti_path))
+    return (is_nifti_path(path) and os.path.isfile(path)) or _series_folder(path)
 
 
 def _as_read(info, reading):
     """``info`` with the shapes of its files as read with ``reading``'s orientation and spacing."""
     shapes = _header_shapes(info.paths, info.where, reading.get("orientation"), reading.get("spacing"))
-    return dataclasses.replace(info, shapes=shapes, volume_shape=shapes[0] if len(set(shapes)) == 1 else None)
+    return dataclasses.replace(info, shapes=shapes, volume_shape=shapes[0] if len(set(shapes)) == 1 else None,
+                               geometry=(reading.get("orientation"), check_spacing(reading.get("spacing"))))
 
 
 def _output_shape(info, target_shape):
@@ -460,7 +483,7 @@ class NiftiVolumes:
     slice's files in parallel threads). What ``predict`` and ``nifti_to_hdf5`` read from.
 
     ``table``: a table (see :func:`nifti_info`; ``labels=False`` accepts unlabelled ones),
-    a :class:`NiftiInfo` (its shapes are recomputed for an ``orientation`` or ``spacing``), or one
+    a :class:`NiftiInfo` (its shapes are recomputed for another ``orientation`` or ``spacing``), or one
     ``.nii``/``.nii.gz`` file. ``reading`` is the record (:func:`preprocessing_of`) the
     files are read with.
     """
@@ -472,11 +495,12 @@ class NiftiVolumes:
         self.target_shape = check_target_shape(target_shape)
         self.orientation, self.spacing = self.reading.get("orientation"), check_spacing(spacing)
         if isinstance(table, NiftiInfo):
-            info = table if self.orientation is None and self.spacing is None else _as_read(table, self.reading)
+            info = table if table.geometry == (self.orientation, self.spacing) else _as_read(table, self.reading)
         elif isinstance(table, (str, os.PathLike)) and _one_scan(table):
             path = os.path.abspath(os.fspath(table))
             shape = _read_shape(path, repr(path), self.orientation, self.spacing)
             info = NiftiInfo(table=path, paths=(path,), where=(repr(path),), labels=None, class_names=None,
+                             geometry=(self.orientation, self.spacing),
                              num_classes=None, n=1, volume_shape=shape, shapes=(shape,))
         else:
             info = nifti_info(table, labels=labels, classes=classes, num_classes=num_classes, check=check,
