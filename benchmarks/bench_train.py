@@ -26,7 +26,12 @@ Method (see benchmarks/README.md for more):
 * GFLOP/s = samples/s x ``count_flops(config)`` (x3 for a train step: forward + two
   backward convolutions per forward one). The fp32 and bf16 matmul peaks are measured in
   the same run with TensorFlow (a 4096x4096 matmul in a tf.function, median of 5), before
-  and after the configs; the higher median is used.
+  and after the configs; the higher median is used. Beside them the report prints the
+  CPU's physical fp32 limit, estimated as cores x FMA units x fp32 lanes x 2 x clock from
+  /proc/cpuinfo (``wrn3d_tl.cpu.fp32_limit``), and says when the matmul beats it (a turbo
+  clock above the one the kernel reports).
+* oneDNN: every row says whether its worker's convolutions ran on oneDNN (TensorFlow's
+  switch, read at its import; PyTorch's mkldnn backend).
 * Pipeline vs pre-made: in every round the wrn3d_tl fp32 worker runs, back to back,
   ``trainer.train_step(x, y)`` on a batch already in memory and ``trainer.train_step()``
   pulling from ``make_dataset`` (synthetic CIFAR-shaped uint8 images, random crop + flip,
@@ -376,6 +381,9 @@ def _worker_main(conn, impl, case, arch, seed):
         if command == "rss":
             conn.send(("ok", {"baseline_mb": baseline, "peak_mb": _status_mb("VmHWM")}))
             continue
+        if command == "onednn":
+            conn.send(("ok", _onednn(impl.framework)))
+            continue
         name, repeat = command if isinstance(command, tuple) else (command, 1)
         try:
             t0 = time.perf_counter()
@@ -385,6 +393,16 @@ def _worker_main(conn, impl, case, arch, seed):
         except Exception as exc:  # noqa: BLE001
             traceback.print_exc()
             conn.send(("error", _error_text(exc)))
+
+
+def _onednn(framework):
+    """Whether this worker's convolutions run on oneDNN: TensorFlow's switch (read at its
+    import, from TF_ENABLE_ONEDNN_OPTS), or PyTorch's mkldnn backend."""
+    if framework == "torch":
+        import torch
+
+        return bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+    return wrn3d_tl.cpu.onednn_enabled()
 
 
 # ------------------------------------------------------------------------- parent side
@@ -588,6 +606,7 @@ def bench_case(ctx, case, impls, profile, slow_factor, sink, run_id):
                     if out is not None:
                         profiles[impl] = out[1]
         rss = {impl: w.call("rss", 30) for impl, w in workers.items()}
+        onednn = {impl: w.call("onednn", 30) for impl, w in workers.items()}
     finally:
         stop_all(workers.values())
 
@@ -601,7 +620,7 @@ def bench_case(ctx, case, impls, profile, slow_factor, sink, run_id):
                "burst": case.burst,
                "forward_gflop_per_sample": flops / 1e9, "error": w.error, "train": tr, "infer": inf,
                "train_gflops": tr and tr["samples_per_s"] * 3 * flops / 1e9,
-               "infer_gflops": inf and inf["samples_per_s"] * flops / 1e9}
+               "infer_gflops": inf and inf["samples_per_s"] * flops / 1e9, "onednn": onednn[impl]}
         if rss[impl]:
             row["rss_baseline_mb"] = round(rss[impl]["baseline_mb"], 1)
             row["rss_peak_mb"] = round(rss[impl]["peak_mb"], 1)
@@ -630,7 +649,9 @@ def _fmt(v, spec):
     return "—" if v is None else format(v, spec)
 
 
-def report(records, peak):
+def report(records, peak, limit=None):
+    """Print the run's tables and return the summary ratios. ``limit``: the CPU's physical
+    fp32 limit (``wrn3d_tl.cpu.fp32_limit()``), printed beside TensorFlow's matmul peak."""
     steps = [r for r in records if r["kind"] == "step"]
     fp32_peak = peak.get("fp32")
     notes = []
@@ -644,17 +665,19 @@ def report(records, peak):
             text += f" [{len(notes)}]"
         return text
 
-    print("\n| config | implementation | precision | train samples/s | inference samples/s | train GFLOP/s "
+    print("\n| config | implementation | precision | oneDNN | train samples/s | inference samples/s | train GFLOP/s "
           "| % of fp32 matmul peak | peak RSS growth MB | train step ms |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
     for r in steps:
         tr, inf = r["train"], r["infer"]
         if r["error"] and not tr:
-            print(f"| {r['label']} | {r['impl']} | {r['precision']} | error: {r['error']} | | | | | |")
+            print(f"| {r['label']} | {r['impl']} | {r['precision']} | | error: {r['error']} | | | | | |")
             continue
         pct = r["train_gflops"] / fp32_peak * 100 if fp32_peak and r["train_gflops"] else None
         note = f" (error: {r['error']})" if r["error"] else ""
-        print(f"| {r['label']} | {r['impl']}{note} | {r['precision']} | {cell(tr, tr and tr['samples_per_s'], '.1f')} "
+        dnn = {True: "on", False: "off"}.get(r.get("onednn"), "—")
+        print(f"| {r['label']} | {r['impl']}{note} | {r['precision']} | {dnn} "
+              f"| {cell(tr, tr and tr['samples_per_s'], '.1f')} "
               f"| {cell(inf, inf and inf['samples_per_s'], '.1f')} | {_fmt(r['train_gflops'], '.1f')} "
               f"| {_fmt(pct, '.0f')} | {_fmt(r.get('rss_growth_mb'), '.0f')} "
               f"| {_fmt(tr and tr['median_s'] * 1e3, '.0f')} |")
@@ -665,6 +688,14 @@ def report(records, peak):
     if peak:
         print(f"\nTensorFlow matmul peak (4096x4096, this run): fp32 {peak.get('fp32', 0):.1f} GFLOP/s, "
               f"bf16 {peak.get('bf16', 0):.1f} GFLOP/s")
+    if limit:
+        share = ""
+        if peak.get("fp32"):
+            share = f"; the fp32 matmul reaches {peak['fp32'] / limit['gflops']:.0%} of it"
+            if peak["fp32"] > limit["gflops"]:   # the clock the kernel reports is not the one the cores ran at
+                need = peak["fp32"] / (limit["gflops"] / limit["ghz"])
+                share += f", which needs at least {need:.2f} GHz on those units: the cores ran above the reported clock"
+        print(f"Physical fp32 limit (estimate): {limit['gflops']:.1f} GFLOP/s = {limit['basis']}{share}")
 
     def sps(config, impl, precision, phase="train"):
         for r in steps:
@@ -726,7 +757,8 @@ def environment():
     cpu = wrn3d_tl.cpu.cpu_model()
     # what decides the kernels: AVX2 only, AVX-512, bf16 dot products, AMX tiles
     cpu_flags = wrn3d_tl.cpu.cpu_flags(relevant_only=True)
-    env = {"cpu": cpu, "cpu_flags": cpu_flags, "cores": os.cpu_count(), "python": platform.python_version(), "tensorflow": tf.__version__,
+    env = {"cpu": cpu, "cpu_flags": cpu_flags, "cores": os.cpu_count(), "fp32_limit": wrn3d_tl.cpu.fp32_limit(),
+           "python": platform.python_version(), "tensorflow": tf.__version__,
            "keras": keras.__version__, "onednn": wrn3d_tl.cpu.onednn_enabled(),
            "TF_ENABLE_ONEDNN_OPTS": os.environ.get(wrn3d_tl.cpu.ONEDNN_VAR)}
     try:
@@ -861,10 +893,10 @@ def main(argv=None):
     peaks.append(measure_matmul_peak(ctx, records, run_id, "end"))
     peak = {k: max(p.get(k, 0) for p in peaks) for k in ("fp32", "bf16")}
     peak = {k: v for k, v in peak.items() if v}
-    summary = report(records, peak)
+    summary = report(records, peak, env["fp32_limit"])
     elapsed = time.perf_counter() - start
-    emit({"run": run_id, "kind": "summary", "ratios": summary, "matmul_peak": peak, "elapsed_s": round(elapsed, 1)},
-         records)
+    emit({"run": run_id, "kind": "summary", "ratios": summary, "matmul_peak": peak, "fp32_limit": env["fp32_limit"],
+          "elapsed_s": round(elapsed, 1)}, records)
     print(f"\nTotal runtime: {elapsed:.0f} s")
     if args.json_out:
         with open(args.json_out, "w") as f:

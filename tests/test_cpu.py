@@ -136,3 +136,49 @@ def test_onednn_on_and_off_agree_to_float32_round_off(tmp_path):
     for name in off.files:
         if name not in ("losses", "onednn"):
             np.testing.assert_allclose(on[name], off[name], atol=1e-4, err_msg=name)
+
+
+def _cpuinfo(vendor, family, flags, mhz, processors=2, cores_per_socket=2, siblings=2):
+    lines = []
+    for i in range(processors):
+        lines += [f"processor\t: {i}", f"vendor_id\t: {vendor}", f"cpu family\t: {family}", f"cpu MHz\t\t: {mhz}",
+                  "physical id\t: 0", f"siblings\t: {siblings}", f"cpu cores\t: {cores_per_socket}",
+                  f"flags\t\t: fpu sse2 {flags}", ""]
+    return lines
+
+
+@pytest.mark.parametrize("kind, lines, gflops, lanes, cores", [
+    ("Zen 3, AVX2 only", _cpuinfo("AuthenticAMD", 25, "fma avx2", 2450.0), 2 * 2 * 8 * 2 * 2.45, 8, 2),
+    ("Zen 4, AVX-512 on 256-bit units", _cpuinfo("AuthenticAMD", 25, "fma avx2 avx512f avx512_bf16", 2596.142),
+     2 * 2 * 8 * 2 * 2.596142, 8, 2),
+    ("Zen 5, 512-bit units", _cpuinfo("AuthenticAMD", 26, "fma avx2 avx512f", 3000.0), 2 * 2 * 16 * 2 * 3.0, 16, 2),
+    ("Xeon with AMX, 2 threads of one core", _cpuinfo("GenuineIntel", 6, "fma avx2 avx512f amx_bf16", 2100.0,
+                                                      cores_per_socket=1), 1 * 2 * 16 * 2 * 2.1, 16, 1),
+])
+def test_fp32_limit_is_cores_units_lanes_flops_and_clock(kind, lines, gflops, lanes, cores):
+    limit = cpu.fp32_limit(lines)
+    assert limit["gflops"] == pytest.approx(gflops, abs=0.05), kind
+    assert (limit["lanes"], limit["cores"], limit["fma_units"]) == (lanes, cores, 2)
+    assert limit["basis"].startswith(f"{cores} cores x 2 FMA units x {lanes} fp32 lanes x 2 flops x ")
+
+
+def test_fp32_limit_without_a_clock_is_unknown():
+    assert cpu.fp32_limit(["processor\t: 0", "flags\t\t: avx2 fma"]) is None
+    assert cpu.fp32_limit([]) is None
+
+
+def test_bench_train_reports_onednn_per_row_and_the_limit_beside_the_matmul_peak(load_benchmark, capsys):
+    bench = load_benchmark("bench_train")
+    row = {"run": "r", "kind": "step", "config": "wrn10-2-3d", "label": "WRN-10-2", "precision": "fp32", "batch": 16,
+           "error": None, "forward_gflop_per_sample": 0.15, "train": {"samples_per_s": 100.0, "median_s": 0.16},
+           "infer": {"samples_per_s": 300.0, "median_s": 0.05}, "train_gflops": 45.0, "infer_gflops": 45.0}
+    records = [{**row, "impl": "wrn3d_tl", "onednn": True}, {**row, "impl": "keras", "onednn": False},
+               {**row, "impl": "torch", "onednn": None}]
+    limit = cpu.fp32_limit(_cpuinfo("AuthenticAMD", 25, "fma avx2", 2500.0))       # 160 GFLOP/s
+    bench.report(records, {"fp32": 200.0, "bf16": 300.0}, limit)
+    out = capsys.readouterr().out
+    assert "| WRN-10-2 | wrn3d_tl | fp32 | on | 100.0 |" in out and "| WRN-10-2 | keras | fp32 | off |" in out
+    assert "| WRN-10-2 | torch | fp32 | — |" in out
+    assert ("Physical fp32 limit (estimate): 160.0 GFLOP/s = 2 cores x 2 FMA units x 8 fp32 lanes x 2 flops x "
+            "2.50 GHz (AuthenticAMD, family 25, AVX2); the fp32 matmul reaches 125% of it, which needs at least "
+            "3.12 GHz on those units") in out

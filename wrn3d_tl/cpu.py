@@ -17,7 +17,7 @@ import sys
 import warnings
 
 __all__ = ["cpu_model", "cpu_flags", "has_bf16_instructions", "enable_onednn", "onednn_enabled", "onednn_status",
-           "warn_if_bf16_emulated", "ONEDNN_VAR"]
+           "warn_if_bf16_emulated", "fp32_limit", "ONEDNN_VAR"]
 
 ONEDNN_VAR = "TF_ENABLE_ONEDNN_OPTS"
 # The CPU flags that decide the bf16 kernels: AMX tiles, AVX-512 bf16 dot products, or neither.
@@ -49,6 +49,61 @@ def cpu_flags(relevant_only=False):
     absent); ``relevant_only`` keeps those that decide TensorFlow's kernels here."""
     flags = set((_field("flags") or "").split())
     return sorted(flags & set(RELEVANT_FLAGS) if relevant_only else flags)
+
+
+def _physical_cores(lines):
+    """Distinct (physical id, core id) pairs; else processors / threads per core."""
+    cores, processors, physical, siblings, per_socket = set(), 0, None, None, None
+    for line in lines:
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if key == "processor":
+            processors += 1
+        elif key == "physical id":
+            physical = value
+        elif key == "core id":
+            cores.add((physical, value))
+        elif key == "siblings":
+            siblings = int(value)
+        elif key == "cpu cores":
+            per_socket = int(value)
+    if cores:
+        return len(cores)
+    if processors and siblings and per_socket:
+        return max(1, processors * per_socket // siblings)
+    return processors or os.cpu_count() or 1
+
+
+def fp32_limit(lines=None):
+    """An estimate of the CPU's physical fp32 limit from ``/proc/cpuinfo`` (``lines``: its
+    lines, for tests): physical cores x FMA units per core x fp32 lanes per unit x 2 (an FMA
+    is two flops) x clock. Returns ``{"gflops", "cores", "fma_units", "lanes", "ghz",
+    "basis"}``, or None without a clock to read.
+
+    The units and lanes come from the vendor, family and flags: AVX-512 cores of Intel and of
+    AMD Zen 5 (family 26) have two 512-bit FMA units (16 lanes); Zen 4 (family 25 with
+    AVX-512) runs 512-bit operations on two 256-bit units (8 lanes), as do AVX2 cores; the
+    clock is the ``cpu MHz`` the kernel reports, which in a VM is often the nominal one (a
+    turbo clock above it can put a measured peak above this limit)."""
+    lines = _cpuinfo() if lines is None else lines
+    field = {}
+    for line in lines:
+        key, _, value = (part.strip() for part in line.partition(":"))
+        field.setdefault(key, value)
+    mhz = [float(line.partition(":")[2]) for line in lines if line.partition(":")[0].strip() == "cpu MHz"]
+    if not mhz:
+        return None
+    flags = set(field.get("flags", "").split())
+    vendor, family = field.get("vendor_id", ""), int(field.get("cpu family", "0") or 0)
+    wide = "avx512f" in flags and (vendor == "GenuineIntel" or (vendor == "AuthenticAMD" and family >= 26))
+    lanes = 16 if wide else 8 if "fma" in flags or "avx2" in flags else 4
+    units = 2
+    cores = _physical_cores(lines)
+    ghz = sum(mhz) / len(mhz) / 1000
+    basis = (f"{cores} cores x {units} FMA units x {lanes} fp32 lanes x 2 flops x {ghz:.2f} GHz "
+             f"({vendor or 'unknown vendor'}, family {family}, {'AVX-512' if 'avx512f' in flags else 'AVX2' if lanes == 8 else 'SSE'}"
+             f"{' on 256-bit units' if 'avx512f' in flags and not wide else ''})")
+    return {"gflops": round(cores * units * lanes * 2 * ghz, 1), "cores": cores, "fma_units": units, "lanes": lanes,
+            "ghz": round(ghz, 3), "basis": basis}
 
 
 def has_bf16_instructions():
