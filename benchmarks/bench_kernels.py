@@ -309,8 +309,20 @@ def main(argv=None):
     print(report(records, args.per_shape))
     if args.json_out:
         with open(args.json_out, "w") as f:
+            f.write(json.dumps(machine_record(), sort_keys=True) + "\n")
             f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in records)
     return 0
+
+
+def machine_record():
+    """The first line of a records file: which CPU (model, the flags that decide the kernels,
+    the estimated fp32 limit) and whether TensorFlow's oneDNN was on (it is read per process,
+    from TF_ENABLE_ONEDNN_OPTS, which ``import wrn3d_tl`` sets in the workers too)."""
+    from wrn3d_tl import cpu
+
+    return {"kind": "environment", "cpu": cpu.cpu_model(), "cpu_flags": cpu.cpu_flags(relevant_only=True),
+            "fp32_limit": cpu.fp32_limit(), "cores": os.cpu_count(),
+            "TF_ENABLE_ONEDNN_OPTS": os.environ.get(cpu.ONEDNN_VAR), "date": time.strftime("%Y-%m-%d")}
 
 
 if __name__ == "__main__":

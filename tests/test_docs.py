@@ -1032,3 +1032,54 @@ def test_scan_reading_costs_are_the_recorded_run_s():
             f"{ratio / decode['volumes_per_s']['NIfTI .nii']:.2f}x that of a `.nii`") in " ".join(text.split())
     assert "AMD EPYC" in run["machine"]["cpu"] and "avx512_bf16" in run["cpu_flags"] and "avx512bf16" in name
 
+
+
+def test_epyc_kernel_table_is_the_recorded_run():
+    """performance.md's kernels-alone table for the AVX512-BF16 EPYC: each op kind's time per
+    step (shapes weighted by how often a step runs them) in the records file it names."""
+    text = (ROOT / "docs" / "performance.md").read_text(encoding="utf-8")
+    name = re.search(r"`benchmarks/results/(kernels_2026-12-07[^`]+\.jsonl)`", text).group(1)
+    records = [json.loads(line) for line in (ROOT / "benchmarks" / "results" / name).read_text().splitlines()]
+    env = records[0]
+    assert env["kind"] == "environment" and env["cpu"] == "AMD EPYC" and "avx512_bf16" in env["cpu_flags"]
+    assert env["TF_ENABLE_ONEDNN_OPTS"] == "1"
+    total = {}
+    for r in records[1:]:
+        key = (r["config"], r["precision"], r["framework"], r["kind"])
+        total[key] = total.get(key, 0.0) + r["ms"] * r["count"]
+    columns = (("wrn10-2-3d", "fp32"), ("wrn10-2-3d", "bf16"), ("wrn40-4-2d", "bf16"))
+    kinds = ("conv forward", "conv grad input", "conv grad filter", "batch norm fwd", "batch norm grad",
+             "relu fwd + grad")
+    for kind in kinds + ("all",):
+        cells = []
+        for config, precision in columns:
+            tf_ms, torch_ms = (sum(total[(config, precision, fw, k)] for k in (kinds if kind == "all" else (kind,)))
+                               for fw in ("tf", "torch"))
+            cells.append(f"{tf_ms:.1f} / {torch_ms:.1f} ({tf_ms / torch_ms:.2f})")
+        label = "**all**" if kind == "all" else kind
+        assert f"| {label} | " + " | ".join(cells) + " |" in text, (kind, cells)
+
+
+def test_epyc_two_runs_table_and_fp32_limit_are_the_records():
+    """The EPYC part's table of both runs' ratios, and its fp32 limit, are those of the two
+    records files it names."""
+    machines = _perf_machines()
+    (part, latest), = [v for h, v in machines.items() if "EPYC" in h and "2026-11-25" not in h]
+    earlier_path = re.search(r"`(benchmarks/results/2026-12-06[^`]+\.jsonl)`", part).group(1)
+    earlier = [json.loads(line) for line in open(ROOT / earlier_path)]
+    runs = [next(r for r in recs if r["kind"] == "summary") for recs in (earlier, latest)]
+    text = " ".join(part.split())
+    for label, config in PERF_CONFIGS.items():
+        for precision in ("fp32", "bf16"):
+            cells = [" / ".join(f"{run['ratios'][f'{config}/{precision}/{phase}/wrn3d_tl_vs_best']:.2f}"
+                                for phase in ("train", "infer")) for run in runs]
+            assert f"| {label} {precision} | {cells[0]} | {cells[1]} |" in text, (label, precision, cells)
+    assert (f"({runs[0]['elapsed_s']:.0f} s, matmul peak fp32 {runs[0]['matmul_peak']['fp32']:.0f}, bf16 "
+            f"{runs[0]['matmul_peak']['bf16']:.0f} GFLOP/s;") in text
+    limit = runs[1]["fp32_limit"]
+    assert (f"{limit['cores']} cores x {limit['fma_units']} FMA units x {limit['lanes']} fp32 lanes x 2 flops x "
+            f"{limit['ghz']:.2f} GHz = {limit['gflops']:.0f} GFLOP/s") in text
+    need = runs[1]["matmul_peak"]["fp32"] / (limit["gflops"] / limit["ghz"])
+    assert f"the cores ran at {need:.1f} GHz or more" in text
+    steps = [r for r in latest if r["kind"] == "step"]
+    assert steps and all(r["onednn"] is True for r in steps)     # "oneDNN on in every worker"
