@@ -20,6 +20,7 @@ A map of a scan read from a file can go back onto the scan's own grid
 
 from __future__ import annotations
 
+import gzip
 import os
 
 import numpy as np
@@ -288,8 +289,6 @@ def save_cam_nifti(cam, scan, reading, path):
     image.header.set_xyzt_units("mm")
     data = image.to_bytes()
     if os.fspath(path).lower().endswith(".gz"):
-        import gzip
-
         data = gzip.compress(data, compresslevel=6)
     with written_atomically(path, makedirs=True) as tmp, open(tmp, "wb") as fh:
         fh.write(data)
