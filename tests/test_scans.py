@@ -363,3 +363,67 @@ def test_a_degenerate_affine_is_an_error_naming_the_file(tmp_path, rng):
             read_nifti(path, **kwargs)
         with pytest.raises(ValueError, match=r"flat.nii.gz' has a degenerate affine"):
             NiftiVolumes(path, **kwargs)
+
+
+def _sform_only(path, srows, data):
+    """A NIfTI file whose only placement is an sform of these rows (nibabel will not build a
+    qform of a degenerate affine)."""
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.float32)
+    header["sform_code"], header["qform_code"] = 1, 0
+    header["srow_x"], header["srow_y"], header["srow_z"] = srows
+    nib.save(nib.Nifti1Image(data, None, header=header), path)
+    return os.fspath(path)
+
+
+def test_files_that_cannot_serve_the_reading_are_all_listed_before_training(tmp_path, rng):
+    good = write(tmp_path / "good.nii.gz", anatomy(rng), RAS_AFFINE)
+    nan = _sform_only(tmp_path / "nan.nii.gz", (RAS_AFFINE[0], [0, np.nan, 0, 4.0], RAS_AFFINE[2]), anatomy(rng))
+    unplaced = nib.Nifti1Image(anatomy(rng), None)         # no qform, no sform: nibabel guesses the axes
+    unplaced.header["qform_code"] = unplaced.header["sform_code"] = 0
+    nib.save(unplaced, tmp_path / "unplaced.nii.gz")
+    table = tmp_path / "t.csv"
+    table.write_text("path,label\ngood.nii.gz,0\nnan.nii.gz,1\nunplaced.nii.gz,0\nmissing.nii.gz,1\n")
+    with pytest.raises(ValueError) as caught:
+        nifti_info(table, check=True, orientation="RAS")
+    message = str(caught.value)
+    assert "3 of 4 files cannot be used" in message
+    assert "line 3 ('nan.nii.gz'): " in message and "has a degenerate affine (not finite)" in message
+    assert "line 4 ('unplaced.nii.gz'): " in message and "does not say where its voxels are" in message
+    assert "missing.nii.gz' does not exist" in message and ";\n  " in message
+    # as stored, or resampled only (the voxel sizes are in the header), the unplaced file is fine
+    assert read_nifti(tmp_path / "unplaced.nii.gz", intensity=None).shape == (12, 8, 9, 1)
+    assert read_scan(tmp_path / "unplaced.nii.gz", spacing=(2, 2, 2))[0].shape == (6, 4, 5, 1)   # 9 / 2 rounds up
+    assert read_scan(good, orientation="RAS")[0].shape == (12, 8, 9, 1)
+
+
+def test_predict_skips_files_the_models_reading_cannot_place_and_explain_names_them(slabs, tmp_path, rng, capsys):
+    from wrn3d_tl.commands.predict import main as predict_main
+    from wrn3d_tl.explain import save_cam_nifti
+
+    folder = tmp_path / "new"
+    folder.mkdir()
+    write(folder / "a.nii.gz", slab_scan(rng, 0), RAS_AFFINE)
+    _sform_only(folder / "b.nii.gz", (RAS_AFFINE[0], RAS_AFFINE[1], [0, 0, 0, -3.5]), slab_scan(rng, 1))
+    out = tmp_path / "p.csv"
+    assert predict_main(["--checkpoint", slabs["ckpt"], "--nifti", os.fspath(folder), "--out", os.fspath(out)]) == 2
+    err = capsys.readouterr().err
+    assert "1 of 2 files cannot be used: " in err and "b.nii.gz' has a degenerate affine" in err and "--skip-bad" in err
+    assert predict_main(["--checkpoint", slabs["ckpt"], "--nifti", os.fspath(folder), "--out", os.fspath(out),
+                         "--skip-bad"]) == 0
+    assert len(out.read_text().splitlines()) == 2           # header + a.nii.gz
+    skipped = tmp_path / "p_skipped.csv"
+    assert skipped.exists() and "b.nii.gz" in skipped.read_text() and "degenerate affine" in skipped.read_text()
+    # a map cannot be overlaid on a scan whose affine places nothing, whatever the reading
+    with pytest.raises(ValueError, match=r"b.nii.gz' has a degenerate affine .*so it cannot be overlaid"):
+        save_cam_nifti(np.zeros((8, 8, 8), np.float32), folder / "b.nii.gz", preprocessing_of("zscore", (8, 8, 8)),
+                       tmp_path / "map.nii.gz")
+
+
+def test_train_command_wants_val_and_test_of_the_datas_kind(tmp_path, capsys):
+    from wrn3d_tl.commands.train import main
+
+    (tmp_path / "t.csv").write_text("path,label\n")
+    (tmp_path / "v.h5").write_bytes(b"")
+    assert main(["--data", os.fspath(tmp_path / "t.csv"), "--val", os.fspath(tmp_path / "v.h5")]) == 2
+    assert "v.h5: an HDF5 file, but --data" in capsys.readouterr().err

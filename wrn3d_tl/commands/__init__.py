@@ -152,7 +152,7 @@ def add_reading_flags(parser, *, intensity_default=None):
     in the order they are applied (``wrn3d_tl.data.reading``)."""
     a = parser.add_argument
     a("--orientation", type=orientation_arg, help="NIfTI/DICOM: reorder/flip each scan's axes by its affine to "
-      "these axis codes, e.g. RAS (recommended when scans come from several scanners; default: as stored)")
+      "these axis codes, e.g. RAS (recommended when scans come from several scanners) (default: as stored)")
     a("--spacing", type=spacing_arg, help="NIfTI/DICOM: resample each scan linearly to these voxel sizes in mm, "
       "D,H,W in the output axis order or one number (default: as stored)")
     a("--intensity", type=intensity_arg, default=intensity_default,

@@ -104,12 +104,9 @@ def open_inputs(prog, args):
             quiet_tensorflow()
             from wrn3d_tl.data.nifti import usable_files
 
-            # every file read once now; shapes once the checkpoint's target_shape is known
+            # every file read once now; shapes once the checkpoint's reading is known
             files, skipped = usable_files(src)
-            if skipped and not getattr(args, "skip_bad", False):
-                raise ValueError(f"{len(skipped)} of {files.n + len(skipped)} files cannot be used: "
-                                 + "; ".join(m for _, m in skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
-                                 + (" (pass --skip-bad to predict the others)" if hasattr(args, "skip_bad") else ""))
+            _refuse_unless_skipping(args, files, skipped)
             volumes = src
         else:
             volumes = src
@@ -123,13 +120,25 @@ def open_inputs(prog, args):
     except (OSError, ValueError) as e:  # FileNotFoundError, CheckpointError
         bad("--checkpoint", args.checkpoint, e)
     if files is not None:
-        from wrn3d_tl.data.nifti import NiftiVolumes
+        from wrn3d_tl.data.nifti import NiftiVolumes, placeable
 
         try:
-            volumes = NiftiVolumes.from_reading(files, predictor.nifti_reading(args.intensity, args.target_shape))
+            reading = predictor.nifti_reading(args.intensity, args.target_shape)
+            files, unplaced = placeable(files, reading)      # headers that cannot serve its orientation/spacing
+            _refuse_unless_skipping(args, files, unplaced, len(skipped))
+            skipped += unplaced
+            volumes = NiftiVolumes.from_reading(files, reading)
         except ValueError as e:
             bad(src_arg, src, e)
     return predictor, volumes, src_arg, src, skipped
+
+
+def _refuse_unless_skipping(args, files, bad, skipped_before=0):
+    """ValueError listing the first bad files, unless ``--skip-bad`` says to go on without them."""
+    if bad and not getattr(args, "skip_bad", False):
+        raise ValueError(f"{len(bad)} of {files.n + len(bad) + skipped_before} files cannot be used: "
+                         + "; ".join(m for _, m in bad[:3]) + ("; ..." if len(bad) > 3 else "")
+                         + (" (pass --skip-bad to predict the others)" if hasattr(args, "skip_bad") else ""))
 
 
 def main(argv=None):

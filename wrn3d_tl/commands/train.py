@@ -144,6 +144,10 @@ def parse_args(argv=None):
             p.error(f"--{flag} {value}: {args.data} brings its own splits")
         if value and not os.path.exists(value):
             p.error(f"--{flag} {value}: no such file or folder")
+        if value and args.kind in ("nifti", "hdf5") and _kind(p, value, f"--{flag}") != args.kind:
+            p.error(f"--{flag} {value}: {'an HDF5 file' if args.kind == 'nifti' else 'a NIfTI table'}, but --data "
+                    f"{args.data} is {'a NIfTI table' if args.kind == 'nifti' else 'an HDF5 file'}: give --{flag} of "
+                    "the same kind (wrn3d-prepare converts a table)")
     if args.val_split and (args.val or args.kind in ("hdf5", "medmnist")):
         p.error(f"--val-split {args.val_split:g}: " + ("give --val or --val-split, not both" if args.val else
                 f"{args.data} cannot be split here (use --val)"))
@@ -185,13 +189,13 @@ def _rerun(p, args):
     return again
 
 
-def _kind(p, data):
+def _kind(p, data, flag="--data"):
     if data in ARRAY_SOURCES:
         return data
     if data.startswith("medmnist:"):
         return "medmnist"
     if not os.path.exists(data):
-        p.error(f"--data {data}: no such file or folder (or give medmnist:FLAG[@SIZE], cifar10, cifar100, synthetic)")
+        p.error(f"{flag} {data}: no such file or folder (or give medmnist:FLAG[@SIZE], cifar10, cifar100, synthetic)")
     if os.path.isdir(data):
         return "nifti"
     ext = os.path.splitext(data)[1].lower()
@@ -199,7 +203,7 @@ def _kind(p, data):
         return "hdf5"
     if ext in (".csv", ".tsv", ".txt"):
         return "nifti"
-    p.error(f"--data {data}: not a NIfTI table (.csv or a folder) or an HDF5 file (.h5, .hdf5)")
+    p.error(f"{flag} {data}: not a NIfTI table (.csv or a folder) or an HDF5 file (.h5, .hdf5)")
 
 
 def _data_name(args):

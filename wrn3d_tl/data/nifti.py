@@ -47,7 +47,8 @@ from .pipeline import AUTOTUNE, marked_errors, _augmenter, _check_pipeline_flags
 
 __all__ = ["NIFTI_SUFFIXES", "INTENSITY_MODES", "NiftiInfo", "NiftiVolumes", "nifti_info", "read_nifti",
            "check_files", "usable_files", "nifti_dataset", "nifti_to_hdf5", "is_nifti_path", "preprocessing_of",
-           "check_preprocessing", "check_intensity", "check_target_shape", "read_scan", "scan_grids"]
+           "check_preprocessing", "check_intensity", "check_target_shape", "read_scan", "scan_grids", "placeable",
+           "check_geometry"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -186,13 +187,13 @@ def _is_int_literal(value):
 
 
 def _header(path, where):
-    """``((i, j, k, C), affine)`` of a NIfTI file (header only; the voxels stay on disk) or
-    of a DICOM series folder (headers only)."""
+    """``((i, j, k, C), affine, placed)`` of a NIfTI file (header only; the voxels stay on
+    disk) or of a DICOM series folder (headers only); ``placed``: see :func:`_placed`."""
     import nibabel as nib
 
     if os.path.isdir(path):
         _, affine, shape = dicom.read_series(path, where, pixels=False)
-        return tuple(shape) + (1,), affine
+        return tuple(shape) + (1,), affine, True
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{where}: file {path!r} does not exist")
     try:
@@ -200,23 +201,41 @@ def _header(path, where):
     except Exception as e:  # nibabel raises ImageFileError, OSError, EOFError, zlib/gzip errors ...
         raise ValueError(f"{where}: {path!r} is not a readable NIfTI file: {_one_line(e)}") from e
     img = _checked(img, path, where)
-    return _shape_of(img), img.affine
+    return _shape_of(img), img.affine, _placed(img)
+
+
+def _placed(img):
+    """Whether a NIfTI header says where its voxels are (a qform or sform code above 0).
+    Without one nibabel makes up an affine from the voxel sizes alone, whose axis
+    directions are a guess: fine for voxel sizes, wrong for an orientation."""
+    return bool(int(img.header["qform_code"]) or int(img.header["sform_code"]))
 
 
 def _read_shape(path, where, orientation=None, spacing=None):
     """``(D, H, W, C)`` of the file as read with ``orientation`` and ``spacing``, from its header."""
-    shape, affine = _header(path, where)
-    if orientation is not None or spacing is not None:
-        _check_affine(affine, path, where)
+    shape, affine, placed = _header(path, where)
+    check_geometry(affine, placed, path, where, orientation, spacing)
     return geometry.grid_of(shape, affine, orientation, spacing)[0] + shape[3:]
 
 
-def _check_affine(affine, path, where):
-    """An affine that orientation and spacing can use: finite, its 3x3 part invertible."""
+def check_geometry(affine, placed, path, where, orientation=None, spacing=None, purpose=None):
+    """Raise ValueError naming the file when its affine cannot serve ``orientation``,
+    ``spacing`` or ``purpose`` (e.g. "overlaid"): not finite, or a zero voxel size or
+    axes in one plane; and, for an orientation or a purpose, a header that does not place
+    the voxels (``placed`` False: no qform or sform code)."""
+    if orientation is None and spacing is None and purpose is None:
+        return
+    use = purpose or " or ".join(word for word, given in (("reoriented", orientation), ("resampled", spacing))
+                                 if given is not None)
     affine = np.asarray(affine, np.float64)
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise ValueError(f"{where}: {path!r} has a degenerate affine (zero voxel size or axes in one plane), so "
-                         f"it cannot be reoriented or resampled: {affine[:3].round(4).tolist()}")
+        rows = [[float(f"{v:.6g}") for v in row] for row in affine[:3]]
+        raise ValueError(f"{where}: {path!r} has a degenerate affine ({'not finite' if not np.isfinite(affine).all() else 'a zero voxel size or axes in one plane'}), "
+                         f"so it cannot be {use}: {rows}")
+    if not placed and (orientation is not None or purpose is not None):
+        raise ValueError(f"{where}: {path!r} does not say where its voxels are (its qform_code and sform_code are "
+                         f"0), so it cannot be {use}; set its orientation (e.g. with nibabel's set_qform) or read it "
+                         "without orientation")
 
 
 def _load_whole(path, where):
@@ -267,11 +286,12 @@ def _shape_of(img):
     return shape + (1,) if len(shape) == 3 else shape
 
 
-def check_files(paths, where, *, threads=None, progress=None):
-    """Read every file once (header, voxels, finiteness; parallel threads, a progress bar on
-    a terminal): the list of ``"where: what is wrong"`` messages of the bad ones, in table
-    order (empty when all are fine)."""
-    return [m for m in _problems(paths, where, threads, progress) if m is not None]
+def check_files(paths, where, *, threads=None, progress=None, orientation=None, spacing=None):
+    """Read every file once (header, voxels, finiteness, and whether its affine can serve
+    ``orientation`` and ``spacing``; parallel threads, a progress bar on a terminal): the
+    list of ``"where: what is wrong"`` messages of the bad ones, in table order (empty when
+    all are fine)."""
+    return [m for m in _problems(paths, where, threads, progress, orientation, spacing) if m is not None]
 
 
 def usable_files(table, *, threads=None, progress=None, orientation=None, spacing=None):
@@ -284,17 +304,47 @@ def usable_files(table, *, threads=None, progress=None, orientation=None, spacin
     rows, _ = _table_rows(table, False, single_file=True)
     paths = tuple(os.path.abspath(p) for p, _, _ in rows)
     where = tuple(w for _, _, w in rows)
-    problems = _problems(paths, where, threads, progress)
+    grid = (geometry.check_orientation(orientation), geometry.check_spacing(spacing))
+    problems = _problems(paths, where, threads, progress, *grid)
     keep = [i for i, m in enumerate(problems) if m is None]
     bad = [(paths[i], m) for i, m in enumerate(problems) if m is not None]
     if not keep:
-        raise ValueError(f"table {table!r}: none of its {len(paths)} files can be used; the first: {bad[0][1]}")
-    grid = (geometry.check_orientation(orientation), geometry.check_spacing(spacing))
+        _none_usable(table, len(paths), bad)
     shapes = _header_shapes([paths[i] for i in keep], [where[i] for i in keep], *grid)
     info = NiftiInfo(table=table, paths=tuple(paths[i] for i in keep), where=tuple(where[i] for i in keep), geometry=grid,
                      labels=None, class_names=None, num_classes=None, n=len(keep),
                      volume_shape=shapes[0] if all(sh == shapes[0] for sh in shapes) else None, shapes=shapes)
     return info, bad
+
+
+def placeable(info, reading):
+    """Split a :class:`NiftiInfo` by whether each file's header can serve ``reading``'s
+    orientation and spacing (headers only; e.g. files checked before the model's reading
+    was known): ``(NiftiInfo of those that can, with their shapes as read, [(path, "where:
+    what is wrong"), ...] of the others)``."""
+    reading = check_preprocessing(reading) or preprocessing_of(None, None)
+    if reading.get("orientation") is None and reading.get("spacing") is None:
+        return info, []
+    keep, bad = [], []
+    for i, (path, where) in enumerate(zip(info.paths, info.where)):
+        try:
+            _read_shape(path, where, reading.get("orientation"), reading.get("spacing"))
+        except (OSError, ValueError) as e:
+            bad.append((path, _one_line(e)))
+            continue
+        keep.append(i)
+    if not keep:
+        _none_usable(info.table, info.n, bad)
+    subset = dataclasses.replace(info, paths=tuple(info.paths[i] for i in keep), n=len(keep),
+                                 where=tuple(info.where[i] for i in keep), shapes=tuple(info.shapes[i] for i in keep),
+                                 labels=None if info.labels is None else info.labels[keep], geometry=(None, None))
+    return _as_read(subset, reading), bad
+
+
+def _none_usable(table, n, bad):
+    if n == 1 and bad[0][0] == os.path.abspath(table):     # one scan given, not a table
+        raise ValueError(bad[0][1])
+    raise ValueError(f"table {table!r}: none of its {n} files can be used; the first: {bad[0][1]}")
 
 
 def _table_rows(table, labels, single_file=False):
@@ -325,7 +375,7 @@ def _header_shapes(paths, where, orientation=None, spacing=None):
     return shapes
 
 
-def _problems(paths, where, threads=None, progress=None):
+def _problems(paths, where, threads=None, progress=None, orientation=None, spacing=None):
     """One entry per file: None, or its one-line problem."""
     import sys
 
@@ -333,7 +383,8 @@ def _problems(paths, where, threads=None, progress=None):
 
     def problem(i):
         try:
-            read_nifti(paths[i], intensity=None, where=where[i])
+            read_nifti(paths[i], intensity=None, where=where[i])         # voxels as stored: no resampling
+            _read_shape(paths[i], where[i], orientation, spacing)       # the affine serves the reading
         except (OSError, ValueError) as e:
             return _one_line(e)
         return None
@@ -381,10 +432,10 @@ def nifti_info(table, *, labels: bool = True, classes=None, num_classes=None, ch
     if labels:
         label_array, names, count = _labels([v for _, v, _ in rows], where, table, classes, num_classes)
     if check:
-        bad = check_files(paths, where)
+        bad = check_files(paths, where, orientation=orientation, spacing=spacing)
         if bad:
             raise ValueError(f"table {table!r}: {len(bad)} of {len(paths)} files cannot be used:\n  "
-                             + "\n  ".join(bad))
+                             + ";\n  ".join(bad))
     grid = (geometry.check_orientation(orientation), geometry.check_spacing(spacing))
     shapes = _header_shapes(paths, where, *grid)
     same = all(s == shapes[0] for s in shapes)
@@ -413,8 +464,7 @@ def read_scan(path, *, orientation=None, spacing=None, where=None):
     if not np.isfinite(data).all():
         raise ValueError(f"{where}: {path!r} contains NaN or Inf voxels")
     affine = np.asarray(img.affine, np.float64)
-    if orientation is not None or spacing is not None:
-        _check_affine(affine, path, where)
+    check_geometry(affine, _placed(img), path, where, orientation, spacing)
     if orientation is not None:
         data, affine = geometry.reorient(data, affine, orientation)
     if spacing is not None:
@@ -428,7 +478,9 @@ def scan_grids(path, reading, where=None):
     affine)`` for the file read with ``reading`` (orientation, spacing, crop/pad)."""
     path = os.fspath(path)
     reading = check_preprocessing(reading) or preprocessing_of(None, None)
-    shape, affine = _header(path, where or repr(path))
+    shape, affine, placed = _header(path, where or repr(path))
+    check_geometry(affine, placed, path, where or repr(path), reading.get("orientation"), reading.get("spacing"),
+                   purpose="overlaid (a map goes onto the scan's grid through its affine)")
     grid, grid_affine = geometry.grid_of(shape, affine, reading.get("orientation"), reading.get("spacing"))
     if reading["target_shape"] is not None:
         grid_affine = geometry.shifted(grid_affine, fit_offsets(grid, reading["target_shape"]))
