@@ -337,6 +337,7 @@ def test_cli_bad_inputs_exit_2_with_one_line(trained, tmp_path, capsys):
     assert main(["--checkpoint", trained["ckpt"], "--out", "x.csv"]) == 2
 
 
+@pytest.mark.slow     # a fresh process (TensorFlow and the model loaded): the in-process main() tests above are its fast side
 def test_cli_as_a_process_exits_2_with_only_our_line(trained, tmp_path):
     """As a process, with TF_CPP_MIN_LOG_LEVEL unset (the CLI quiets TensorFlow's C++ log
     itself): after TensorFlow and the model are loaded, a bad input gives exit status 2 and
