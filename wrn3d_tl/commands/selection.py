@@ -17,7 +17,6 @@ SELECT = {"accuracy": True, "auc": True, "loss": False}
 
 def write_json(path, value):
     from wrn3d_tl.evaluation import json_safe
-    from wrn3d_tl.files import written_atomically
 
     with written_atomically(path, makedirs=True) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         json.dump(json_safe(value), fh, indent=1, allow_nan=False)

@@ -33,17 +33,17 @@ def voxel_sizes(affine) -> np.ndarray:
     return np.sqrt((np.asarray(affine, np.float64)[:3, :3] ** 2).sum(axis=0))
 
 
-def _orientation_transform(affine, orientation):
+def _reorientation(shape, affine, orientation):
+    """``(transform, shape', affine')``: nibabel's axis transform from ``affine``'s voxel
+    order to ``orientation``, and the ``(D, H, W)`` and affine of the reoriented grid."""
     import nibabel.orientations as nio
 
-    return nio.ornt_transform(nio.io_orientation(affine), nio.axcodes2ornt(tuple(orientation)))
-
-
-def _reoriented_shape(shape, transform):
+    shape = tuple(int(s) for s in shape[:3])
+    transform = nio.ornt_transform(nio.io_orientation(affine), nio.axcodes2ornt(tuple(check_orientation(orientation))))
     out = [0, 0, 0]
     for axis, (to, _) in enumerate(transform.astype(int)):
         out[to] = shape[axis]
-    return tuple(out)
+    return transform, tuple(out), np.asarray(affine, np.float64) @ nio.inv_ornt_aff(transform, shape)
 
 
 def reorient(data, affine, orientation):
@@ -52,9 +52,8 @@ def reorient(data, affine, orientation):
     ``affine' @ index'`` the same world point as ``affine @ index`` for each voxel."""
     import nibabel.orientations as nio
 
-    transform = _orientation_transform(affine, check_orientation(orientation))
-    out = nio.apply_orientation(data, transform)
-    return np.ascontiguousarray(out), np.asarray(affine, np.float64) @ nio.inv_ornt_aff(transform, data.shape[:3])
+    transform, _, new_affine = _reorientation(data.shape, affine, orientation)
+    return np.ascontiguousarray(nio.apply_orientation(data, transform)), new_affine
 
 
 def resampled_shape(shape, affine, spacing) -> tuple:
@@ -108,10 +107,7 @@ def grid_of(shape, affine, orientation=None, spacing=None):
     shape, affine = tuple(int(s) for s in shape[:3]), np.asarray(affine, np.float64)
     orientation, spacing = check_orientation(orientation), check_spacing(spacing)
     if orientation is not None:
-        import nibabel.orientations as nio
-
-        transform = _orientation_transform(affine, orientation)
-        shape, affine = _reoriented_shape(shape, transform), affine @ nio.inv_ornt_aff(transform, shape)
+        _, shape, affine = _reorientation(shape, affine, orientation)
     if spacing is not None:
         shape, _, _, step = _resampling(shape, affine, spacing)
         affine = affine @ step

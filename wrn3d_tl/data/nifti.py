@@ -384,7 +384,8 @@ def _problems(paths, where, threads=None, progress=None, orientation=None, spaci
     def problem(i):
         try:
             read_nifti(paths[i], intensity=None, where=where[i])         # voxels as stored: no resampling
-            _read_shape(paths[i], where[i], orientation, spacing)       # the affine serves the reading
+            if orientation is not None or spacing is not None:
+                _read_shape(paths[i], where[i], orientation, spacing)   # the affine serves the reading
         except (OSError, ValueError) as e:
             return _one_line(e)
         return None
