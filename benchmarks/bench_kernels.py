@@ -321,7 +321,7 @@ def machine_record():
     from wrn3d_tl import cpu
 
     return {"kind": "environment", "cpu": cpu.cpu_model(), "cpu_flags": cpu.cpu_flags(relevant_only=True),
-            "fp32_limit": cpu.fp32_limit(), "cores": os.cpu_count(),
+            "fp32_limit": cpu.fp32_limit(), "cores": os.cpu_count(), "isa_caps": cpu.isa_caps(),
             "TF_ENABLE_ONEDNN_OPTS": os.environ.get(cpu.ONEDNN_VAR), "date": time.strftime("%Y-%m-%d")}
 
 

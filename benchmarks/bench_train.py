@@ -332,7 +332,8 @@ def setup_torch(impl, case, arch, seed):
 
 
 def setup_matmul(impl, case, arch, seed):
-    """TensorFlow's fp32 and bf16 matmul peak: "matmul" returns {"fp32": GFLOP/s, "bf16": GFLOP/s}."""
+    """TensorFlow's fp32 and bf16 matmul peak: "matmul" returns {"fp32": GFLOP/s, "bf16": GFLOP/s
+    or None when the kernels are capped to AVX2}."""
     import tensorflow as tf
     n, reps = 4096, 5
 
@@ -350,7 +351,9 @@ def setup_matmul(impl, case, arch, seed):
             times.append(time.perf_counter() - t0)
         return 2 * n ** 3 / statistics.median(times) / 1e9
 
-    return {"matmul": lambda: {"fp32": peak(tf.float32), "bf16": peak(tf.bfloat16)}}
+    # bf16 under an AVX2 cap on an AVX-512 machine aborts the process (wrn3d_tl.cpu.capped_to_avx2)
+    bf16 = (lambda: None) if wrn3d_tl.cpu.capped_to_avx2() else (lambda: peak(tf.bfloat16))
+    return {"matmul": lambda: {"fp32": peak(tf.float32), "bf16": bf16()}}
 
 
 SETUP = {"wrn3d_tl": setup_wrn3d_tl, "keras": setup_keras, "torch": setup_torch, "matmul": setup_matmul}
@@ -565,6 +568,10 @@ def emit(record, sink):
     sink.append(record)
 
 
+def _peaks(peak, fmt):
+    return ", ".join(f"{p} {peak[p]:{fmt}} GFLOP/s" if peak.get(p) else f"{p} not measured" for p in ("fp32", "bf16"))
+
+
 def measure_matmul_peak(ctx, sink, run_id, when):
     worker = Worker(ctx, Impl("matmul", "fp32/bf16"))
     out = worker.call("matmul", 300) if worker.wait_ready() else None
@@ -572,8 +579,8 @@ def measure_matmul_peak(ctx, sink, run_id, when):
     if out is None:
         log(f"matmul peak ({when}) failed: {worker.error}")
         return {}
-    peak = {k: round(v, 1) for k, v in out[1].items()}
-    log(f"matmul peak ({when}): fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s")
+    peak = {k: v if v is None else round(v, 1) for k, v in out[1].items()}
+    log(f"matmul peak ({when}): {_peaks(peak, '.0f')}")
     emit({"run": run_id, "kind": "matmul_peak", "when": when, "n": 4096, "gflops": peak}, sink)
     return peak
 
@@ -686,8 +693,7 @@ def report(records, peak, limit=None):
         for i, text in enumerate(notes, 1):
             print(f"[{i}] {text} (--slow-factor).")
     if peak:
-        print(f"\nTensorFlow matmul peak (4096x4096, this run): fp32 {peak.get('fp32', 0):.1f} GFLOP/s, "
-              f"bf16 {peak.get('bf16', 0):.1f} GFLOP/s")
+        print(f"\nTensorFlow matmul peak (4096x4096, this run): {_peaks(peak, '.1f')}")
     if limit:
         share = ""
         if peak.get("fp32"):
@@ -760,7 +766,8 @@ def environment():
     env = {"cpu": cpu, "cpu_flags": cpu_flags, "cores": os.cpu_count(), "fp32_limit": wrn3d_tl.cpu.fp32_limit(),
            "python": platform.python_version(), "tensorflow": tf.__version__,
            "keras": keras.__version__, "onednn": wrn3d_tl.cpu.onednn_enabled(),
-           "TF_ENABLE_ONEDNN_OPTS": os.environ.get(wrn3d_tl.cpu.ONEDNN_VAR)}
+           "TF_ENABLE_ONEDNN_OPTS": os.environ.get(wrn3d_tl.cpu.ONEDNN_VAR),
+           "isa_caps": wrn3d_tl.cpu.isa_caps()}
     try:
         env["tensorlayer"] = importlib.metadata.version("tensorlayer")
     except Exception:  # noqa: BLE001
@@ -891,7 +898,7 @@ def main(argv=None):
     for case in cases:
         bench_case(ctx, case, impls, args.profile, args.slow_factor, records, run_id)
     peaks.append(measure_matmul_peak(ctx, records, run_id, "end"))
-    peak = {k: max(p.get(k, 0) for p in peaks) for k in ("fp32", "bf16")}
+    peak = {k: max(p.get(k) or 0 for p in peaks) for k in ("fp32", "bf16")}
     peak = {k: v for k, v in peak.items() if v}
     summary = report(records, peak, env["fp32_limit"])
     elapsed = time.perf_counter() - start

@@ -182,3 +182,46 @@ def test_bench_train_reports_onednn_per_row_and_the_limit_beside_the_matmul_peak
     assert ("Physical fp32 limit (estimate): 160.0 GFLOP/s = 2 cores x 2 FMA units x 8 fp32 lanes x 2 flops x "
             "2.50 GHz (AuthenticAMD, family 25, AVX2); the fp32 matmul reaches 125% of it, which needs at least "
             "3.12 GHz on those units") in out
+
+
+def test_isa_caps_are_the_variables_that_cap_the_kernels_set_in_the_environment():
+    env = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "",
+           "PATH": "/bin"}
+    assert cpu.isa_caps(env) == {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    assert cpu.isa_caps({}) == {}
+
+
+@pytest.mark.parametrize("caps, lanes, says", [
+    ({}, 16, "(GenuineIntel, family 6, AVX-512)"),
+    ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}, 16, "(GenuineIntel, family 6, AVX-512)"),
+    ({"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}, 8,
+     "(GenuineIntel, family 6, kernels capped to AVX2 by ONEDNN_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2)"),
+])
+def test_fp32_limit_counts_the_lanes_the_kernels_may_use(caps, lanes, says):
+    limit = cpu.fp32_limit(_cpuinfo("GenuineIntel", 6, "fma avx2 avx512f", 2000.0), caps=caps)
+    assert limit["lanes"] == lanes and limit["gflops"] == pytest.approx(2 * 2 * lanes * 2 * 2.0)
+    assert limit["basis"].endswith(says), limit["basis"]
+
+
+def test_versions_line_names_an_isa_cap(monkeypatch):
+    from wrn3d_tl.commands import versions_line
+
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    line = versions_line()
+    assert re.fullmatch(VERSION_LINE, line) and line.endswith("; ONEDNN_MAX_CPU_ISA=AVX2)"), line
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert "ONEDNN_MAX_CPU_ISA" not in versions_line()
+
+
+def test_bench_train_leaves_the_bf16_matmul_out_under_an_avx2_cap(load_benchmark, monkeypatch, capsys):
+    bench = load_benchmark("bench_train")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    import tensorflow as tf
+
+    calls = []
+    monkeypatch.setattr(tf, "matmul", lambda a, b: calls.append(a.dtype) or a)   # no 4096^3 matmul here
+    peak = bench.setup_matmul(None, None, None, 0)["matmul"]()
+    assert peak["bf16"] is None and peak["fp32"] > 0 and set(calls) == {tf.float32}
+    assert bench._peaks({"fp32": 204.4, "bf16": None}, ".1f") == "fp32 204.4 GFLOP/s, bf16 not measured"
+    bench.report([], {"fp32": 204.4}, None)
+    assert "TensorFlow matmul peak (4096x4096, this run): fp32 204.4 GFLOP/s, bf16 not measured" in capsys.readouterr().out

@@ -900,17 +900,17 @@ def test_performance_summary_per_machine_is_the_recorded_run():
     """Every machine kind of docs/performance.md's summary quotes its run's JSON records:
     samples/s of every implementation, precision and phase, and wrn3d_tl / best rival."""
     machines = _perf_machines()
-    assert len(machines) == 3 and sum("Xeon" in h for h in machines) == 1 and sum("EPYC" in h for h in machines) == 2
+    assert len(machines) == 4 and sum("Xeon" in h for h in machines) == 1 and sum("EPYC" in h for h in machines) == 3
     tables = [(h, v) for h, v in machines.items() if "2026-11-25" not in h]   # the 11-25 run: the next test
-    assert len(tables) == 2
+    assert len(tables) == 3
     for heading, (part, records) in tables:
         env = next(r for r in records if r["kind"] == "environment")
         assert env["cpu"] in part and all(f"`{flag}`" in part for flag in env["cpu_flags"] if "bf16" in flag)
         assert ("amx_bf16" in env["cpu_flags"]) == ("Xeon" in heading)
         _check_machine_table(part, records)
-    part, records = next(v for h, v in tables if "EPYC" in h)
+    part, records = next(v for h, v in tables if "AVX512_BF16" in h)
     env = next(r for r in records if r["kind"] == "environment")
-    assert env["onednn"] is True and "oneDNN on" in part
+    assert env["onednn"] is True and "oneDNN on" in part and not env.get("isa_caps")
     steps = {(r["config"], r["impl"], r["precision"]): r for r in records if r["kind"] == "step"}
     (summary,) = [r for r in records if r["kind"] == "summary"]
     ratios = summary["ratios"]
@@ -931,12 +931,13 @@ def test_performance_summary_per_machine_is_the_recorded_run():
 
 
 def _check_machine_table(part, records):
-    """The 6-row table of a machine part: samples/s of wrn3d_tl, Keras and PyTorch per phase and
-    precision, and wrn3d_tl / the faster rival, are the run's records."""
+    """The table of a machine part, a row per config and precision run (6, or 3 where only
+    fp32 ran): samples/s of wrn3d_tl, Keras and PyTorch per phase, and wrn3d_tl / the faster
+    rival, are the run's records."""
     steps = {(r["config"], r["impl"], r["precision"]): r for r in records if r["kind"] == "step"}
     (ratios,) = [r["ratios"] for r in records if r["kind"] == "summary"]
     rows = re.findall(r"^\| (WRN-\d+-\d+ [23]D), [^|]* \| (fp32|bf16) \|((?: [^|]+ \|){8})$", part, re.M)
-    assert len(rows) == 6
+    assert len(rows) == len({(c, p) for c, i, p in steps if i == "wrn3d_tl"}) in (3, 6)
     for label, precision, cells in rows:
         cells = [c for c in cells.split("|") if c.strip()]
         config = PERF_CONFIGS[label]
@@ -946,6 +947,66 @@ def _check_machine_table(part, records):
                     label, precision, phase, impl, documented)
             assert _documented(block[3], ratios[f"{config}/{precision}/{phase}/wrn3d_tl_vs_best"]), (
                 label, precision, phase, block[3])
+
+
+def test_capped_avx2_part_is_the_recorded_runs():
+    """The AVX2-emulated part of docs/performance.md: the caps, the command, the time and
+    matmul peak, and what its text says of the cells and of the kernels alone under the same
+    caps, are those of the records files it names (its table: the test above)."""
+    machines = _perf_machines()
+    (part, records), = [v for h, v in machines.items() if "capped to AVX2" in h]
+    (_, uncapped), = [v for h, v in machines.items() if "AVX512_BF16" in h and "2026-11-25" not in h]
+    text = " ".join(part.split())
+    env = next(r for r in records if r["kind"] == "environment")
+    caps = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    assert env["isa_caps"] == caps and all(f"`{k}={v}`" in text for k, v in caps.items())
+    assert " ".join(env["argv"][:5]) in text and "AVX2" in env["fp32_limit"]["basis"]
+    assert all(r["onednn"] is True for r in records if r["kind"] == "step")
+    (summary,) = [r for r in records if r["kind"] == "summary"]
+    assert f"{summary['elapsed_s']:.0f} s, TensorFlow matmul peak fp32 {summary['matmul_peak']['fp32']:.0f} GFLOP/s" in text
+    assert "bf16" not in summary["matmul_peak"]
+    configs = ("wrn16-4-3d", "wrn40-4-2d", "wrn10-2-3d")
+    cells = [summary["ratios"][f"{c}/fp32/{ph}/wrn3d_tl_vs_best"] for c in configs for ph in ("train", "infer")]
+    assert sum(r < 0.995 for r in cells) == 5 and "Five of the six cells are below 1.00" in text
+    assert f"({min(r for r in cells if r < 0.995):.2f}-{max(r for r in cells if r < 0.995):.2f})" in text
+    (then,) = [r["ratios"] for r in uncapped if r["kind"] == "summary"]
+    before = [then[f"{c}/fp32/{ph}/wrn3d_tl_vs_best"] for c in configs for ph in ("train", "infer")]
+    assert f"uncapped, the same six cells were {min(before):.2f}-{max(before):.2f} in the 12-07 run" in text
+    name = re.search(r"`benchmarks/results/(kernels_2026-12-07-epyc-capped[^`]+\.jsonl)`", part).group(1)
+    kernels = [json.loads(line) for line in open(ROOT / "benchmarks" / "results" / name)]
+    assert kernels[0]["isa_caps"] == caps
+    total = {}
+    for r in kernels[1:]:
+        key = (r["config"], r["framework"], r["kind"])
+        total[key] = total.get(key, 0.0) + r["ms"] * r["count"]
+
+    def tf_over_torch(config, kinds):
+        return (sum(v for (c, fw, k), v in total.items() if c == config and fw == "tf" and k in kinds)
+                / sum(v for (c, fw, k), v in total.items() if c == config and fw == "torch" and k in kinds))
+
+    every = {k for _, _, k in total}
+    alone = {c: tf_over_torch(c, every) for c in configs}
+    assert (f"take {alone['wrn16-4-3d']:.2f}x (WRN-16-4 3D), {alone['wrn40-4-2d']:.2f}x (WRN-40-4 2D) and "
+            f"{alone['wrn10-2-3d']:.2f}x (WRN-10-2 3D) PyTorch's time") in text
+    grads = [tf_over_torch(c, {"conv grad filter"}) for c in configs]
+    assert f"(its filter gradients {min(grads):.2f}-{max(grads):.2f}x)" in text
+    assert f"(forward {tf_over_torch('wrn40-4-2d', {'batch norm fwd'}):.1f}x PyTorch's on WRN-40-4 2D's shapes)" in text
+    for i, c in enumerate(configs):      # "Each step's gap is smaller than its kernels' gap."
+        assert min(cells[2 * i:2 * i + 2]) > 1 / alone[c], c
+    steps = {(r["config"], r["impl"]): r for r in records if r["kind"] == "step"}
+    ours, keras = (steps[("wrn16-4-3d", impl)]["infer"]["timed_s"] for impl in ("wrn3d_tl", "keras"))
+    assert (f"its {len(keras)} timed rounds took {min(keras) * 1e3:.0f}-{max(keras) * 1e3:.0f} ms a batch, ours "
+            f"{min(ours) * 1e3:.0f}-{max(ours) * 1e3:.0f} ms") in text
+    vs_keras = []
+    paths = set(re.findall(r"`(benchmarks/results/2026-12-0[67]-epyc-avx512bf16[^`]*\.jsonl)`",
+                           " ".join(text for text, _ in machines.values())))
+    for path in sorted(paths, key=lambda p: (p[:29], "again" in p or "big-configs" in p)):   # in the order run
+        run = {(r["config"], r["impl"], r["precision"]): r for r in map(json.loads, open(ROOT / path))
+               if r["kind"] == "step"}
+        vs_keras.append(run[("wrn16-4-3d", "wrn3d_tl", "fp32")]["infer"]["samples_per_s"]
+                        / run[("wrn16-4-3d", "keras", "fp32")]["infer"]["samples_per_s"])
+    assert len(vs_keras) == 3
+    assert "wrn3d_tl / Keras {:.2f}, {:.2f} and {:.2f} over the three runs".format(*vs_keras) in text
 
 
 def test_performance_summary_is_the_recorded_run():
@@ -1034,48 +1095,82 @@ def test_scan_reading_costs_are_the_recorded_run_s():
 
 
 
-def test_epyc_kernel_table_is_the_recorded_run():
-    """performance.md's kernels-alone table for the AVX512-BF16 EPYC: each op kind's time per
-    step (shapes weighted by how often a step runs them) in the records file it names."""
+def test_epyc_kernel_tables_are_the_recorded_runs():
+    """performance.md's kernels-alone tables for the AVX512-BF16 EPYC: each op kind's time per
+    step (shapes weighted by how often a step runs them), per column, in the records file
+    named before each table."""
     text = (ROOT / "docs" / "performance.md").read_text(encoding="utf-8")
-    name = re.search(r"`benchmarks/results/(kernels_2026-12-07[^`]+\.jsonl)`", text).group(1)
-    records = [json.loads(line) for line in (ROOT / "benchmarks" / "results" / name).read_text().splitlines()]
-    env = records[0]
-    assert env["kind"] == "environment" and env["cpu"] == "AMD EPYC" and "avx512_bf16" in env["cpu_flags"]
-    assert env["TF_ENABLE_ONEDNN_OPTS"] == "1"
-    total = {}
-    for r in records[1:]:
-        key = (r["config"], r["precision"], r["framework"], r["kind"])
-        total[key] = total.get(key, 0.0) + r["ms"] * r["count"]
-    columns = (("wrn10-2-3d", "fp32"), ("wrn10-2-3d", "bf16"), ("wrn40-4-2d", "bf16"))
     kinds = ("conv forward", "conv grad input", "conv grad filter", "batch norm fwd", "batch norm grad",
              "relu fwd + grad")
-    for kind in kinds + ("all",):
-        cells = []
-        for config, precision in columns:
-            tf_ms, torch_ms = (sum(total[(config, precision, fw, k)] for k in (kinds if kind == "all" else (kind,)))
-                               for fw in ("tf", "torch"))
-            cells.append(f"{tf_ms:.1f} / {torch_ms:.1f} ({tf_ms / torch_ms:.2f})")
-        label = "**all**" if kind == "all" else kind
-        assert f"| {label} | " + " | ".join(cells) + " |" in text, (kind, cells)
+    names = re.findall(r"`benchmarks/results/(kernels_2026-12-07-epyc-avx512bf16[^`]*\.jsonl)`", text)
+    assert len(names) == 2
+    for name in names:
+        records = [json.loads(line) for line in (ROOT / "benchmarks" / "results" / name).read_text().splitlines()]
+        env = records[0]
+        assert env["kind"] == "environment" and env["cpu"] == "AMD EPYC" and "avx512_bf16" in env["cpu_flags"]
+        assert env["TF_ENABLE_ONEDNN_OPTS"] == "1"
+        total = {}
+        for r in records[1:]:
+            key = (r["config"], r["precision"], r["framework"], r["kind"])
+            total[key] = total.get(key, 0.0) + r["ms"] * r["count"]
+        after = text[text.index(name):]
+        header = re.search(r"^\| op, ms per step \|(.+)\|$", after, re.M).group(1)
+        columns = [(PERF_CONFIGS[c.strip().rsplit(" ", 1)[0]], c.strip().rsplit(" ", 1)[1]) for c in header.split("|")]
+        table = after[:after.index("| **all** |")]
+        for kind in kinds + ("all",):
+            cells = []
+            for config, precision in columns:
+                tf_ms, torch_ms = (sum(total[(config, precision, fw, k)] for k in (kinds if kind == "all" else (kind,)))
+                                   for fw in ("tf", "torch"))
+                cells.append(f"{tf_ms:.1f} / {torch_ms:.1f} ({tf_ms / torch_ms:.2f})")
+            label = "**all**" if kind == "all" else kind
+            row = f"| {label} | " + " | ".join(cells) + " |"
+            assert row in (table if kind != "all" else after), (name, kind, cells)
+    big = [json.loads(line) for line in open(ROOT / "benchmarks" / "results" / names[1])][1:]
+    assert {(r["config"], r["precision"]) for r in big} >= {("wrn16-4-3d", "bf16"), ("wrn40-4-2d", "fp32")}
 
 
-def test_epyc_two_runs_table_and_fp32_limit_are_the_records():
-    """The EPYC part's table of both runs' ratios, and its fp32 limit, are those of the two
-    records files it names."""
+def test_epyc_three_runs_table_and_fp32_limit_are_the_records():
+    """The EPYC part's table of the three runs' ratios, what its text says of them, and its
+    fp32 limit, are those of the records files it names."""
     machines = _perf_machines()
-    (part, latest), = [v for h, v in machines.items() if "EPYC" in h and "2026-11-25" not in h]
+    (part, latest), = [v for h, v in machines.items() if "AVX512_BF16" in h and "2026-11-25" not in h]
     earlier_path = re.search(r"`(benchmarks/results/2026-12-06[^`]+\.jsonl)`", part).group(1)
-    earlier = [json.loads(line) for line in open(ROOT / earlier_path)]
-    runs = [next(r for r in recs if r["kind"] == "summary") for recs in (earlier, latest)]
+    again_path = re.search(r"`(benchmarks/results/2026-12-07[^`]+big-configs\.jsonl)`", part).group(1)
+    earlier, again = ([json.loads(line) for line in open(ROOT / path)] for path in (earlier_path, again_path))
+    runs = [next(r for r in recs if r["kind"] == "summary") for recs in (earlier, latest, again)]
     text = " ".join(part.split())
+
+    def ratio(run, config, precision, phase):
+        return run["ratios"].get(f"{config}/{precision}/{phase}/wrn3d_tl_vs_best")
+
     for label, config in PERF_CONFIGS.items():
         for precision in ("fp32", "bf16"):
-            cells = [" / ".join(f"{run['ratios'][f'{config}/{precision}/{phase}/wrn3d_tl_vs_best']:.2f}"
-                                for phase in ("train", "infer")) for run in runs]
-            assert f"| {label} {precision} | {cells[0]} | {cells[1]} |" in text, (label, precision, cells)
+            cells = [" / ".join(f"{ratio(run, config, precision, phase):.2f}" for phase in ("train", "infer"))
+                     if ratio(run, config, precision, "train") else "—" for run in runs]
+            assert (config == "wrn10-2-3d") == (cells[2] == "—")
+            assert f"| {label} {precision} | {cells[0]} | {cells[1]} | {cells[2]} |" in text, (label, precision, cells)
+    big = [ratio(runs[2], c, p, ph) for c in ("wrn16-4-3d", "wrn40-4-2d") for p in ("fp32", "bf16")
+           for ph in ("train", "infer")]
+    assert min(big) >= 0.995 and f"at 1.00 or above in all 8 in the run after it ({min(big):.2f}-{max(big):.2f})" in text
+    for cell, config, precision, phase in (("WRN-40-4 2D bf16 training", "wrn40-4-2d", "bf16", "train"),
+                                           ("WRN-16-4 3D bf16 training", "wrn16-4-3d", "bf16", "train"),
+                                           ("WRN-40-4 2D fp32 inference (", "wrn40-4-2d", "fp32", "infer")):
+        assert cell + " " * (not cell.endswith("(")) + ", ".join(
+            f"{ratio(run, config, precision, phase):.2f}" for run in runs) in text, cell
+    steps = [f"{ratio(run, 'wrn16-4-3d', 'bf16', 'train'):.2f}" for run in runs]
+    assert f"the step ratio was {steps[0]}, {steps[1]} and {steps[2]}." in text
+    (profile,) = [r["profile"] for r in again if r.get("kind") == "step" and r.get("profile")
+                  and (r["config"], r["impl"], r["precision"]) == ("wrn40-4-2d", "wrn3d_tl", "fp32")]
+    conv = sum(ms for op, ms, _ in profile["ops"] if "Conv" in op) / profile["op_ms_total"]
+    assert f"{conv:.0%} of the kernel time is in the convolutions" in text
     assert (f"({runs[0]['elapsed_s']:.0f} s, matmul peak fp32 {runs[0]['matmul_peak']['fp32']:.0f}, bf16 "
             f"{runs[0]['matmul_peak']['bf16']:.0f} GFLOP/s;") in text
+    assert (f"`--configs wrn16-4-3d,wrn40-4-2d --no-xla --profile`: {runs[2]['elapsed_s']:.0f} s, matmul peak fp32 "
+            f"{runs[2]['matmul_peak']['fp32']:.0f}, bf16 {runs[2]['matmul_peak']['bf16']:.0f} GFLOP/s;") in text
+    env = next(r for r in again if r["kind"] == "environment")
+    assert env["cpu"] == "AMD EPYC" and "avx512_bf16" in env["cpu_flags"] and env["argv"][:2] == [
+        "--configs", "wrn16-4-3d,wrn40-4-2d"]
     limit = runs[1]["fp32_limit"]
     assert (f"{limit['cores']} cores x {limit['fma_units']} FMA units x {limit['lanes']} fp32 lanes x 2 flops x "
             f"{limit['ghz']:.2f} GHz = {limit['gflops']:.0f} GFLOP/s") in text

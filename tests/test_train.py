@@ -335,6 +335,21 @@ def test_bf16_warns_once_on_a_cpu_without_bf16_instructions(monkeypatch):
     assert len([w for w in rec if "bf16 instructions" in str(w.message)]) == 1
 
 
+def test_bf16_is_refused_where_an_avx2_cap_would_abort_the_process(monkeypatch):
+    from wrn3d_tl import cpu
+    from wrn3d_tl.model import inference_copy
+
+    monkeypatch.setattr(cpu, "has_bf16_instructions", lambda: True)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    with pytest.raises(RuntimeError, match=r"bf16 training with the kernels capped to AVX2 \(ONEDNN_MAX_CPU_ISA=AVX2\)"):
+        make(mixed_precision="bf16")
+    t = make()
+    with pytest.raises(RuntimeError, match="bf16 inference with the kernels capped to AVX2.*Unset the cap, or use fp32"):
+        inference_copy(t.model, "bf16")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert make(mixed_precision="bf16").compute_dtype == tf.bfloat16
+
+
 @pytest.mark.slow     # bf16 training parity: the full tier (make test-full, CI)
 @pytest.mark.skipif(not __import__("wrn3d_tl.cpu").cpu.has_bf16_instructions(),
                     reason="bf16 is emulated on this CPU (no avx512_bf16/amx_bf16): 2-14x slower than fp32, too slow "

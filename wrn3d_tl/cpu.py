@@ -17,12 +17,15 @@ import sys
 import warnings
 
 __all__ = ["cpu_model", "cpu_flags", "has_bf16_instructions", "enable_onednn", "onednn_enabled", "onednn_status",
-           "warn_if_bf16_emulated", "fp32_limit", "ONEDNN_VAR"]
+           "warn_if_bf16_emulated", "fp32_limit", "isa_caps", "capped_to_avx2", "check_bf16_runs", "ONEDNN_VAR"]
 
 ONEDNN_VAR = "TF_ENABLE_ONEDNN_OPTS"
 # The CPU flags that decide the bf16 kernels: AMX tiles, AVX-512 bf16 dot products, or neither.
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 RELEVANT_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8")
+# Variables that cap the instruction set the kernels use below what the CPU has: oneDNN's (read by
+# TensorFlow's and PyTorch's copies), ATen's own vectorised kernels, MKL's (PyTorch's BLAS).
+ISA_CAP_VARS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
 
 
 @functools.lru_cache(maxsize=None)
@@ -73,7 +76,26 @@ def _physical_cores(lines):
     return processors or os.cpu_count() or 1
 
 
-def fp32_limit(lines=None):
+def isa_caps(environ=None):
+    """The instruction-set caps set in the environment (``ISA_CAP_VARS``), a dict of str;
+    empty when the kernels may use all the CPU has. With ``ONEDNN_MAX_CPU_ISA=AVX2``,
+    ``ATEN_CPU_CAPABILITY=avx2`` and ``MKL_ENABLE_INSTRUCTIONS=AVX2`` an AVX-512 machine runs
+    TensorFlow's and PyTorch's kernels as an AVX2-only one would (TensorFlow's Eigen kernels
+    are built without AVX2 in the wheel, so they run the same either way)."""
+    environ = os.environ if environ is None else environ
+    return {name: environ[name] for name in ISA_CAP_VARS if environ.get(name)}
+
+
+def capped_to_avx2(caps=None):
+    """True when ``caps`` (default: ``isa_caps()``) hold the kernels to AVX2 or below. There
+    TensorFlow still routes bf16 to oneDNN by the CPU's flags, and oneDNN refuses it: bf16
+    cannot run under such a cap on an AVX-512 machine (an AVX2-only one emulates it)."""
+    caps = isa_caps() if caps is None else caps
+    return any(value.lower().startswith(("avx2", "avx", "sse", "default")) and "512" not in value
+               for value in caps.values())
+
+
+def fp32_limit(lines=None, caps=None):
     """An estimate of the CPU's physical fp32 limit from ``/proc/cpuinfo`` (``lines``: its
     lines, for tests): physical cores x FMA units per core x fp32 lanes per unit x 2 (an FMA
     is two flops) x clock. Returns ``{"gflops", "cores", "fma_units", "lanes", "ghz",
@@ -83,8 +105,10 @@ def fp32_limit(lines=None):
     AMD Zen 5 (family 26) have two 512-bit FMA units (16 lanes); Zen 4 (family 25 with
     AVX-512) runs 512-bit operations on two 256-bit units (8 lanes), as do AVX2 cores; the
     clock is the ``cpu MHz`` the kernel reports, which in a VM is often the nominal one (a
-    turbo clock above it can put a measured peak above this limit)."""
+    turbo clock above it can put a measured peak above this limit). ``caps`` (default: the
+    environment's ``isa_caps()``) capping the kernels to AVX2 counts 8 lanes."""
     lines = _cpuinfo() if lines is None else lines
+    caps = isa_caps() if caps is None else caps
     field = {}
     for line in lines:
         key, _, value = (part.strip() for part in line.partition(":"))
@@ -96,12 +120,17 @@ def fp32_limit(lines=None):
     vendor, family = field.get("vendor_id", ""), int(field.get("cpu family", "0") or 0)
     wide = "avx512f" in flags and (vendor == "GenuineIntel" or (vendor == "AuthenticAMD" and family >= 26))
     lanes = 16 if wide else 8 if "fma" in flags or "avx2" in flags else 4
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if lanes == 8 else "SSE"
+    if "avx512f" in flags and not wide:
+        isa += " on 256-bit units"
+    if capped_to_avx2(caps):
+        lanes = min(lanes, 8)
+        isa = "kernels capped to AVX2 by " + ", ".join(f"{k}={v}" for k, v in caps.items())
     units = 2
     cores = _physical_cores(lines)
     ghz = sum(mhz) / len(mhz) / 1000
     basis = (f"{cores} cores x {units} FMA units x {lanes} fp32 lanes x 2 flops x {ghz:.2f} GHz "
-             f"({vendor or 'unknown vendor'}, family {family}, {'AVX-512' if 'avx512f' in flags else 'AVX2' if lanes == 8 else 'SSE'}"
-             f"{' on 256-bit units' if 'avx512f' in flags and not wide else ''})")
+             f"({vendor or 'unknown vendor'}, family {family}, {isa})")
     return {"gflops": round(cores * units * lanes * 2 * ghz, 1), "cores": cores, "fma_units": units, "lanes": lanes,
             "ghz": round(ghz, 3), "basis": basis}
 
@@ -153,6 +182,18 @@ def warn_if_onednn_left_off():
 
 
 _bf16_warned = []
+
+
+def check_bf16_runs(what):
+    """Refuse bf16 (``what``: "bf16 training", "bf16 inference") where it cannot run: on a CPU
+    with bf16 instructions whose kernels are capped to AVX2 (``capped_to_avx2``), TensorFlow
+    still sends bf16 to oneDNN, which aborts the process. Else ``warn_if_bf16_emulated``."""
+    if has_bf16_instructions() and capped_to_avx2():
+        caps = ", ".join(f"{k}={v}" for k, v in isa_caps().items())
+        raise RuntimeError(f"wrn3d_tl: {what} with the kernels capped to AVX2 ({caps}) on a CPU with bf16 "
+                           "instructions: TensorFlow sends bf16 to oneDNN by the CPU's flags and the capped oneDNN "
+                           "cannot run it (the process would abort). Unset the cap, or use fp32.")
+    warn_if_bf16_emulated(what)
 
 
 def warn_if_bf16_emulated(what):

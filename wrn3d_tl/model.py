@@ -21,7 +21,7 @@ import tensorlayer as tl
 
 from wrn3d_tl.config import (GROUPS, HEAD_BN, HEAD_LOGITS, HEAD_POOL, INFERENCE_PRECISIONS, PRECISIONS, STEM,
                              WRNConfig, check_precision)
-from wrn3d_tl.cpu import warn_if_bf16_emulated
+from wrn3d_tl.cpu import check_bf16_runs
 from wrn3d_tl.layers import BatchNorm, Conv, GlobalAvgPool, HeNormal, InputCheck, WideBasicBlock, variable_name
 
 __all__ = ["WRNConfig", "build_wrn", "count_params", "count_flops", "group_shapes", "summary", "inference_copy",
@@ -100,7 +100,7 @@ def inference_copy(model, precision="fp32"):
     if tf.distribute.has_strategy():
         raise RuntimeError("inference_copy: call it outside `strategy.scope()` (the copy is a plain model)")
     if precision == "bf16":
-        warn_if_bf16_emulated("bf16 inference")
+        check_bf16_runs("bf16 inference")
     copy = build_wrn(model.wrn_config, kernel_dtype=dtype)
     pairs = list(zip(copy.all_weights, model.all_weights))
     if len(pairs) != len(model.all_weights) or len(pairs) != len(copy.all_weights) or any(

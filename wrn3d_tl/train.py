@@ -24,7 +24,7 @@ from wrn3d_tl.validate import check_class_weight, check_int, check_number
 from wrn3d_tl.config import check_mixed_precision
 from wrn3d_tl.batches import CHECKS, BatchChecks, combine
 from wrn3d_tl.checkpoint import CheckpointError, CheckpointManager, read_checkpoint, write_checkpoint
-from wrn3d_tl.cpu import warn_if_bf16_emulated
+from wrn3d_tl.cpu import check_bf16_runs
 from wrn3d_tl.data import as_normalization, data_errors, normalization_of, same_normalization
 from wrn3d_tl.data.reading import check_class_names, check_preprocessing
 from wrn3d_tl.evaluation import evaluation_report
@@ -154,7 +154,7 @@ class Trainer:
         norm = as_normalization(normalization, config.input_shape[-1], f"the model's input {config.input_shape}")
 
         if mixed_precision == "bf16":
-            warn_if_bf16_emulated("bf16 training")
+            check_bf16_runs("bf16 training")
         if mixed_precision == "fp16" and not tf.config.list_physical_devices("GPU"):
             warnings.warn("wrn3d_tl: mixed_precision='fp16' with no GPU: CPUs run float16 convolutions many times "
                           "slower than float32. fp16 is a GPU setting; on CPUs with AVX512_BF16/AMX use 'bf16'.",
