@@ -184,6 +184,21 @@ def test_bench_train_reports_onednn_per_row_and_the_limit_beside_the_matmul_peak
             "3.12 GHz on those units") in out
 
 
+@pytest.mark.parametrize("caps, capped, onednn", [
+    ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, True, True), ({"DNNL_MAX_CPU_ISA": "avx2_vnni"}, True, True),
+    ({"ONEDNN_MAX_CPU_ISA": "DEFAULT"}, False, False), ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, False, False),
+    ({"ONEDNN_MAX_CPU_ISA": "AVX10_1_512_AMX"}, False, False), ({"ATEN_CPU_CAPABILITY": "avx2"}, True, False),
+    ({"ATEN_CPU_CAPABILITY": "default"}, True, False), ({"ATEN_CPU_CAPABILITY": "avx512"}, False, False),
+    ({"MKL_ENABLE_INSTRUCTIONS": "AVX2"}, True, False), ({"MKL_ENABLE_INSTRUCTIONS": "AVX512"}, False, False),
+])
+def test_which_caps_hold_the_kernels_to_avx2(monkeypatch, caps, capped, onednn):
+    for name in cpu.ISA_CAP_VARS:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in caps.items():
+        monkeypatch.setenv(name, value)
+    assert cpu.capped_to_avx2() is capped and cpu.onednn_capped_to_avx2() is onednn
+
+
 def test_isa_caps_are_the_variables_that_cap_the_kernels_set_in_the_environment():
     env = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "",
            "PATH": "/bin"}

@@ -347,6 +347,7 @@ def test_bf16_is_refused_where_an_avx2_cap_would_abort_the_process(monkeypatch):
     with pytest.raises(RuntimeError, match="bf16 inference with the kernels capped to AVX2.*Unset the cap, or use fp32"):
         inference_copy(t.model, "bf16")
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")          # PyTorch's cap: not TensorFlow's
     assert make(mixed_precision="bf16").compute_dtype == tf.bfloat16
 
 

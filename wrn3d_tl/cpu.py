@@ -17,7 +17,7 @@ import sys
 import warnings
 
 __all__ = ["cpu_model", "cpu_flags", "has_bf16_instructions", "enable_onednn", "onednn_enabled", "onednn_status",
-           "warn_if_bf16_emulated", "fp32_limit", "isa_caps", "capped_to_avx2", "check_bf16_runs", "ONEDNN_VAR"]
+           "warn_if_bf16_emulated", "fp32_limit", "isa_caps", "capped_to_avx2", "onednn_capped_to_avx2", "check_bf16_runs", "ONEDNN_VAR"]
 
 ONEDNN_VAR = "TF_ENABLE_ONEDNN_OPTS"
 # The CPU flags that decide the bf16 kernels: AMX tiles, AVX-512 bf16 dot products, or neither.
@@ -25,7 +25,8 @@ BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 RELEVANT_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8")
 # Variables that cap the instruction set the kernels use below what the CPU has: oneDNN's (read by
 # TensorFlow's and PyTorch's copies), ATen's own vectorised kernels, MKL's (PyTorch's BLAS).
-ISA_CAP_VARS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+ONEDNN_CAP_VARS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+ISA_CAP_VARS = ONEDNN_CAP_VARS + ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,12 +88,29 @@ def isa_caps(environ=None):
 
 
 def capped_to_avx2(caps=None):
-    """True when ``caps`` (default: ``isa_caps()``) hold the kernels to AVX2 or below. There
-    TensorFlow still routes bf16 to oneDNN by the CPU's flags, and oneDNN refuses it: bf16
-    cannot run under such a cap on an AVX-512 machine (an AVX2-only one emulates it)."""
+    """True when ``caps`` (default: ``isa_caps()``) hold some kernels to AVX2 or below:
+    oneDNN at ``SSE41``, ``AVX`` or ``AVX2*`` (``DEFAULT`` is no cap), ATen at ``default`` or
+    ``avx2``, MKL at ``SSE4_2``, ``AVX`` or ``AVX2``. Pass only ``ONEDNN_CAP_VARS`` to ask
+    about TensorFlow's kernels (``onednn_capped_to_avx2``)."""
     caps = isa_caps() if caps is None else caps
-    return any(value.lower().startswith(("avx2", "avx", "sse", "default")) and "512" not in value
-               for value in caps.values())
+    for name, value in caps.items():
+        value = value.lower()
+        if name in ONEDNN_CAP_VARS:
+            capped = value.startswith(("sse", "avx")) and not value.startswith(("avx512", "avx10"))
+        elif name == "ATEN_CPU_CAPABILITY":
+            capped = value in ("default", "avx2")
+        else:
+            capped = value.startswith(("sse", "avx")) and "512" not in value
+        if capped:
+            return True
+    return False
+
+
+def onednn_capped_to_avx2():
+    """True when oneDNN (TensorFlow's kernels) is capped to AVX2 or below. On a CPU with bf16
+    instructions TensorFlow still sends bf16 to oneDNN by the CPU's flags there, and the
+    capped oneDNN cannot run it: the process aborts (``check_bf16_runs`` refuses first)."""
+    return capped_to_avx2({k: v for k, v in isa_caps().items() if k in ONEDNN_CAP_VARS})
 
 
 def fp32_limit(lines=None, caps=None):
@@ -186,10 +204,10 @@ _bf16_warned = []
 
 def check_bf16_runs(what):
     """Refuse bf16 (``what``: "bf16 training", "bf16 inference") where it cannot run: on a CPU
-    with bf16 instructions whose kernels are capped to AVX2 (``capped_to_avx2``), TensorFlow
+    with bf16 instructions whose oneDNN is capped to AVX2 (``onednn_capped_to_avx2``), TensorFlow
     still sends bf16 to oneDNN, which aborts the process. Else ``warn_if_bf16_emulated``."""
-    if has_bf16_instructions() and capped_to_avx2():
-        caps = ", ".join(f"{k}={v}" for k, v in isa_caps().items())
+    if has_bf16_instructions() and onednn_capped_to_avx2():
+        caps = ", ".join(f"{k}={v}" for k, v in isa_caps().items() if k in ONEDNN_CAP_VARS)
         raise RuntimeError(f"wrn3d_tl: {what} with the kernels capped to AVX2 ({caps}) on a CPU with bf16 "
                            "instructions: TensorFlow sends bf16 to oneDNN by the CPU's flags and the capped oneDNN "
                            "cannot run it (the process would abort). Unset the cap, or use fp32.")

@@ -307,7 +307,9 @@ class Conv(tl.layers.Layer):
 
 # (input shape, kernel shape, strides, padding) -> whether bf16 is right; one probe per process.
 _BF16_FILTER_GRAD_OK = {}
-BF16_PROBE_TOLERANCE = 0.02  # relative L2 error; bf16 rounding gives ~0.003 on these shapes
+# Relative L2 error. bf16 rounding gives ~0.003 through oneDNN and 0.016-0.022 through Eigen
+# (oneDNN off, or a CPU without bf16 instructions); the oneDNN bug gives ~1.0 or not finite.
+BF16_PROBE_TOLERANCE = 0.1
 
 
 @tf.autograph.experimental.do_not_convert  # runs eagerly, whatever graph is being traced
