@@ -333,7 +333,7 @@ def setup_torch(impl, case, arch, seed):
 
 def setup_matmul(impl, case, arch, seed):
     """TensorFlow's fp32 and bf16 matmul peak: "matmul" returns {"fp32": GFLOP/s, "bf16": GFLOP/s
-    or None when oneDNN is capped to AVX2}."""
+    or None where bf16 cannot run, ``wrn3d_tl.cpu.bf16_unrunnable``}."""
     import tensorflow as tf
     n, reps = 4096, 5
 
@@ -351,8 +351,7 @@ def setup_matmul(impl, case, arch, seed):
             times.append(time.perf_counter() - t0)
         return 2 * n ** 3 / statistics.median(times) / 1e9
 
-    # bf16 under an AVX2 cap of oneDNN on an AVX-512 machine aborts the process
-    bf16 = (lambda: None) if wrn3d_tl.cpu.onednn_capped_to_avx2() else (lambda: peak(tf.bfloat16))
+    bf16 = (lambda: None) if wrn3d_tl.cpu.bf16_unrunnable() else (lambda: peak(tf.bfloat16))
     return {"matmul": lambda: {"fp32": peak(tf.float32), "bf16": bf16()}}
 
 
@@ -569,6 +568,7 @@ def emit(record, sink):
 
 
 def _peaks(peak, fmt):
+    """The matmul peaks as one phrase, "fp32 212.3 GFLOP/s, bf16 not measured"."""
     return ", ".join(f"{p} {peak[p]:{fmt}} GFLOP/s" if peak.get(p) else f"{p} not measured" for p in ("fp32", "bf16"))
 
 

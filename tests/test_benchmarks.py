@@ -2,6 +2,7 @@
 
 from collections import Counter
 
+import numpy as np
 import pytest
 
 
@@ -79,3 +80,26 @@ def test_scans_benchmark_measures_each_step_on_a_small_scan(load_benchmark, tmp_
     decode = record["dicom_vs_nifti"]
     assert decode["files"] == {"DICOM series (uncompressed)": 8, "NIfTI .nii.gz": 1, "NIfTI .nii": 1}
     assert all(v > 0 for v in decode["volumes_per_s"].values())
+
+
+def test_bench_bn_inference_forms_are_what_it_says(load_benchmark):
+    """Multiply-add batch norm gives the model's outputs to round-off; the folded upper bound
+    (bn2 -> bias + ReLU) does not; the model is left as built after tracing them."""
+    bench = load_benchmark("bench_bn_inference")
+    import tensorflow as tf
+    from wrn3d_tl.config import WRNConfig
+    from wrn3d_tl.layers import BatchNorm
+    from wrn3d_tl.model import build_wrn
+
+    net = build_wrn(WRNConfig.from_name("WRN-10-1", input_shape=(4, 8, 8, 1), num_classes=3))
+    bns = [layer for layer in net.all_layers if isinstance(layer, BatchNorm)] + [
+        b.bn2 for b in net.all_layers if hasattr(b, "bn2")]
+    for bn in bns:      # moving statistics away from (0, 1), so that folding them matters
+        bn.moving_mean.assign(tf.random.stateless_uniform(bn.moving_mean.shape, [0, 1], 0.1, 0.5))
+        bn.moving_var.assign(tf.random.stateless_uniform(bn.moving_var.shape, [0, 2], 0.5, 2.0))
+    x = tf.random.stateless_normal((2, 4, 8, 8, 1), seed=[3, 4])
+    out = {form: fn(x).numpy() for form, fn in bench._forms(net, tf.float32).items()}
+    np.testing.assert_allclose(out["multiply-add"], out["as built"], atol=1e-4, rtol=1e-4)
+    assert np.abs(out["bn2 folded"] - out["as built"]).max() > 1e-3
+    assert all("forward" not in vars(bn) for bn in bns)
+    np.testing.assert_array_equal(net(x, is_train=False).numpy(), out["as built"])

@@ -12,6 +12,13 @@ from wrn3d_tl import cpu
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "wrn3d-predict")
 
 
+@pytest.fixture(autouse=True)
+def _no_isa_caps(monkeypatch):
+    """The tests set the caps they mean; none inherited from the shell."""
+    for name in cpu.ISA_CAP_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
 def _version(env_value):
     """`wrn3d-predict --version` in a fresh process with TF_ENABLE_ONEDNN_OPTS unset or set."""
     env = {k: v for k, v in os.environ.items() if k != cpu.ONEDNN_VAR}
@@ -184,19 +191,28 @@ def test_bench_train_reports_onednn_per_row_and_the_limit_beside_the_matmul_peak
             "3.12 GHz on those units") in out
 
 
-@pytest.mark.parametrize("caps, capped, onednn", [
-    ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, True, True), ({"DNNL_MAX_CPU_ISA": "avx2_vnni"}, True, True),
-    ({"ONEDNN_MAX_CPU_ISA": "DEFAULT"}, False, False), ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, False, False),
-    ({"ONEDNN_MAX_CPU_ISA": "AVX10_1_512_AMX"}, False, False), ({"ATEN_CPU_CAPABILITY": "avx2"}, True, False),
-    ({"ATEN_CPU_CAPABILITY": "default"}, True, False), ({"ATEN_CPU_CAPABILITY": "avx512"}, False, False),
-    ({"MKL_ENABLE_INSTRUCTIONS": "AVX2"}, True, False), ({"MKL_ENABLE_INSTRUCTIONS": "AVX512"}, False, False),
+@pytest.mark.parametrize("caps, capping, onednn", [
+    ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, "ONEDNN_MAX_CPU_ISA=AVX2", {"ONEDNN_MAX_CPU_ISA": "AVX2"}),
+    ({"ONEDNN_MAX_CPU_ISA": "SSE41"}, "ONEDNN_MAX_CPU_ISA=SSE41", {"ONEDNN_MAX_CPU_ISA": "SSE41"}),
+    ({"DNNL_MAX_CPU_ISA": "avx2_vnni_2"}, "DNNL_MAX_CPU_ISA=avx2_vnni_2", {"DNNL_MAX_CPU_ISA": "avx2_vnni_2"}),
+    # oneDNN reads ONEDNN_MAX_CPU_ISA first: DEFAULT there lifts the DNNL_ cap
+    ({"ONEDNN_MAX_CPU_ISA": "DEFAULT", "DNNL_MAX_CPU_ISA": "AVX2"}, "DNNL_MAX_CPU_ISA=AVX2",
+     {"ONEDNN_MAX_CPU_ISA": "DEFAULT"}),
+    ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, "", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}),
+    ({"ONEDNN_MAX_CPU_ISA": "AVX10_1_512"}, "", {"ONEDNN_MAX_CPU_ISA": "AVX10_1_512"}),
+    ({"ATEN_CPU_CAPABILITY": "avx2"}, "ATEN_CPU_CAPABILITY=avx2", {}),
+    ({"ATEN_CPU_CAPABILITY": "default"}, "ATEN_CPU_CAPABILITY=default", {}),
+    ({"ATEN_CPU_CAPABILITY": "AVX2"}, "", {}),                 # ATen compares case-sensitively
+    ({"ATEN_CPU_CAPABILITY": "avx512"}, "", {}),
+    ({"MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}, "MKL_ENABLE_INSTRUCTIONS=SSE4_2", {}),
+    ({"MKL_ENABLE_INSTRUCTIONS": "AVX2_E1"}, "MKL_ENABLE_INSTRUCTIONS=AVX2_E1", {}),
+    ({"MKL_ENABLE_INSTRUCTIONS": "AVX512_E1"}, "", {}),
 ])
-def test_which_caps_hold_the_kernels_to_avx2(monkeypatch, caps, capped, onednn):
-    for name in cpu.ISA_CAP_VARS:
-        monkeypatch.delenv(name, raising=False)
+def test_which_variables_cap_the_kernels_to_avx2(monkeypatch, caps, capping, onednn):
     for name, value in caps.items():
         monkeypatch.setenv(name, value)
-    assert cpu.capped_to_avx2() is capped and cpu.onednn_capped_to_avx2() is onednn
+    assert cpu.isa_caps() == caps and cpu.capping() == capping and cpu.capped_to_avx2() == bool(capping)
+    assert cpu.onednn_caps() == onednn
 
 
 def test_isa_caps_are_the_variables_that_cap_the_kernels_set_in_the_environment():
@@ -209,13 +225,37 @@ def test_isa_caps_are_the_variables_that_cap_the_kernels_set_in_the_environment(
 @pytest.mark.parametrize("caps, lanes, says", [
     ({}, 16, "(GenuineIntel, family 6, AVX-512)"),
     ({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}, 16, "(GenuineIntel, family 6, AVX-512)"),
+    ({"ATEN_CPU_CAPABILITY": "avx2"}, 16, "(GenuineIntel, family 6, AVX-512)"),    # PyTorch's cap, not TF's
     ({"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}, 8,
-     "(GenuineIntel, family 6, kernels capped to AVX2 by ONEDNN_MAX_CPU_ISA=AVX2, ATEN_CPU_CAPABILITY=avx2)"),
+     "(GenuineIntel, family 6, kernels capped to AVX2 by ONEDNN_MAX_CPU_ISA=AVX2)"),
 ])
 def test_fp32_limit_counts_the_lanes_the_kernels_may_use(caps, lanes, says):
     limit = cpu.fp32_limit(_cpuinfo("GenuineIntel", 6, "fma avx2 avx512f", 2000.0), caps=caps)
     assert limit["lanes"] == lanes and limit["gflops"] == pytest.approx(2 * 2 * lanes * 2 * 2.0)
     assert limit["basis"].endswith(says), limit["basis"]
+
+
+@pytest.mark.parametrize("bf16_cpu, onednn, cap, gpu, refused", [
+    (True, True, "AVX2", False, True), (True, True, None, False, False), (True, True, "AVX512_CORE", False, False),
+    (False, True, "AVX2", False, False),       # no bf16 instructions: TensorFlow emulates bf16 off oneDNN
+    (True, False, "AVX2", False, False),       # oneDNN off: Eigen runs bf16
+    (True, True, "AVX2", True, False),         # a GPU runs it
+])
+def test_bf16_is_unrunnable_only_through_a_capped_onednn_on_a_bf16_cpu(monkeypatch, bf16_cpu, onednn, cap, gpu,
+                                                                       refused):
+    import tensorflow as tf
+
+    monkeypatch.setattr(cpu, "has_bf16_instructions", lambda: bf16_cpu)
+    monkeypatch.setattr(cpu, "onednn_enabled", lambda: onednn)
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["GPU:0"] if gpu and kind == "GPU" else [])
+    if cap:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    why = cpu.bf16_unrunnable()
+    assert bool(why) is refused
+    if refused:
+        assert why.startswith("oneDNN is capped to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2) on a CPU with bf16 instructions")
+        with pytest.raises(ValueError, match="wrn3d_tl: bf16 training refused: oneDNN is capped"):
+            cpu.check_bf16_runs("bf16 training")
 
 
 def test_versions_line_names_an_isa_cap(monkeypatch):
@@ -231,6 +271,7 @@ def test_versions_line_names_an_isa_cap(monkeypatch):
 def test_bench_train_leaves_the_bf16_matmul_out_under_an_avx2_cap(load_benchmark, monkeypatch, capsys):
     bench = load_benchmark("bench_train")
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setattr(cpu, "has_bf16_instructions", lambda: True)
     import tensorflow as tf
 
     calls = []

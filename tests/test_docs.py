@@ -927,7 +927,7 @@ def test_performance_summary_per_machine_is_the_recorded_run():
            for ph in ("train", "infer")]
     assert sum(r >= 0.98 for r in big) == 7 and "in 7 of the 8 cells" in text
     small = [ratios[f"wrn10-2-3d/{p}/{ph}/wrn3d_tl_vs_best"] for p in ("fp32", "bf16") for ph in ("train", "infer")]
-    assert f"({min(small):.2f}-{max(small):.2f})" in text
+    assert f"(the four span {min(small):.2f}-{max(small):.2f})" in text
 
 
 def _check_machine_table(part, records):
@@ -1116,7 +1116,6 @@ def test_epyc_kernel_tables_are_the_recorded_runs():
         after = text[text.index(name):]
         header = re.search(r"^\| op, ms per step \|(.+)\|$", after, re.M).group(1)
         columns = [(PERF_CONFIGS[c.strip().rsplit(" ", 1)[0]], c.strip().rsplit(" ", 1)[1]) for c in header.split("|")]
-        table = after[:after.index("| **all** |")]
         for kind in kinds + ("all",):
             cells = []
             for config, precision in columns:
@@ -1125,9 +1124,26 @@ def test_epyc_kernel_tables_are_the_recorded_runs():
                 cells.append(f"{tf_ms:.1f} / {torch_ms:.1f} ({tf_ms / torch_ms:.2f})")
             label = "**all**" if kind == "all" else kind
             row = f"| {label} | " + " | ".join(cells) + " |"
-            assert row in (table if kind != "all" else after), (name, kind, cells)
+            assert row in after[:after.index("\n", after.index("| **all** |"))], (name, kind, cells)
     big = [json.loads(line) for line in open(ROOT / "benchmarks" / "results" / names[1])][1:]
     assert {(r["config"], r["precision"]) for r in big} >= {("wrn16-4-3d", "bf16"), ("wrn40-4-2d", "fp32")}
+    # what the text after the second table says of it
+    ratios = {}
+    for r in big:
+        key = (r["config"], r["precision"], r["kind"])
+        ratios.setdefault(key, [0.0, 0.0])[r["framework"] == "torch"] += r["ms"] * r["count"]
+
+    def tf_over_torch(config, precision, kinds=kinds):
+        tf_ms, torch_ms = (sum(ratios[(config, precision, k)][i] for k in kinds) for i in (0, 1))
+        return tf_ms / torch_ms
+
+    said = " ".join(text[text.index(names[1]):].split())
+    said = said[said.index("| **all** |"):]
+    assert all(tf_over_torch("wrn40-4-2d", "fp32", (k,)) > 1 for k in kinds)
+    assert (f"every TensorFlow kernel is slower than PyTorch's on the same shapes "
+            f"({tf_over_torch('wrn40-4-2d', 'fp32'):.2f}x in all)") in said
+    assert (f"the kernels alone take {tf_over_torch('wrn16-4-3d', 'bf16'):.2f}x PyTorch's time (the bf16 filter "
+            f"gradient {tf_over_torch('wrn16-4-3d', 'bf16', ('conv grad filter',)):.2f}x)") in said
 
 
 def test_epyc_three_runs_table_and_fp32_limit_are_the_records():
@@ -1152,7 +1168,12 @@ def test_epyc_three_runs_table_and_fp32_limit_are_the_records():
             assert f"| {label} {precision} | {cells[0]} | {cells[1]} | {cells[2]} |" in text, (label, precision, cells)
     big = [ratio(runs[2], c, p, ph) for c in ("wrn16-4-3d", "wrn40-4-2d") for p in ("fp32", "bf16")
            for ph in ("train", "infer")]
-    assert min(big) >= 0.995 and f"at 1.00 or above in all 8 in the run after it ({min(big):.2f}-{max(big):.2f})" in text
+    assert min(big) >= 0.995 and min(big) == ratio(runs[2], "wrn40-4-2d", "bf16", "train")
+    assert (f"at 1.00 or above, to two decimals, in all 8 in the run after it ({min(big):.2f}-{max(big):.2f}; "
+            f"the lowest, WRN-40-4 2D bf16 training, is {min(big):.4f})") in text
+    tiny = [[ratio(run, "wrn10-2-3d", p, ph) for p in ("fp32", "bf16") for ph in ("train", "infer")] for run in runs[:2]]
+    assert sum(r < 0.995 for r in tiny[1]) == 3 and all(r < 0.995 for r in tiny[0])
+    assert "in three of its four cells in the 12-07 run" in text and "in all four in the 12-06 run" in text
     for cell, config, precision, phase in (("WRN-40-4 2D bf16 training", "wrn40-4-2d", "bf16", "train"),
                                            ("WRN-16-4 3D bf16 training", "wrn16-4-3d", "bf16", "train"),
                                            ("WRN-40-4 2D fp32 inference (", "wrn40-4-2d", "fp32", "infer")):
@@ -1178,3 +1199,31 @@ def test_epyc_three_runs_table_and_fp32_limit_are_the_records():
     assert f"the cores ran at {need:.1f} GHz or more" in text
     steps = [r for r in latest if r["kind"] == "step"]
     assert steps and all(r["onednn"] is True for r in steps)     # "oneDNN on in every worker"
+
+
+def test_probe_tolerance_in_performance_md_is_the_code_s():
+    from wrn3d_tl.layers import BF16_PROBE_TOLERANCE
+
+    text = " ".join((ROOT / "docs" / "performance.md").read_text(encoding="utf-8").split())
+    assert f"is finite and within {BF16_PROBE_TOLERANCE:.0%} relative L2 error" in text
+
+
+def test_batch_norm_inference_alternatives_are_the_recorded_run():
+    """performance.md's table of inference with batch norm folded or as a multiply-add: the
+    records file it names."""
+    text = (ROOT / "docs" / "performance.md").read_text(encoding="utf-8")
+    name = re.search(r"`benchmarks/results/(bn_inference_[^`]+\.json)`", text).group(1)
+    run = json.loads((ROOT / "benchmarks" / "results" / name).read_text())
+    assert run["machine"]["cpu"] == "AMD EPYC" and "avx512_bf16" in run["machine"]["cpu_flags"]
+    assert (run["rounds"], run["calls"]) == (7, 20) and "7 alternating rounds of 20 calls" in " ".join(text.split())
+    labels = {("WRN-10-2", "fp32"): "WRN-10-2 3D fp32, batch 16", ("WRN-10-2", "bf16"): "WRN-10-2 3D bf16, batch 16",
+              ("WRN-40-4", "fp32"): "WRN-40-4 2D fp32, batch 64"}
+    for case in run["cases"]:
+        ms = case["ms"]
+        base = ms["as built"]
+        row = (f"| {labels[(case['network'], case['precision'])]} | {base:.2f} | "
+               + " | ".join(f"{ms[form]:.2f} ({ms[form] / base:.3f})" for form in ("bn2 folded", "multiply-add")) + " |")
+        assert row in text, row
+        assert case["max_abs_logit_diff"]["multiply-add"] < 0.05      # the same outputs, to round-off
+    bf16 = next(c for c in run["cases"] if c["precision"] == "bf16")["ms"]
+    assert f"its upper bound ({bf16['bn2 folded'] / bf16['as built']:.3f})" in " ".join(text.split())

@@ -416,6 +416,16 @@ def test_bf16_inference_in_predictor_export_and_cli(trained, tmp_path, capsys):
     assert [int(r["class"]) for r in _read_csv(csv_out)] == list(got["class"])
     assert predict_main(["--checkpoint", trained["ckpt"], "--npy", npy, "--out", csv_out, "--precision", "fp16"]) == 2
     assert "--precision" in capsys.readouterr().err
+    # where bf16 cannot run (oneDNN capped to AVX2 on a bf16 CPU): one line, not a traceback
+    from wrn3d_tl import cpu
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu, "has_bf16_instructions", lambda: True)
+        mp.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+        assert predict_main(["--checkpoint", trained["ckpt"], "--npy", npy, "--out", csv_out,
+                             "--precision", "bf16"]) != 0
+    err = capsys.readouterr().err
+    assert "bf16 inference refused: oneDNN is capped to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2)" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
     # precision is checked, and a Predictor is not silently used in another precision
     with pytest.raises(ValueError, match="precision must be one of 'fp32', 'bf16', got 'fp16'"):

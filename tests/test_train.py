@@ -335,16 +335,18 @@ def test_bf16_warns_once_on_a_cpu_without_bf16_instructions(monkeypatch):
     assert len([w for w in rec if "bf16 instructions" in str(w.message)]) == 1
 
 
-def test_bf16_is_refused_where_an_avx2_cap_would_abort_the_process(monkeypatch):
+def test_bf16_is_refused_where_a_capped_onednn_cannot_run_it(monkeypatch):
     from wrn3d_tl import cpu
     from wrn3d_tl.model import inference_copy
 
+    for name in cpu.ISA_CAP_VARS:
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(cpu, "has_bf16_instructions", lambda: True)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
-    with pytest.raises(RuntimeError, match=r"bf16 training with the kernels capped to AVX2 \(ONEDNN_MAX_CPU_ISA=AVX2\)"):
+    with pytest.raises(ValueError, match=r"bf16 training refused: oneDNN is capped to AVX2 \(ONEDNN_MAX_CPU_ISA=AVX2\)"):
         make(mixed_precision="bf16")
     t = make()
-    with pytest.raises(RuntimeError, match="bf16 inference with the kernels capped to AVX2.*Unset the cap, or use fp32"):
+    with pytest.raises(ValueError, match="bf16 inference refused: oneDNN is capped.*Unset the cap, or use fp32"):
         inference_copy(t.model, "bf16")
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")          # PyTorch's cap: not TensorFlow's

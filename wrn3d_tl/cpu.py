@@ -17,7 +17,8 @@ import sys
 import warnings
 
 __all__ = ["cpu_model", "cpu_flags", "has_bf16_instructions", "enable_onednn", "onednn_enabled", "onednn_status",
-           "warn_if_bf16_emulated", "fp32_limit", "isa_caps", "capped_to_avx2", "onednn_capped_to_avx2", "check_bf16_runs", "ONEDNN_VAR"]
+           "warn_if_bf16_emulated", "fp32_limit", "isa_caps", "onednn_caps", "capping", "capped_to_avx2", "bf16_unrunnable",
+           "check_bf16_runs", "ONEDNN_VAR"]
 
 ONEDNN_VAR = "TF_ENABLE_ONEDNN_OPTS"
 # The CPU flags that decide the bf16 kernels: AMX tiles, AVX-512 bf16 dot products, or neither.
@@ -79,38 +80,61 @@ def _physical_cores(lines):
 
 def isa_caps(environ=None):
     """The instruction-set caps set in the environment (``ISA_CAP_VARS``), a dict of str;
-    empty when the kernels may use all the CPU has. With ``ONEDNN_MAX_CPU_ISA=AVX2``,
-    ``ATEN_CPU_CAPABILITY=avx2`` and ``MKL_ENABLE_INSTRUCTIONS=AVX2`` an AVX-512 machine runs
-    TensorFlow's and PyTorch's kernels as an AVX2-only one would (TensorFlow's Eigen kernels
-    are built without AVX2 in the wheel, so they run the same either way)."""
+    empty when the kernels may use all the CPU has. ``ONEDNN_MAX_CPU_ISA=AVX2``,
+    ``ATEN_CPU_CAPABILITY=avx2`` and ``MKL_ENABLE_INSTRUCTIONS=AVX2`` make an AVX-512 machine
+    run TensorFlow's and PyTorch's kernels as an AVX2-only one would (what that emulation
+    leaves out: docs/performance.md)."""
     environ = os.environ if environ is None else environ
     return {name: environ[name] for name in ISA_CAP_VARS if environ.get(name)}
 
 
-def capped_to_avx2(caps=None):
-    """True when ``caps`` (default: ``isa_caps()``) hold some kernels to AVX2 or below:
-    oneDNN at ``SSE41``, ``AVX`` or ``AVX2*`` (``DEFAULT`` is no cap), ATen at ``default`` or
-    ``avx2``, MKL at ``SSE4_2``, ``AVX`` or ``AVX2``. Pass only ``ONEDNN_CAP_VARS`` to ask
-    about TensorFlow's kernels (``onednn_capped_to_avx2``)."""
+def onednn_caps(caps=None):
+    """The cap oneDNN obeys, of ``caps`` (default: ``isa_caps()``): ``ONEDNN_MAX_CPU_ISA``,
+    else ``DNNL_MAX_CPU_ISA`` (oneDNN reads the first set), as a dict of at most one item."""
     caps = isa_caps() if caps is None else caps
-    for name, value in caps.items():
+    name = next((n for n in ONEDNN_CAP_VARS if n in caps), None)
+    return {name: caps[name]} if name else {}
+
+
+def _caps_avx2(name, value):
+    """Whether one cap variable holds its library to AVX2 or below."""
+    if name in ONEDNN_CAP_VARS:     # SSE41, AVX, AVX2, AVX2_VNNI(_2); DEFAULT, AVX512_*, AVX10_* cap nothing
         value = value.lower()
-        if name in ONEDNN_CAP_VARS:
-            capped = value.startswith(("sse", "avx")) and not value.startswith(("avx512", "avx10"))
-        elif name == "ATEN_CPU_CAPABILITY":
-            capped = value in ("default", "avx2")
-        else:
-            capped = value.startswith(("sse", "avx")) and "512" not in value
-        if capped:
-            return True
-    return False
+        return value.startswith(("sse", "avx")) and not value.startswith(("avx512", "avx10"))
+    if name == "ATEN_CPU_CAPABILITY":     # read case-sensitively by ATen: "default" (no vectors), "avx2"
+        return value in ("default", "avx2")
+    return value.upper() in ("SSE4_2", "AVX", "AVX2") or value.upper().startswith("AVX2_")    # MKL
 
 
-def onednn_capped_to_avx2():
-    """True when oneDNN (TensorFlow's kernels) is capped to AVX2 or below. On a CPU with bf16
-    instructions TensorFlow still sends bf16 to oneDNN by the CPU's flags there, and the
-    capped oneDNN cannot run it: the process aborts (``check_bf16_runs`` refuses first)."""
-    return capped_to_avx2({k: v for k, v in isa_caps().items() if k in ONEDNN_CAP_VARS})
+def capping(caps=None):
+    """The variables of ``caps`` (default: ``isa_caps()``) that hold their kernels to AVX2
+    or below, as ``"NAME=value, ..."``; "" when none does."""
+    caps = isa_caps() if caps is None else caps
+    return ", ".join(f"{name}={value}" for name, value in caps.items() if _caps_avx2(name, value))
+
+
+def capped_to_avx2(caps=None):
+    """True when some variable of ``caps`` (default: ``isa_caps()``) holds its kernels to
+    AVX2 or below: oneDNN at ``SSE41``, ``AVX`` or ``AVX2*``, ATen at ``default`` or
+    ``avx2``, MKL at ``SSE4_2``, ``AVX`` or ``AVX2``."""
+    return bool(capping(caps))
+
+
+def bf16_unrunnable():
+    """Why bf16 cannot run in this process's TensorFlow, or "" when it can. On a CPU with bf16
+    instructions and oneDNN on, TensorFlow sends bf16 to oneDNN by the CPU's flags; a oneDNN
+    capped to AVX2 cannot run it (a bf16 convolution fails in the step, a bf16 matmul kills
+    the process). Without bf16 instructions, with oneDNN off or on a GPU, bf16 runs (on a CPU,
+    emulated: ``warn_if_bf16_emulated``). Imports TensorFlow when capped."""
+    cap = capping(onednn_caps())
+    if not cap or not has_bf16_instructions() or not onednn_enabled():
+        return ""
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        return ""
+    return (f"oneDNN is capped to AVX2 ({cap}) on a CPU with bf16 instructions: TensorFlow sends bf16 to oneDNN "
+            "by the CPU's flags, and the capped oneDNN cannot run it")
 
 
 def fp32_limit(lines=None, caps=None):
@@ -123,10 +147,11 @@ def fp32_limit(lines=None, caps=None):
     AMD Zen 5 (family 26) have two 512-bit FMA units (16 lanes); Zen 4 (family 25 with
     AVX-512) runs 512-bit operations on two 256-bit units (8 lanes), as do AVX2 cores; the
     clock is the ``cpu MHz`` the kernel reports, which in a VM is often the nominal one (a
-    turbo clock above it can put a measured peak above this limit). ``caps`` (default: the
-    environment's ``isa_caps()``) capping the kernels to AVX2 counts 8 lanes."""
+    turbo clock above it can put a measured peak above this limit). Under a oneDNN cap to
+    AVX2 (of ``caps``, default: ``isa_caps()``; TensorFlow's matmul, the limit's yardstick,
+    obeys only that one) it counts 8 lanes."""
     lines = _cpuinfo() if lines is None else lines
-    caps = isa_caps() if caps is None else caps
+    cap = capping(onednn_caps(caps))
     field = {}
     for line in lines:
         key, _, value = (part.strip() for part in line.partition(":"))
@@ -141,9 +166,9 @@ def fp32_limit(lines=None, caps=None):
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if lanes == 8 else "SSE"
     if "avx512f" in flags and not wide:
         isa += " on 256-bit units"
-    if capped_to_avx2(caps):
+    if cap:
         lanes = min(lanes, 8)
-        isa = "kernels capped to AVX2 by " + ", ".join(f"{k}={v}" for k, v in caps.items())
+        isa = "kernels capped to AVX2 by " + cap
     units = 2
     cores = _physical_cores(lines)
     ghz = sum(mhz) / len(mhz) / 1000
@@ -203,14 +228,11 @@ _bf16_warned = []
 
 
 def check_bf16_runs(what):
-    """Refuse bf16 (``what``: "bf16 training", "bf16 inference") where it cannot run: on a CPU
-    with bf16 instructions whose oneDNN is capped to AVX2 (``onednn_capped_to_avx2``), TensorFlow
-    still sends bf16 to oneDNN, which aborts the process. Else ``warn_if_bf16_emulated``."""
-    if has_bf16_instructions() and onednn_capped_to_avx2():
-        caps = ", ".join(f"{k}={v}" for k, v in isa_caps().items() if k in ONEDNN_CAP_VARS)
-        raise RuntimeError(f"wrn3d_tl: {what} with the kernels capped to AVX2 ({caps}) on a CPU with bf16 "
-                           "instructions: TensorFlow sends bf16 to oneDNN by the CPU's flags and the capped oneDNN "
-                           "cannot run it (the process would abort). Unset the cap, or use fp32.")
+    """Refuse bf16 (``what``: "bf16 training", "bf16 inference") with a ValueError where it
+    cannot run (``bf16_unrunnable``); else ``warn_if_bf16_emulated``."""
+    why = bf16_unrunnable()
+    if why:
+        raise ValueError(f"wrn3d_tl: {what} refused: {why}. Unset the cap, or use fp32.")
     warn_if_bf16_emulated(what)
 
 

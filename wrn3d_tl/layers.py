@@ -307,8 +307,8 @@ class Conv(tl.layers.Layer):
 
 # (input shape, kernel shape, strides, padding) -> whether bf16 is right; one probe per process.
 _BF16_FILTER_GRAD_OK = {}
-# Relative L2 error. bf16 rounding gives ~0.003 through oneDNN and 0.016-0.022 through Eigen
-# (oneDNN off, or a CPU without bf16 instructions); the oneDNN bug gives ~1.0 or not finite.
+# Relative L2 error: between bf16 rounding through oneDNN or Eigen and the oneDNN bug's error
+# (measured: docs/performance.md, "The depth-2 float32 workaround").
 BF16_PROBE_TOLERANCE = 0.1
 
 

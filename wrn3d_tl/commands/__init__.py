@@ -33,13 +33,13 @@ class _Version(argparse.Action):
 
 def versions_line():
     """``wrn3d_tl 0.1.0, TensorFlow 2.21.0, oneDNN on (TF_ENABLE_ONEDNN_OPTS=1), CPU <model>
-    (<flags>[; <ISA cap variable>=<value>])``: what decides speed and numerics here, in one
+    (<flags>[; <variables capping the kernels to AVX2>])``: what decides speed and numerics here, in one
     line (imports TensorFlow)."""
     import wrn3d_tl
     from wrn3d_tl import cpu
 
     tf = quiet_tensorflow()
-    caps = "".join(f"; {name}={value}" for name, value in cpu.isa_caps().items())
+    caps = cpu.capping() and f"; {cpu.capping()}"
     return (f"wrn3d_tl {wrn3d_tl.__version__}, TensorFlow {tf.__version__}, {cpu.onednn_status()}, "
             f"CPU {cpu.cpu_model()} ({' '.join(cpu.cpu_flags(relevant_only=True)) or 'no AVX2'}{caps})")
 
