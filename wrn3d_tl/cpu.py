@@ -17,7 +17,7 @@ import sys
 import warnings
 
 __all__ = ["cpu_model", "cpu_flags", "has_bf16_instructions", "enable_onednn", "onednn_enabled", "onednn_status",
-           "warn_if_bf16_emulated", "fp32_limit", "isa_caps", "onednn_caps", "capping", "capped_to_avx2", "bf16_unrunnable",
+           "warn_if_bf16_emulated", "fp32_limit", "isa_caps", "onednn_caps", "capping", "bf16_unrunnable",
            "check_bf16_runs", "ONEDNN_VAR"]
 
 ONEDNN_VAR = "TF_ENABLE_ONEDNN_OPTS"
@@ -108,16 +108,11 @@ def _caps_avx2(name, value):
 
 def capping(caps=None):
     """The variables of ``caps`` (default: ``isa_caps()``) that hold their kernels to AVX2
-    or below, as ``"NAME=value, ..."``; "" when none does."""
+    or below, as ``"NAME=value, ..."``; "" when none does. To AVX2 or below: oneDNN at
+    ``SSE41``, ``AVX`` or ``AVX2*``, ATen at ``default`` or ``avx2``, MKL at ``SSE4_2``,
+    ``AVX`` or ``AVX2*``."""
     caps = isa_caps() if caps is None else caps
     return ", ".join(f"{name}={value}" for name, value in caps.items() if _caps_avx2(name, value))
-
-
-def capped_to_avx2(caps=None):
-    """True when some variable of ``caps`` (default: ``isa_caps()``) holds its kernels to
-    AVX2 or below: oneDNN at ``SSE41``, ``AVX`` or ``AVX2*``, ATen at ``default`` or
-    ``avx2``, MKL at ``SSE4_2``, ``AVX`` or ``AVX2``."""
-    return bool(capping(caps))
 
 
 def bf16_unrunnable():
