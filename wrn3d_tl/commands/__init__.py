@@ -33,13 +33,14 @@ class _Version(argparse.Action):
 
 def versions_line():
     """``wrn3d_tl 0.1.0, TensorFlow 2.21.0, oneDNN on (TF_ENABLE_ONEDNN_OPTS=1), CPU <model>
-    (<flags>[; <variables capping the kernels to AVX2>])``: what decides speed and numerics here, in one
-    line (imports TensorFlow)."""
+    (<flags>[; <variables capping the kernels to AVX2>])``: what decides speed and numerics
+    here, in one line (imports TensorFlow)."""
     import wrn3d_tl
     from wrn3d_tl import cpu
 
     tf = quiet_tensorflow()
-    caps = cpu.capping() and f"; {cpu.capping()}"
+    cap = cpu.capping()
+    caps = f"; {cap}" if cap else ""
     return (f"wrn3d_tl {wrn3d_tl.__version__}, TensorFlow {tf.__version__}, {cpu.onednn_status()}, "
             f"CPU {cpu.cpu_model()} ({' '.join(cpu.cpu_flags(relevant_only=True)) or 'no AVX2'}{caps})")
 
