@@ -91,11 +91,11 @@ def _nifti(args, run_dir):
 
 
 def _bytes(path):
-    """The size of a scan: a file's, or the sum of a DICOM series folder's files."""
-    if os.path.isdir(path):
-        return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
-                   if os.path.isfile(os.path.join(path, f)))
-    return os.path.getsize(path)
+    """The size of a scan: a file's, or the sum of the files its reader takes from a DICOM
+    series folder (``dicom.series_files``)."""
+    from wrn3d_tl.data.dicom import series_files
+
+    return sum(map(os.path.getsize, series_files(path))) if os.path.isdir(path) else os.path.getsize(path)
 
 
 def _split(labels, args):

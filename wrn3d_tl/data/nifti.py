@@ -230,8 +230,8 @@ def check_geometry(affine, placed, path, where, orientation=None, spacing=None, 
     affine = np.asarray(affine, np.float64)
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         rows = [[float(f"{v:.6g}") for v in row] for row in affine[:3]]
-        raise ValueError(f"{where}: {path!r} has a degenerate affine ({'not finite' if not np.isfinite(affine).all() else 'a zero voxel size or axes in one plane'}), "
-                         f"so it cannot be {use}: {rows}")
+        why = "not finite" if not np.isfinite(affine).all() else "a zero voxel size or axes in one plane"
+        raise ValueError(f"{where}: {path!r} has a degenerate affine ({why}), so it cannot be {use}: {rows}")
     if not placed and (orientation is not None or purpose is not None):
         raise ValueError(f"{where}: {path!r} does not say where its voxels are (its qform_code and sform_code are "
                          f"0), so it cannot be {use}; set its orientation (e.g. with nibabel's set_qform) or read it "
